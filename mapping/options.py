@@ -1,0 +1,47 @@
+"""Options that change what the mapping produces (validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from mapping.errors import ConfigurationError
+
+Shape = Literal["bundle", "contained"]
+SHAPES: tuple[str, ...] = ("bundle", "contained")
+
+
+@dataclass(frozen=True)
+class MappingOptions:
+    """How DICOM values become FHIR values.
+
+    patient_identifier_system: system of Patient.identifier (a URI); None = no system.
+    use_issuer_of_patient_id: take the system from IssuerOfPatientID (0010,0021) when
+        present (an OID becomes ``urn:oid:...``), falling back to patient_identifier_system.
+    accession_system: system for the accession identifier when the dataset has no
+        IssuerOfAccessionNumberSequence.
+    timezone: IANA zone for DICOM times without TimezoneOffsetFromUTC; None = date precision only.
+    dicomweb_url: DICOMweb root URL; when set an Endpoint is produced and referenced.
+    """
+
+    patient_identifier_system: str | None = None
+    use_issuer_of_patient_id: bool = False
+    accession_system: str | None = None
+    timezone: str | None = None
+    dicomweb_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.timezone is not None:
+            try:
+                ZoneInfo(self.timezone)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ConfigurationError(
+                    f"timezone: {self.timezone!r} is not an IANA time zone name"
+                ) from exc
+        for name in ("patient_identifier_system", "accession_system", "dicomweb_url"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigurationError(f"{name}: must be a non-empty string or absent, got {value!r}")
+        if self.dicomweb_url is not None and not self.dicomweb_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"dicomweb_url: must be an http(s) URL, got {self.dicomweb_url!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from scp.cli import main
+
+sys.exit(main())

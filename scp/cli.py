@@ -1,0 +1,68 @@
+"""`dicom-fhir-scp` command line: one subcommand per module in scp.commands.
+
+Each command module provides ``add_arguments(parser)`` and ``run(args) -> int``
+and keeps heavy imports inside ``run`` so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from scp import __version__
+from mapping.errors import DicomFhirError
+
+COMMANDS = {
+    "serve": "run the Storage SCP node",
+    "convert": "convert a folder of DICOM files to FHIR (no network)",
+    "retry": "send dead-lettered studies again",
+    "status": "show studies waiting in the spool, dead-lettered and recently delivered",
+}
+
+log = logging.getLogger("scp.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-fhir-scp",
+        description="Receive DICOM studies (C-STORE) and turn them into FHIR R4 ImagingStudy, Patient and Endpoint.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"scp.commands.{name}")
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        verbosity = p.add_mutually_exclusive_group()
+        verbosity.add_argument("-v", "--verbose", action="store_true", help="verbose mode, print processing details")
+        verbosity.add_argument("-d", "--debug", action="store_true", help="debug mode, print debug information")
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.debug:
+        # pynetdicom logs every PDU at INFO/DEBUG; keep its chatter for -d.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING if not args.verbose else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args)
+    try:
+        return int(args._module.run(args) or 0)
+    except DicomFhirError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Node configuration: dataclasses, loaded from TOML, validated at start-up.
+
+Every key is documented in config/dicom-fhir-scp.toml. Command-line flags
+override the file (see scp.cli). Secrets may come from the environment: each
+secret key ``x`` has a companion ``x_env`` naming a variable to read instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from mapping.errors import ConfigurationError
+from mapping.options import SHAPES, MappingOptions
+
+AUTH_MODES = ("none", "bearer", "basic", "oauth2")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    ae_title: str = "FHIRSCP"
+    port: int = 11112
+    bind: str = ""  # "" = every interface, as dcmtk storescp
+    spool_dir: Path = Path("./spool")
+    output_dir: Path | None = Path("./fhir-output")  # None disables the disk sink
+    dead_letter_dir: Path = Path("./dead-letter")
+    archive_dir: Path | None = None  # keeps full instances (pixel data included) when set
+    idle_timeout: float = 30.0
+    accept_unknown_sop_classes: bool = False
+    shape: str = "bundle"
+    max_pdu: int = 0  # 0 = unlimited, as pynetdicom
+
+    def __post_init__(self) -> None:
+        _check(0 < len(self.ae_title.strip()) <= 16, "node.ae_title", "1 to 16 characters", self.ae_title)
+        _check(0 <= self.port <= 65535, "node.port", "a port number 0-65535", self.port)
+        _check(self.idle_timeout > 0, "node.idle_timeout", "a positive number of seconds", self.idle_timeout)
+        _check(self.shape in SHAPES, "node.shape", f"one of {SHAPES}", self.shape)
+        _check(self.max_pdu >= 0, "node.max_pdu", "0 or a positive size", self.max_pdu)
+
+
+@dataclass(frozen=True)
+class FhirConfig:
+    url: str | None = None  # None disables the FHIR sink
+    auth: str = "none"
+    token: str | None = None  # bearer
+    username: str | None = None  # basic
+    password: str | None = None
+    token_url: str | None = None  # oauth2 client credentials
+    client_id: str | None = None
+    client_secret: str | None = None
+    scope: str | None = None
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    timeout: float = 30.0
+    max_backoff: float = 300.0  # cap of the exponential retry delay, seconds
+
+    def __post_init__(self) -> None:
+        _check(self.auth in AUTH_MODES, "fhir.auth", f"one of {AUTH_MODES}", self.auth)
+        if self.url is not None:
+            _check(self.url.startswith(("http://", "https://")), "fhir.url", "an http(s) URL", self.url)
+        required = {"bearer": ("token",), "basic": ("username", "password"),
+                    "oauth2": ("token_url", "client_id", "client_secret")}.get(self.auth, ())
+        for name in required:
+            if self.url is not None and not getattr(self, name):
+                raise ConfigurationError(
+                    f"fhir.{name}: required when fhir.auth = {self.auth!r} "
+                    f"(set it, or fhir.{name}_env naming an environment variable)")
+        _check(self.timeout > 0, "fhir.timeout", "a positive number of seconds", self.timeout)
+        _check(self.max_backoff > 0, "fhir.max_backoff", "a positive number of seconds", self.max_backoff)
+
+    def __repr__(self) -> str:  # never print secrets
+        hidden = {"token", "password", "client_secret"}
+        parts = ", ".join(f"{f.name}={'***' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
+                          for f in fields(self))
+        return f"FhirConfig({parts})"
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    allowed_calling_aets: tuple[str, ...] = ()  # empty = any calling AE
+    allowed_addresses: tuple[str, ...] = ()  # empty = any peer address
+    require_called_aet: bool = True  # reject associations not addressed to node.ae_title
+    tls_cert: Path | None = None  # DICOM TLS on when cert and key are set
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_verify_peer: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigurationError("security.tls_cert and security.tls_key: set both or neither")
+        if self.tls_verify_peer and self.tls_ca is None:
+            raise ConfigurationError("security.tls_ca: required when security.tls_verify_peer = true")
+
+
+@dataclass(frozen=True)
+class OperationsConfig:
+    http_enabled: bool = False  # /healthz and /metrics
+    http_bind: str = "127.0.0.1"
+    http_port: int = 8081
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.http_port <= 65535, "operations.http_port", "a port number 0-65535", self.http_port)
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    mapping: MappingOptions = field(default_factory=MappingOptions)
+    fhir: FhirConfig = field(default_factory=FhirConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    operations: OperationsConfig = field(default_factory=OperationsConfig)
+
+
+_SECTIONS = {"node": NodeConfig, "mapping": MappingOptions, "fhir": FhirConfig,
+             "security": SecurityConfig, "operations": OperationsConfig}
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read a TOML file (None = defaults) into a validated Config."""
+    if path is None:
+        return Config()
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigurationError(f"config file {path}: not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"config file {path}: {exc}") from exc
+    return config_from_mapping(raw, environ=os.environ if environ is None else environ, source=str(path))
+
+
+def config_from_mapping(raw: Mapping[str, Any], *, environ: Mapping[str, str], source: str = "config") -> Config:
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        raise ConfigurationError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)}")
+    sections = {name: _build(cls, raw.get(name, {}), name, environ, source) for name, cls in _SECTIONS.items()}
+    return Config(**sections)
+
+
+def override(config: Config, section: str, **values: Any) -> Config:
+    """Return config with non-None values replaced in one section (command-line flags)."""
+    given = {k: v for k, v in values.items() if v is not None}
+    if not given:
+        return config
+    current = getattr(config, section)
+    try:
+        return replace(config, **{section: replace(current, **_coerce_all(type(current), given, section))})
+    except TypeError as exc:
+        raise ConfigurationError(f"{section}: {exc}") from exc
+
+
+def _build(cls: type, values: Mapping[str, Any], section: str, environ: Mapping[str, str], source: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigurationError(f"{source}: [{section}] must be a table")
+    names = {f.name for f in fields(cls)}
+    resolved: dict[str, Any] = {}
+    for key, value in values.items():
+        if key.endswith("_env") and key[:-4] in names:
+            if value not in environ:
+                raise ConfigurationError(f"{source}: {section}.{key} names {value!r}, which is not set in the environment")
+            resolved[key[:-4]] = environ[value]
+        elif key in names:
+            resolved.setdefault(key, value)
+        else:
+            raise ConfigurationError(f"{source}: unknown key {section}.{key}; known: {sorted(names)}")
+    return cls(**_coerce_all(cls, resolved, section))
+
+
+def _coerce_all(cls: type, values: Mapping[str, Any], section: str) -> dict[str, Any]:
+    types = {f.name: str(f.type) for f in fields(cls)}
+    return {k: _coerce(v, types.get(k, ""), f"{section}.{k}") for k, v in values.items()}
+
+
+def _coerce(value: Any, type_name: str, where: str) -> Any:
+    """TOML has no Path, tuple or None: convert by the declared field type."""
+    if value is None:
+        return None
+    if "Path" in type_name:
+        if not isinstance(value, (str, Path)):
+            raise ConfigurationError(f"{where}: expected a path, got {value!r}")
+        return None if str(value) == "" and "None" in type_name else Path(value)
+    if "tuple" in type_name:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigurationError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if type_name.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if type_name.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigurationError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if type_name.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigurationError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if type_name.startswith("str"):
+        if not isinstance(value, str):
+            raise ConfigurationError(f"{where}: expected a string, got {value!r}")
+        return None if value == "" and "None" in type_name else value
+    return value
+
+
+def _check(ok: bool, where: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigurationError(f"{where}: expected {expected}, got {got!r}")

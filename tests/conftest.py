@@ -1,0 +1,45 @@
+"""Shared fixtures and the rule for tests that need real peers.
+
+A test that needs dcmtk, Node or the FHIR engine calls `require_tool`: outside
+CI a missing tool skips the test; with CI=true it fails, because CI must prove
+the feature against the real peer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pydicom
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require_tool(name: str) -> str:
+    """Return the path of an executable, or skip (fail when CI=true) without it."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found on PATH (bash tests/run.sh installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def strict_pydicom():
+    """pydicom raises on invalid values written: for tests whose datasets must be valid DICOM."""
+    old = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    yield
+    pydicom.config.settings.writing_validation_mode = old

@@ -1,0 +1,56 @@
+"""Configuration is validated at start-up with errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from mapping.errors import ConfigurationError
+from scp.config import Config, config_from_mapping, load_config, override
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_documented_example_config_loads_and_equals_the_defaults():
+    assert load_config(REPO / "config" / "dicom-fhir-scp.toml") == Config()
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigurationError, match=r"node\.prot"):
+        config_from_mapping({"node": {"prot": 1}}, environ={})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigurationError, match=r"node\.port: expected an integer"):
+        config_from_mapping({"node": {"port": "11112"}}, environ={})
+
+
+def test_secret_from_environment_and_hidden_in_repr():
+    config = config_from_mapping(
+        {"fhir": {"url": "https://f.example", "auth": "bearer", "token_env": "TOK"}}, environ={"TOK": "s3cret"})
+    assert config.fhir.token == "s3cret"
+    assert "s3cret" not in repr(config)
+
+
+def test_missing_environment_variable_is_named():
+    with pytest.raises(ConfigurationError, match="FHIR_TOKEN"):
+        config_from_mapping({"fhir": {"token_env": "FHIR_TOKEN"}}, environ={})
+
+
+def test_auth_mode_requires_its_credentials():
+    with pytest.raises(ConfigurationError, match=r"fhir\.password"):
+        config_from_mapping({"fhir": {"url": "https://f.example", "auth": "basic", "username": "u"}}, environ={})
+
+
+def test_empty_output_dir_disables_disk_sink():
+    assert config_from_mapping({"node": {"output_dir": ""}}, environ={}).node.output_dir is None
+
+
+def test_command_line_overrides_file():
+    config = config_from_mapping({"node": {"port": 104}}, environ={})
+    assert override(config, "node", port=4242, ae_title=None).node.port == 4242
+    assert override(config, "node", port=None).node.port == 104
+
+
+def test_invalid_timezone_is_rejected():
+    with pytest.raises(ConfigurationError, match="timezone"):
+        config_from_mapping({"mapping": {"timezone": "Mars/Olympus"}}, environ={})
