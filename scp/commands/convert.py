@@ -1,13 +1,80 @@
-"""(not implemented yet)"""
+"""Convert a folder of DICOM files to FHIR R4, without the network.
+
+Reads every file under DIR (recursively; headers only, never pixel data), groups
+the instances by StudyInstanceUID and writes one JSON file per study,
+OUT/<StudyInstanceUID>.json, merging with a file already there (re-running, or
+converting a second part of a study, never loses data). Files that are not usable
+DICOM instances are skipped with a warning naming the file and the reason.
+
+Exit status: 0 when at least one study was written, 1 when nothing could be
+converted, 2 on a configuration error.
+
+examples:
+  dicom-fhir-scp convert /media/cdrom -o ./fhir-output
+  dicom-fhir-scp convert studies/ --shape contained --timezone Europe/Berlin
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("scp.commands.convert")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("source", metavar="DIR", type=Path,
+                        help="folder of DICOM files (searched recursively), or a single file")
+    parser.add_argument("-o", "--output-dir", metavar="OUT", type=Path, default=Path("fhir-output"),
+                        help="write one <StudyInstanceUID>.json per study here (default: ./fhir-output)")
+    parser.add_argument("--shape", choices=("bundle", "contained"), default=None,
+                        help="bundle: a FHIR transaction Bundle (default, or node.shape from --config); "
+                             "contained: one ImagingStudy with the Patient contained")
+    parser.add_argument("-c", "--config", metavar="FILE", type=Path,
+                        help="TOML configuration; its [mapping] section applies")
+    mapping = parser.add_argument_group("mapping options (override [mapping] from --config)")
+    mapping.add_argument("--timezone", metavar="ZONE",
+                         help="IANA time zone of DICOM times without TimezoneOffsetFromUTC, e.g. Europe/Berlin "
+                              "(without it: date precision only)")
+    mapping.add_argument("--dicomweb-url", metavar="URL",
+                         help="DICOMweb root URL: adds an Endpoint referenced by each ImagingStudy")
+    mapping.add_argument("--patient-identifier-system", metavar="URI",
+                         help="system of Patient.identifier (the PatientID)")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("dicom-fhir-scp convert: not implemented yet")
+    from scp.config import load_config, override
+    from scp.convert import convert_files, list_files, write_studies
+
+    config = load_config(args.config)
+    config = override(config, "mapping", timezone=args.timezone, dicomweb_url=args.dicomweb_url,
+                       patient_identifier_system=args.patient_identifier_system)
+    shape = args.shape or config.node.shape
+    try:
+        files = list_files(args.source, exclude=args.output_dir)
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("converting %d file(s) under %s to %s (shape %s)", len(files), args.source, args.output_dir, shape)
+    with _progress_bar(len(files)) as advance:
+        report = convert_files(files, config.mapping, progress=advance)
+    write_studies(report, args.output_dir, shape)
+    for line in report.summary():
+        log.info("%s", line)
+    return 0 if report.written else 1
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int):
+    """A tqdm bar on a terminal only; log lines are routed around it while it is shown."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True) as bar, logging_redirect_tqdm():
+        yield lambda _path: bar.update()

@@ -1,0 +1,414 @@
+"""Convert a folder of DICOM files to FHIR, without the network.
+
+The same mapping as the node (``mapping.convert_study``), fed from files instead
+of C-STORE. Only headers are read (never pixel data); each file's dataset becomes
+a slim ``mapping.InstanceHeader`` at once, so memory stays flat for large folders.
+A file that cannot be used (not DICOM, truncated, missing UIDs, a DICOMDIR) is
+skipped with its reason and the rest is converted: one bad file never aborts the
+folder.
+
+Library use::
+
+    from scp.convert import convert_folder, process_dicom_2_fhir
+    report = convert_folder("/data/dicom", MappingOptions(timezone="Europe/Berlin"))
+    for study_uid, resources in report.studies.items():
+        ...  # resources.patient, resources.imaging_study, resources.endpoint
+    study = process_dicom_2_fhir("/data/one-study")  # drop-in for dicom2fhir's function
+
+For datasets already in memory use ``mapping.convert_datasets``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from mapping import (InstanceHeader, StudyResources, convert_study, merge_resources,
+                     parse_resources, render, to_contained)
+from mapping.errors import DicomFhirError, MappingError, MultipleStudiesError, PatientMismatchError
+from mapping.options import MappingOptions
+
+log = logging.getLogger("scp.convert")
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
+
+# Reasons a file is skipped; short and fixed so the summary can group by them.
+NOT_DICOM = "not a DICOM file"
+TRUNCATED = "truncated"
+CORRUPT = "corrupt DICOM"
+INCOMPLETE = "missing required attribute"
+UNMAPPABLE = "cannot be mapped"
+UNREADABLE = "cannot be opened"
+DICOMDIR = "DICOMDIR (an index, not an instance)"
+
+_ITEM = 0xFFFEE000
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+class UnusableFileError(DicomFhirError):
+    """A file in the folder cannot be converted (it is skipped, the rest is not)."""
+
+    def __init__(self, path: Path, reason: str, detail: str = "") -> None:
+        self.path, self.reason, self.detail = Path(path), reason, detail
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: Path
+    reason: str  # one of the fixed reasons above
+    detail: str = ""
+
+
+@dataclass
+class ConversionReport:
+    """What convert_folder found.
+
+    studies: StudyInstanceUID -> converted resources (first-seen order).
+    skipped: files that were not used, with the reason.
+    rejected: StudyInstanceUID -> why the study was not converted or not written
+        (for example its instances disagree on PatientID).
+    written: StudyInstanceUID -> output file (only after write_studies).
+    unchanged: studies whose output file already held exactly this content.
+    """
+
+    files_seen: int = 0
+    instances_read: int = 0
+    duplicate_instances: int = 0  # files repeating an SOP Instance UID already read (last one wins)
+    studies: dict[str, StudyResources] = field(default_factory=dict)
+    skipped: list[SkippedFile] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    written: dict[str, Path] = field(default_factory=dict)
+    unchanged: set[str] = field(default_factory=set)
+
+    def skip_reasons(self) -> Counter[str]:
+        return Counter(s.reason for s in self.skipped)
+
+    def summary(self) -> list[str]:
+        """Human-readable summary lines (no patient data)."""
+        lines = [f"read {self.instances_read} instance(s) from {self.files_seen} file(s); "
+                 f"{len(self.studies)} study(ies) converted"]
+        if self.duplicate_instances:
+            lines.append(f"{self.duplicate_instances} file(s) repeated an instance already read (the last one counts)")
+        if self.skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in self.skip_reasons().most_common())
+            lines.append(f"skipped {len(self.skipped)} file(s): {reasons}")
+        if self.written or self.unchanged:
+            lines.append(f"wrote {len(self.written) - len(self.unchanged)} study file(s), "
+                         f"{len(self.unchanged)} already up to date")
+        if self.rejected:
+            reasons = Counter(self.rejected.values())
+            lines.append(f"{len(self.rejected)} study(ies) NOT written: "
+                         + ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()))
+        return lines
+
+
+# --- finding and reading files --------------------------------------------------------------
+
+
+def list_files(root: str | os.PathLike[str], *, exclude: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Every regular file under root (recursively, sorted), or root itself when it is a file.
+
+    exclude: a folder left out of the walk (the output folder, when it lies inside root).
+    """
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    skip = Path(exclude).resolve() if exclude is not None else None
+    files: list[Path] = []
+    for folder, subfolders, names in os.walk(root):
+        if skip is not None:
+            subfolders[:] = [d for d in subfolders if Path(folder, d).resolve() != skip]
+        subfolders.sort()
+        files.extend(Path(folder, name) for name in sorted(names) if Path(folder, name).is_file())
+    return files
+
+
+def read_dataset(path: str | os.PathLike[str]) -> Dataset:
+    """Read one file's header (stops before pixel data) and check the file is complete.
+
+    Raises UnusableFileError with the reason when the file is not DICOM, is truncated,
+    is a DICOMDIR or cannot be opened.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fp:
+            ds = _parse(fp, path)
+            if ds.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
+                raise UnusableFileError(path, DICOMDIR)
+            _check_complete(fp, ds, path)
+            return ds
+    except OSError as exc:
+        raise UnusableFileError(path, UNREADABLE, exc.strerror or str(exc)) from exc
+
+
+def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
+    """read_dataset, then keep only what the mapping uses."""
+    ds = read_dataset(path)
+    try:
+        return InstanceHeader.from_dataset(ds)
+    except MappingError as exc:
+        raise UnusableFileError(path, INCOMPLETE, str(exc)) from exc
+    except Exception as exc:  # a malformed value pydicom trips over: skip this file, keep the folder
+        log.debug("mapping %s failed", path, exc_info=True)
+        raise UnusableFileError(path, UNMAPPABLE, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _parse(fp: BinaryIO, path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(fp, stop_before_pixels=True)
+    except InvalidDicomError as exc:
+        # No preamble: accept a bare dataset (some old archives), but only when the file
+        # starts like one; forcing every file would turn random bytes into "datasets".
+        fp.seek(0)
+        if fp.read(2) not in (b"\x08\x00", b"\x02\x00"):
+            raise UnusableFileError(path, NOT_DICOM, "no DICM prefix") from exc
+        fp.seek(0)
+        try:
+            return pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        except Exception as exc2:
+            raise UnusableFileError(path, NOT_DICOM, f"{type(exc2).__name__}: {exc2}") from exc2
+    except EOFError as exc:
+        raise UnusableFileError(path, TRUNCATED, str(exc)) from exc
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom raises many types on garbage
+        raise UnusableFileError(path, CORRUPT, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _check_complete(fp: BinaryIO, ds: Dataset, path: Path) -> None:
+    """Detect files cut short (an interrupted copy) without reading pixel data.
+
+    pydicom reads a short value silently; stop_before_pixels leaves fp at the Pixel Data
+    element, whose declared length (or fragment items) must fit in the file.
+    """
+    size = os.fstat(fp.fileno()).st_size
+    position = fp.tell()
+    if position > size:
+        raise UnusableFileError(path, TRUNCATED, "an element extends past the end of the file")
+    if position == size:
+        last = ds.get_item(max(ds.keys())) if len(ds) else None
+        value = getattr(last, "value", None)
+        if isinstance(value, bytes) and len(value) < last.length:
+            raise UnusableFileError(path, TRUNCATED, f"element {last.tag} is cut short")
+        return  # a header-only object (no Pixel Data)
+    implicit, little = ds.original_encoding
+    endian = "<" if little is not False else ">"
+    head = fp.read(12)
+    if len(head) < 8:
+        raise UnusableFileError(path, TRUNCATED, "Pixel Data element cut short")
+    if implicit or head[4:6] in _LONG_LENGTH_VRS:
+        header_length = 8 if implicit else 12
+        if len(head) < header_length:
+            raise UnusableFileError(path, TRUNCATED, "Pixel Data element cut short")
+        (length,) = struct.unpack(endian + "L", head[header_length - 4:header_length])
+    else:
+        header_length = 8
+        (length,) = struct.unpack(endian + "H", head[6:8])
+    start = position + header_length
+    if length == 0xFFFFFFFF:
+        _check_fragments(fp, start, size, endian, path)
+    elif start + length > size:
+        raise UnusableFileError(path, TRUNCATED, f"Pixel Data declares {length} bytes, the file holds {size - start}")
+
+
+def _check_fragments(fp: BinaryIO, position: int, size: int, endian: str, path: Path) -> None:
+    """Walk the items of encapsulated Pixel Data up to the sequence delimiter (headers only)."""
+    item = struct.Struct(endian + "HHL")
+    while True:
+        fp.seek(position)
+        head = fp.read(8)
+        if len(head) < 8:
+            raise UnusableFileError(path, TRUNCATED, "encapsulated Pixel Data ends without a delimiter")
+        group, element, length = item.unpack(head)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER:
+            return
+        if tag != _ITEM:
+            raise UnusableFileError(path, CORRUPT, f"unexpected tag ({group:04X},{element:04X}) in encapsulated Pixel Data")
+        position += 8 + length
+        if position > size:
+            raise UnusableFileError(path, TRUNCATED, "a Pixel Data fragment extends past the end of the file")
+
+
+# --- converting ---------------------------------------------------------------------------
+
+
+def read_headers(files: Iterable[Path], report: ConversionReport,
+                 progress: Callable[[Path], None] | None = None) -> Iterator[InstanceHeader]:
+    """Yield the header of every usable file; record the others in report.skipped."""
+    for path in files:
+        report.files_seen += 1
+        try:
+            header = read_header(path)
+        except UnusableFileError as exc:
+            report.skipped.append(SkippedFile(exc.path, exc.reason, exc.detail))
+            if exc.reason == DICOMDIR:
+                log.debug("skipped %s: %s", path, exc.reason)
+            else:
+                log.warning("skipped %s", exc)
+        else:
+            report.instances_read += 1
+            yield header
+        finally:
+            if progress is not None:
+                progress(path)
+
+
+def convert_files(files: Iterable[Path], options: MappingOptions = MappingOptions(), *,
+                  progress: Callable[[Path], None] | None = None) -> ConversionReport:
+    """Convert the given files, grouped by StudyInstanceUID (see convert_folder)."""
+    report = ConversionReport()
+    by_study: dict[str, dict[str, InstanceHeader]] = {}
+    for header in read_headers(files, report, progress):
+        instances = by_study.setdefault(header.study_uid, {})
+        if header.sop_instance_uid in instances:
+            report.duplicate_instances += 1
+        instances[header.sop_instance_uid] = header
+    for study_uid, instances in by_study.items():
+        try:
+            report.studies[study_uid] = convert_study(instances.values(), options)
+        except PatientMismatchError as exc:
+            # The exception text may hold patient IDs: keep it out of INFO/WARNING logs.
+            log.warning("study %s not converted: its %d instance(s) disagree on PatientID",
+                        study_uid, len(instances))
+            log.debug("study %s: %s", study_uid, exc)
+            report.rejected[study_uid] = "instances disagree on PatientID"
+        except MappingError as exc:
+            log.warning("study %s not converted: %s", study_uid, exc)
+            report.rejected[study_uid] = "cannot be mapped"
+    return report
+
+
+def convert_folder(path: str | os.PathLike[str], options: MappingOptions = MappingOptions(), *,
+                   progress: Callable[[Path], None] | None = None) -> ConversionReport:
+    """Convert every DICOM file under path (recursively) to FHIR resources, one set per study.
+
+    Reads headers only. Unusable files are skipped (report.skipped, one warning each);
+    a study whose instances disagree on PatientID is not converted (report.rejected).
+    Nothing is written: see write_studies, or the ``dicom-fhir-scp convert`` command.
+    progress, when given, is called with each file's path after it was read.
+    Raises FileNotFoundError when path does not exist.
+    """
+    return convert_files(list_files(path), options, progress=progress)
+
+
+def process_dicom_2_fhir(directory: str | os.PathLike[str],
+                         options: MappingOptions = MappingOptions()):
+    """Drop-in for dicom-fhir-converter's ``dicom2fhir.process_dicom_2_fhir(dcmDir)``.
+
+    Returns one fhir.resources.R4B ImagingStudy with the Patient (and Endpoint, when
+    options.dicomweb_url is set) contained, or None when the folder holds no usable
+    DICOM file (as the original). Unlike the original, a folder holding several studies
+    raises MultipleStudiesError naming their UIDs instead of dropping all but one, and
+    instances disagreeing on PatientID raise PatientMismatchError.
+    """
+    report = convert_folder(directory, options)
+    uids = list(report.studies) + list(report.rejected)
+    if len(uids) > 1:
+        raise MultipleStudiesError(f"{directory}: holds {len(uids)} studies, expected one: {', '.join(uids)}")
+    if report.rejected:
+        study_uid, reason = next(iter(report.rejected.items()))
+        if reason == "instances disagree on PatientID":
+            raise PatientMismatchError(f"study {study_uid} in {directory}: {reason}")
+        raise MappingError(f"study {study_uid} in {directory}: {reason}")
+    if not report.studies:
+        return None
+    return to_contained(next(iter(report.studies.values())))
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def write_studies(report: ConversionReport, out_dir: str | os.PathLike[str], shape: str = "bundle") -> None:
+    """Write each converted study to out_dir/<StudyInstanceUID>.json, merging with an existing file.
+
+    A study whose existing file cannot be read, or names another patient, is left as it
+    is and recorded in report.rejected.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for study_uid, resources in report.studies.items():
+        try:
+            path, changed = write_study(resources, out_dir, shape)
+        except PatientMismatchError as exc:
+            log.warning("study %s not written: %s already holds another patient's study",
+                        study_uid, out_dir / f"{study_uid}.json")
+            log.debug("study %s: %s", study_uid, exc)
+            report.rejected[study_uid] = "output file holds another patient"
+            continue
+        except UnusableOutputError as exc:
+            log.warning("study %s not written: %s", study_uid, exc)
+            report.rejected[study_uid] = "existing output file unreadable"
+            continue
+        report.written[study_uid] = path
+        if not changed:
+            report.unchanged.add(study_uid)
+
+
+class UnusableOutputError(DicomFhirError):
+    """An existing output file cannot be parsed, so it cannot be merged (it is kept as is)."""
+
+
+def write_study(resources: StudyResources, out_dir: Path, shape: str = "bundle") -> tuple[Path, bool]:
+    """Write (or merge into) out_dir/<StudyInstanceUID>.json atomically; return (path, changed)."""
+    path = out_dir / f"{resources.study_uid}.json"
+    existing_doc = _read_json(path)
+    if existing_doc is not None:
+        try:
+            existing = parse_resources(existing_doc)
+        except MappingError as exc:
+            raise UnusableOutputError(f"{path}: {exc}") from exc
+        resources = merge_resources(existing, resources)
+    doc = render(resources, shape)
+    if doc == existing_doc:
+        return path, False
+    _write_atomically(path, json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
+    return path, True
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise UnusableOutputError(f"{path}: not JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise UnusableOutputError(f"{path}: not a FHIR resource")
+    return doc
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Temp file + fsync + rename: a reader (or a crash) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself is durable only once the folder is synced
+    finally:
+        os.close(fd)
