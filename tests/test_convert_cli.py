@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,7 @@ STUDIES_IN_DICOMDIR_TESTS = 7
 
 
 def run_convert(*args: str | Path, stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "scp", "convert", *map(str, args)], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=120)
 
@@ -95,6 +98,7 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(dicomdirtests_output):
 def test_progress_bar_on_a_terminal(tmp_path):
     generate_study(tmp_path / "in", 3, 1)
     controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # as a real terminal has
     try:
         result = run_convert(tmp_path / "in", "-o", tmp_path / "out", stderr=terminal)
         os.close(terminal)
