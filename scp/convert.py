@@ -175,8 +175,9 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
     except MappingError as exc:
         raise UnusableFileError(path, INCOMPLETE, str(exc)) from exc
     except Exception as exc:  # a malformed value pydicom trips over: skip this file, keep the folder
+        # The message may quote a value (a name, an ID): only its type goes above DEBUG.
         log.debug("mapping %s failed", path, exc_info=True)
-        raise UnusableFileError(path, UNMAPPABLE, f"{type(exc).__name__}: {exc}") from exc
+        raise UnusableFileError(path, UNMAPPABLE, f"{type(exc).__name__}; details with -d") from exc
 
 
 def _parse(fp: BinaryIO, path: Path) -> Dataset:
