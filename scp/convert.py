@@ -169,15 +169,22 @@ def read_dataset(path: str | os.PathLike[str]) -> Dataset:
 
 def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
     """read_dataset, then keep only what the mapping uses."""
+    return _read_instance(Path(path))[2]
+
+
+def _read_instance(path: Path) -> tuple[str, str, InstanceHeader]:
+    """(StudyInstanceUID, SOPInstanceUID, header) of one file."""
     ds = read_dataset(path)
     try:
-        return InstanceHeader.from_dataset(ds)
+        header = InstanceHeader.from_dataset(ds)
     except MappingError as exc:
         raise UnusableFileError(path, INCOMPLETE, str(exc)) from exc
     except Exception as exc:  # a malformed value pydicom trips over: skip this file, keep the folder
         # The message may quote a value (a name, an ID): only its type goes above DEBUG.
         log.debug("mapping %s failed", path, exc_info=True)
         raise UnusableFileError(path, UNMAPPABLE, f"{type(exc).__name__}; details with -d") from exc
+    # from_dataset checked both UIDs are present (and pydicom has them decoded by now).
+    return str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), header
 
 
 def _parse(fp: BinaryIO, path: Path) -> Dataset:
@@ -260,13 +267,13 @@ def _check_fragments(fp: BinaryIO, position: int, size: int, endian: str, path: 
 # --- converting ---------------------------------------------------------------------------
 
 
-def read_headers(files: Iterable[Path], report: ConversionReport,
-                 progress: Callable[[Path], None] | None = None) -> Iterator[InstanceHeader]:
-    """Yield the header of every usable file; record the others in report.skipped."""
+def read_instances(files: Iterable[Path], report: ConversionReport,
+                   progress: Callable[[Path], None] | None = None) -> Iterator[tuple[str, str, InstanceHeader]]:
+    """Yield (study UID, SOP instance UID, header) per usable file; record the others in report.skipped."""
     for path in files:
         report.files_seen += 1
         try:
-            header = read_header(path)
+            instance = _read_instance(path)
         except UnusableFileError as exc:
             report.skipped.append(SkippedFile(exc.path, exc.reason, exc.detail))
             if exc.reason == DICOMDIR:
@@ -275,7 +282,7 @@ def read_headers(files: Iterable[Path], report: ConversionReport,
                 log.warning("skipped %s", exc)
         else:
             report.instances_read += 1
-            yield header
+            yield instance
         finally:
             if progress is not None:
                 progress(path)
@@ -286,11 +293,11 @@ def convert_files(files: Iterable[Path], options: MappingOptions = MappingOption
     """Convert the given files, grouped by StudyInstanceUID (see convert_folder)."""
     report = ConversionReport()
     by_study: dict[str, dict[str, InstanceHeader]] = {}
-    for header in read_headers(files, report, progress):
-        instances = by_study.setdefault(header.study_uid, {})
-        if header.sop_instance_uid in instances:
+    for study_uid, sop_uid, header in read_instances(files, report, progress):
+        instances = by_study.setdefault(study_uid, {})
+        if sop_uid in instances:
             report.duplicate_instances += 1
-        instances[header.sop_instance_uid] = header
+        instances[sop_uid] = header
     for study_uid, instances in by_study.items():
         try:
             report.studies[study_uid] = convert_study(instances.values(), options)
