@@ -167,13 +167,8 @@ def read_dataset(path: str | os.PathLike[str]) -> Dataset:
         raise UnusableFileError(path, UNREADABLE, exc.strerror or str(exc)) from exc
 
 
-def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
-    """read_dataset, then keep only what the mapping uses."""
-    return _read_instance(Path(path))[2]
-
-
 def _read_instance(path: Path) -> tuple[str, str, InstanceHeader]:
-    """(StudyInstanceUID, SOPInstanceUID, header) of one file."""
+    """(StudyInstanceUID, SOPInstanceUID, InstanceHeader) of one file; the Dataset is dropped here."""
     ds = read_dataset(path)
     try:
         header = InstanceHeader.from_dataset(ds)
