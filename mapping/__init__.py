@@ -1,12 +1,26 @@
 """mapping: pure DICOM → FHIR R4 conversion (no sockets, files, clocks or globals).
 
-Public API (see ../shared/mapping.md for the rules):
+The rules are ../shared/mapping.md. Public API (everything importable from ``mapping``):
 
-    convert_study(datasets, options) -> StudyResources
-        One study's instance headers (pydicom Datasets, pixel data not needed)
-        → Patient, ImagingStudy, optional Endpoint (fhir.resources.R4B models).
-        Raises PatientMismatchError when instances disagree on PatientID,
-        MultipleStudiesError when they span several StudyInstanceUIDs.
+    InstanceHeader.from_dataset(ds) -> InstanceHeader
+        The slim, immutable set of values the mapping needs from one instance (strings
+        decoded with the dataset's SpecificCharacterSet). Raises MappingError naming the
+        tag when StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID or SOPClassUID is
+        missing or empty. Cheap: the node and the folder converter build one per instance
+        and drop the Dataset at once.
+
+    StudyResources(study_uid, patient, imaging_study, endpoint=None, warnings=())
+        One study's resources (fhir.resources.R4B models). Canonical form: the
+        ImagingStudy refers to the Patient and Endpoint by the ``urn:uuid:`` fullUrls of
+        the bundle shape (deterministic uuid5 values, so the same input always gives the
+        same output). ``warnings``: human-readable lines about values that were dropped or
+        replaced (never quoting patient names or IDs), for the caller to log.
+
+    convert_study(instances, options=MappingOptions()) -> StudyResources
+        One study's instances (InstanceHeader or pydicom Dataset, any order).
+        Raises MultipleStudiesError (several StudyInstanceUIDs, naming them),
+        PatientMismatchError (instances disagree on PatientID), MappingError (no instances).
+        A repeated SOPInstanceUID counts once (the last one wins).
 
     convert_datasets(datasets, options) -> dict[str, StudyResources]
         Any number of instances, grouped by StudyInstanceUID (first-seen order).
@@ -14,6 +28,38 @@ Public API (see ../shared/mapping.md for the rules):
     to_bundle(resources) -> Bundle          transaction Bundle (output shape "bundle")
     to_contained(resources) -> ImagingStudy  Patient/Endpoint contained ("contained")
     render(resources, shape) -> dict         JSON-ready dict of either shape
+    parse_resources(document) -> StudyResources
+        The inverse of render for either shape (render(parse_resources(render(r, s)), s)
+        == render(r, s)); raises MappingError for a document that is neither shape.
+
     merge_imaging_study(existing, new) -> ImagingStudy
-        Union by series/instance UID, never erases values, idempotent.
+        Union by series/instance UID (a resent instance replaces its earlier version),
+        counts recomputed, a value missing from ``new`` never erases one in ``existing``,
+        identifiers/modalities/endpoints unions without duplicates, idempotent. The
+        existing subject is kept. Raises PatientMismatchError when both subjects carry an
+        identifier and they differ.
+    merge_resources(existing, new) -> StudyResources
+        The same for a whole study (Patient values filled in, never overwritten; raises
+        PatientMismatchError when the patients' identifiers differ).
 """
+
+from mapping.errors import (ConfigurationError, DicomFhirError, MappingError, MultipleStudiesError,
+                            PatientMismatchError)
+from mapping.options import SHAPES, MappingOptions
+
+__all__ = [
+    "ConfigurationError", "DicomFhirError", "MappingError", "MultipleStudiesError", "PatientMismatchError",
+    "SHAPES", "MappingOptions",
+]
+
+# The implementation modules are added by the mapping work (issue 2); until they exist the
+# names below are missing and importing them fails loudly, which is what we want.
+try:  # pragma: no cover - removed once the modules exist
+    from mapping.header import InstanceHeader  # noqa: F401
+    from mapping.study import StudyResources, convert_datasets, convert_study  # noqa: F401
+    from mapping.shapes import parse_resources, render, to_bundle, to_contained  # noqa: F401
+    from mapping.merge import merge_imaging_study, merge_resources  # noqa: F401
+    __all__ += ["InstanceHeader", "StudyResources", "convert_datasets", "convert_study", "parse_resources",
+                "render", "to_bundle", "to_contained", "merge_imaging_study", "merge_resources"]
+except ImportError:
+    pass
