@@ -1,0 +1,147 @@
+"""Operations HTTP endpoint: /healthz and Prometheus /metrics (off by default).
+
+Plain stdlib http.server in a daemon thread, so it never holds the process up
+at shutdown. It only reads: the Metrics counters and the spool depth, through
+the callable the node passes in. Bind it to localhost (the default) or put it
+behind something that authenticates; it has no access control of its own.
+
+    handle = start_ops_server(config.operations, metrics, spool.depth)
+    ...
+    handle.stop()
+
+When ``operations.http_enabled`` is false, start_ops_server starts nothing and
+returns a handle whose ``port`` is None and whose ``stop()`` does nothing, so
+the caller needs no branch of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from mapping.errors import ConfigurationError
+from scp.config import OperationsConfig
+from scp.metrics import COUNTERS, Metrics
+
+log = logging.getLogger("scp.ops_http")
+
+PREFIX = "dicom_fhir_scp_"
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SPOOL_GAUGE = PREFIX + "spool_studies"
+
+
+def render_metrics(counters: dict[str, int], spool_depth: int) -> str:
+    """The Prometheus text exposition format (0.0.4) of the counters and the spool gauge."""
+    lines: list[str] = []
+    for name, help_text in COUNTERS.items():
+        metric = f"{PREFIX}{name}_total"
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter",
+                  f"{metric} {counters.get(name, 0)}"]
+    lines += [f"# HELP {SPOOL_GAUGE} Studies waiting in the spool (received, not yet delivered).",
+              f"# TYPE {SPOOL_GAUGE} gauge", f"{SPOOL_GAUGE} {spool_depth}"]
+    return "\n".join(lines) + "\n"
+
+
+class _OpsHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], metrics: Metrics, spool_depth: Callable[[], int]) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.metrics = metrics
+        self.spool_depth = spool_depth
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _OpsHTTPServer
+    server_version = "dicom-fhir-scp"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer(send_body=False)
+
+    def _answer(self, send_body: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            self._send(HTTPStatus.OK, "text/plain; charset=utf-8", "ok\n", send_body)
+        elif path == "/metrics":
+            try:
+                depth = int(self.server.spool_depth())
+            except Exception as exc:  # a broken gauge must show as a failed scrape, not a zero
+                log.warning("/metrics: cannot read the spool depth: %s", exc)
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8",
+                           f"cannot read the spool depth: {exc}\n", send_body)
+                return
+            body = render_metrics(self.server.metrics.snapshot(), depth)
+            self._send(HTTPStatus.OK, PROMETHEUS_CONTENT_TYPE, body, send_body)
+        else:
+            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8",
+                       "not found; try /healthz or /metrics\n", send_body)
+
+    def _send(self, status: HTTPStatus, content_type: str, text: str, send_body: bool) -> None:
+        body = text.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
+        # Prometheus scrapes every few seconds: access lines only at DEBUG.
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class OpsServer:
+    """A running endpoint: ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(self, server: _OpsHTTPServer) -> None:
+        self._server = server
+        self.host = server.server_address[0]
+        self.port: int | None = server.server_address[1]
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="ops-http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; safe to call twice."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join()
+        self._server.server_close()
+
+
+class _Disabled:
+    """What start_ops_server returns when the endpoint is off."""
+
+    host = None
+    port = None
+
+    def stop(self) -> None:
+        pass
+
+
+def start_ops_server(ops: OperationsConfig, metrics: Metrics,
+                     spool_depth: Callable[[], int]) -> OpsServer | _Disabled:
+    """Serve /healthz and /metrics on ops.http_bind:ops.http_port when ops.http_enabled."""
+    if not ops.http_enabled:
+        return _Disabled()
+    try:
+        server = _OpsHTTPServer((ops.http_bind, ops.http_port), metrics, spool_depth)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"operations.http_port: cannot listen on {ops.http_bind}:{ops.http_port}: {exc.strerror or exc}") from exc
+    handle = OpsServer(server)
+    log.info("operations endpoint on http://%s:%d (/healthz, /metrics)", _host_for_url(handle.host), handle.port)
+    return handle
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
