@@ -1,13 +1,64 @@
-"""(not implemented yet)"""
+"""Show what the node holds: studies waiting in the spool, dead-lettered studies
+and the most recent deliveries.
+
+Reads the folders of the configuration (or the ones given) and nothing else: it
+works while the node runs, needs no network and never changes anything. Studies
+are named by StudyInstanceUID; no patient names or IDs are shown.
+
+Waiting studies are listed by the time of their last instance (oldest first);
+a study completes when it has been idle for node.idle_timeout seconds, so a study
+idle much longer than that is waiting for a delivery that keeps failing (see the
+node's log). Dead-lettered studies need a person: fix the cause, then run
+`dicom-fhir-scp retry`.
+
+Exit status: 0, or 2 on a configuration error.
+
+examples:
+  dicom-fhir-scp status --config /etc/dicom-fhir-scp/dicom-fhir-scp.toml
+  dicom-fhir-scp status --spool-dir /var/lib/dicom-fhir-scp/spool --json
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("-c", "--config", metavar="FILE", type=Path,
+                        help="TOML configuration; node.spool_dir and node.dead_letter_dir are read from it")
+    parser.add_argument("--spool-dir", metavar="DIR", type=Path,
+                        help="spool folder (default: node.spool_dir, ./spool)")
+    parser.add_argument("--dead-letter-dir", metavar="DIR", type=Path,
+                        help="dead-letter folder (default: node.dead_letter_dir, ./dead-letter)")
+    parser.add_argument("-n", "--recent", metavar="N", type=_count, default=10,
+                        help="show the last N deliveries (default: 10)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("dicom-fhir-scp status: not implemented yet")
+    import time
+
+    from scp.config import load_config, override
+    from scp.status import build_report, format_report
+
+    config = override(load_config(args.config), "node",
+                      spool_dir=args.spool_dir, dead_letter_dir=args.dead_letter_dir)
+    report = build_report(config.node.spool_dir, config.node.dead_letter_dir, now=time.time(), recent=args.recent)
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("\n".join(format_report(report)) + "\n")
+    return 0
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
