@@ -28,6 +28,7 @@ apt_install() {
 command -v storescu >/dev/null || apt_install dcmtk
 
 if [ -f tests/fhir_server/package.json ]; then
+    command -v npm >/dev/null || apt_install nodejs npm
     (cd tests/fhir_server && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
