@@ -45,21 +45,14 @@ The rules are ../shared/mapping.md. Public API (everything importable from ``map
 
 from mapping.errors import (ConfigurationError, DicomFhirError, MappingError, MultipleStudiesError,
                             PatientMismatchError)
+from mapping.header import InstanceHeader
+from mapping.merge import merge_imaging_study, merge_resources
 from mapping.options import SHAPES, MappingOptions
+from mapping.shapes import parse_resources, render, to_bundle, to_contained
+from mapping.study import StudyResources, convert_datasets, convert_study
 
 __all__ = [
     "ConfigurationError", "DicomFhirError", "MappingError", "MultipleStudiesError", "PatientMismatchError",
-    "SHAPES", "MappingOptions",
+    "SHAPES", "MappingOptions", "InstanceHeader", "StudyResources", "convert_datasets", "convert_study",
+    "parse_resources", "render", "to_bundle", "to_contained", "merge_imaging_study", "merge_resources",
 ]
-
-# The implementation modules are added by the mapping work (issue 2); until they exist the
-# names below are missing and importing them fails loudly, which is what we want.
-try:  # pragma: no cover - removed once the modules exist
-    from mapping.header import InstanceHeader  # noqa: F401
-    from mapping.study import StudyResources, convert_datasets, convert_study  # noqa: F401
-    from mapping.shapes import parse_resources, render, to_bundle, to_contained  # noqa: F401
-    from mapping.merge import merge_imaging_study, merge_resources  # noqa: F401
-    __all__ += ["InstanceHeader", "StudyResources", "convert_datasets", "convert_study", "parse_resources",
-                "render", "to_bundle", "to_contained", "merge_imaging_study", "merge_resources"]
-except ImportError:
-    pass

@@ -1,0 +1,292 @@
+"""InstanceHeader: the slim, immutable set of values the mapping needs from one instance.
+
+Built once per received instance (the Dataset is dropped at once), so it must be cheap and
+robust: only the four UIDs are required; a malformed value in any other element is dropped
+and recorded as a warning naming the tag and the problem (never the value, which may be a
+patient's name or ID).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
+
+from mapping.codes import CodedValue
+from mapping.errors import MappingError
+from mapping.names import PersonName
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """IssuerOfAccessionNumberSequence (0008,0051) item: HL7 v2 HD components."""
+
+    local: str = ""  # LocalNamespaceEntityID (0040,0031)
+    universal: str = ""  # UniversalEntityID (0040,0032)
+    universal_type: str = ""  # UniversalEntityIDType (0040,0033): ISO, URI, UUID, DNS, ...
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHeader:
+    """What the mapping reads from one instance (strings decoded, unusable values dropped)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    # patient
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: PersonName | None = None
+    patient_sex: str = ""
+    patient_birth_date: str = ""
+    # study
+    accession_number: str = ""
+    accession_issuer: Issuer | None = None
+    study_date: str = ""
+    study_time: str = ""
+    timezone_offset: str = ""
+    study_description: str = ""
+    referring_physician: PersonName | None = None
+    reading_physicians: tuple[PersonName, ...] = ()
+    procedure_codes: tuple[CodedValue, ...] = ()
+    reason_codes: tuple[CodedValue, ...] = ()
+    reason_text: str = ""
+    institution_name: str = ""
+    department_name: str = ""
+    # series
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part: str = ""
+    laterality: str = ""
+    image_laterality: str = ""
+    series_date: str = ""
+    series_time: str = ""
+    # instance
+    instance_number: int | None = None
+    concept_name: CodedValue | None = None
+    document_title: str = ""
+    image_type: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> InstanceHeader:
+        """Read the header values from a pydicom Dataset (see the module docstring).
+
+        Raises MappingError naming the tag and the instance when one of the four UIDs is
+        missing or empty.
+        """
+        if not isinstance(ds, Dataset):
+            raise TypeError(f"ds: expected a pydicom Dataset, got {type(ds).__name__}")
+        reader = _Reader(ds)
+        sop_instance_uid = reader.uid(0x00080018, "SOPInstanceUID", "")
+        uids = dict(
+            study_uid=reader.uid(0x0020000D, "StudyInstanceUID", sop_instance_uid),
+            series_uid=reader.uid(0x0020000E, "SeriesInstanceUID", sop_instance_uid),
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=reader.uid(0x00080016, "SOPClassUID", sop_instance_uid),
+        )
+        r = reader
+        return cls(
+            **uids,
+            patient_id=r.text(0x00100020),
+            issuer_of_patient_id=r.text(0x00100021),
+            patient_name=r.person(0x00100010),
+            patient_sex=r.text(0x00100040),
+            patient_birth_date=r.text(0x00100030),
+            accession_number=r.text(0x00080050),
+            accession_issuer=r.first_item(0x00080051, _issuer),
+            study_date=r.text(0x00080020),
+            study_time=r.text(0x00080030),
+            timezone_offset=r.text(0x00080201),
+            study_description=r.text(0x00081030),
+            referring_physician=r.person(0x00080090),
+            reading_physicians=r.people(0x00081060),
+            procedure_codes=r.codes(0x00081032),
+            reason_codes=r.codes(0x0040100A),
+            reason_text=r.text(0x00401002),
+            institution_name=r.text(0x00080080),
+            department_name=r.text(0x00081040),
+            modality=r.text(0x00080060),
+            series_number=r.integer(0x00200011),
+            series_description=r.text(0x0008103E),
+            body_part=r.text(0x00180015),
+            laterality=r.text(0x00200060),
+            image_laterality=r.text(0x00200062),
+            series_date=r.text(0x00080021),
+            series_time=r.text(0x00080031),
+            instance_number=r.integer(0x00200013),
+            concept_name=r.first_item(0x0040A043, _code),
+            document_title=r.text(0x00420010),
+            image_type=r.texts(0x00080008),
+            warnings=tuple(r.warnings),
+        )
+
+
+class _Reader:
+    """Reads elements of one dataset, turning any failure into a warning about that tag."""
+
+    __slots__ = ("ds", "warnings")
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self.warnings: list[str] = []
+
+    def _value(self, tag: int) -> Any:
+        try:
+            element = self.ds.get(tag)
+            return None if element is None else element.value
+        except Exception as exc:  # pydicom raises many types on a malformed value
+            self._warn(tag, f"unreadable value ({type(exc).__name__})")
+            return None
+
+    def _warn(self, tag: int, problem: str) -> None:
+        self.warnings.append(f"{_name(tag)}: {problem}, dropped")
+
+    def uid(self, tag: int, keyword: str, sop_instance_uid: str) -> str:
+        value = self._value(tag)
+        text = _one(value).strip().rstrip("\0") if value is not None else ""
+        if not text:
+            where = f" in instance {sop_instance_uid}" if sop_instance_uid else ""
+            state = "missing" if value is None else "empty"
+            raise MappingError(f"{_name(tag)} is {state}{where}: required to map the instance")
+        return text
+
+    def text(self, tag: int) -> str:
+        value = self._value(tag)
+        if value is None:
+            return ""
+        try:
+            return _one(value).strip()
+        except Exception as exc:
+            self._warn(tag, f"unusable value ({type(exc).__name__})")
+            return ""
+
+    def texts(self, tag: int) -> tuple[str, ...]:
+        value = self._value(tag)
+        if value is None or value == "":
+            return ()
+        try:
+            values = value if isinstance(value, (list, MultiValue)) else [value]
+            return tuple(str(v).strip() for v in values)
+        except Exception as exc:
+            self._warn(tag, f"unusable value ({type(exc).__name__})")
+            return ()
+
+    def integer(self, tag: int) -> int | None:
+        value = self._value(tag)
+        if value is None or value == "":
+            return None
+        try:
+            if isinstance(value, (list, MultiValue)):
+                value = value[0]
+            number = float(value)
+            if number != int(number):
+                raise ValueError("not an integer")
+            return int(number)
+        except Exception:
+            self._warn(tag, "not an integer")
+            return None
+
+    def person(self, tag: int) -> PersonName | None:
+        value = self._value(tag)
+        if value is None or value == "":
+            return None
+        try:
+            if isinstance(value, (list, MultiValue)):
+                value = value[0] if len(value) else ""
+            return _person(value)
+        except Exception as exc:
+            self._warn(tag, f"unusable name ({type(exc).__name__})")
+            return None
+
+    def people(self, tag: int) -> tuple[PersonName, ...]:
+        value = self._value(tag)
+        if value is None or value == "":
+            return ()
+        try:
+            values = value if isinstance(value, (list, MultiValue)) else [value]
+            names = (_person(v) for v in values)
+            return tuple(n for n in names if n)
+        except Exception as exc:
+            self._warn(tag, f"unusable name ({type(exc).__name__})")
+            return ()
+
+    def items(self, tag: int) -> list[Dataset]:
+        value = self._value(tag)
+        if value is None:
+            return []
+        if not isinstance(value, (list, MultiValue)) or not all(isinstance(i, Dataset) for i in value):
+            self._warn(tag, "not a sequence")
+            return []
+        return list(value)
+
+    def codes(self, tag: int) -> tuple[CodedValue, ...]:
+        result = []
+        for item in self.items(tag):
+            try:
+                code = _code(item)
+            except Exception as exc:
+                self._warn(tag, f"unusable code item ({type(exc).__name__})")
+                continue
+            if code is not None:
+                result.append(code)
+        return tuple(result)
+
+    def first_item(self, tag: int, build: Callable[[Dataset], Any]) -> Any:
+        items = self.items(tag)
+        if not items:
+            return None
+        try:
+            return build(items[0])
+        except Exception as exc:
+            self._warn(tag, f"unusable item ({type(exc).__name__})")
+            return None
+
+
+def _name(tag: int) -> str:
+    t = Tag(tag)
+    keyword = keyword_for_tag(t)
+    return f"{keyword} ({t.group:04X},{t.element:04X})" if keyword else f"({t.group:04X},{t.element:04X})"
+
+
+def _one(value: Any) -> str:
+    """A single-valued text element as str (the first value when a sender sent several)."""
+    if isinstance(value, (list, MultiValue)):
+        value = value[0] if len(value) else ""
+    if isinstance(value, bytes):
+        raise ValueError("undecoded bytes")
+    return str(value)
+
+
+def _person(value: Any) -> PersonName:
+    if hasattr(value, "alphabetic"):  # pydicom PersonName: groups decoded with the character set
+        return PersonName(value.alphabetic or "", value.ideographic or "", value.phonetic or "")
+    return PersonName.from_text(_one(value))
+
+
+def _item_text(item: Dataset, keyword: str) -> str:
+    value = item.get(keyword)
+    return "" if value is None else _one(value).strip()
+
+
+def _code(item: Dataset) -> CodedValue | None:
+    value = (_item_text(item, "CodeValue") or _item_text(item, "LongCodeValue")
+             or _item_text(item, "URNCodeValue"))
+    meaning = _item_text(item, "CodeMeaning")
+    if not value and not meaning:
+        return None
+    return CodedValue(value, _item_text(item, "CodingSchemeDesignator"), meaning,
+                      _item_text(item, "CodingSchemeVersion"))
+
+
+def _issuer(item: Dataset) -> Issuer | None:
+    issuer = Issuer(_item_text(item, "LocalNamespaceEntityID"), _item_text(item, "UniversalEntityID"),
+                    _item_text(item, "UniversalEntityIDType"))
+    return issuer if issuer.local or issuer.universal else None

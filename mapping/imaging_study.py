@@ -1,0 +1,215 @@
+"""The ImagingStudy resource, built as one JSON dict from a study's instance headers.
+
+Study-level values come from the first instance (in the canonical series/instance order)
+that has them, so the result does not depend on the order the instances arrived in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydicom.uid import UID
+
+from mapping.bodysite import body_site, laterality
+from mapping.codes import DCM_SYSTEM, CodedValue, codeable_concept
+from mapping.datetimes import Zone, combine, study_zone
+from mapping.header import InstanceHeader
+from mapping.names import display_name
+from mapping.options import MappingOptions
+
+STUDY_UID_SYSTEM = "urn:dicom:uid"
+SOP_CLASS_SYSTEM = "urn:ietf:rfc:3986"
+IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
+MAX_UNSIGNED_INT = 2**31 - 1
+UNKNOWN_MODALITY = "OT"  # "Other": series.modality is required in FHIR
+
+Series = Sequence[InstanceHeader]  # one series' instances, in canonical order
+
+
+def study_identifier(study_uid: str) -> dict[str, Any]:
+    return {"system": STUDY_UID_SYSTEM, "value": "urn:oid:" + study_uid}
+
+
+def first(headers: Sequence[InstanceHeader], read: Callable[[InstanceHeader], Any]) -> Any:
+    """The first non-empty value in canonical order (None when no instance has one)."""
+    for header in headers:
+        value = read(header)
+        if value:
+            return value
+    return None
+
+
+def first_number(headers: Sequence[InstanceHeader], read: Callable[[InstanceHeader], int | None]) -> int | None:
+    """The first number that is present (0 included) in canonical order."""
+    for header in headers:
+        value = read(header)
+        if value is not None:
+            return value
+    return None
+
+
+def accession_identifier(headers: Sequence[InstanceHeader], options: MappingOptions) -> dict[str, Any] | None:
+    number = first(headers, lambda h: h.accession_number)
+    if not number:
+        return None
+    identifier: dict[str, Any] = {"type": {"coding": [{"system": IDENTIFIER_TYPE_SYSTEM, "code": "ACSN"}]}}
+    issuer = first(headers, lambda h: h.accession_issuer)
+    system = None
+    if issuer is not None:
+        if issuer.local:
+            system = issuer.local
+        elif issuer.universal_type.upper() == "ISO":
+            system = "urn:oid:" + issuer.universal
+        elif issuer.universal_type.upper() in ("URI", "URL"):
+            system = issuer.universal
+        elif issuer.universal_type.upper() == "UUID":
+            system = "urn:uuid:" + issuer.universal.lower()
+    system = system or options.accession_system
+    if system and not any(c.isspace() for c in system):
+        identifier["system"] = system
+    identifier["value"] = number
+    return identifier
+
+
+def _unique_codes(headers: Sequence[InstanceHeader], read: Callable[[InstanceHeader], tuple[CodedValue, ...]]
+                  ) -> list[CodedValue]:
+    seen: dict[tuple[str, str], CodedValue] = {}
+    for header in headers:
+        for code in read(header):
+            seen.setdefault((code.value, code.designator.upper()), code)
+    return list(seen.values())
+
+
+def _concepts(codes: list[CodedValue]) -> list[dict[str, Any]]:
+    concepts = [codeable_concept([c]) for c in codes]
+    return [c for c in concepts if c is not None]
+
+
+def _number(value: int | None, tag: str, warnings: list[str]) -> int | None:
+    if value is None:
+        return None
+    if not 0 <= value <= MAX_UNSIGNED_INT:
+        warnings.append(f"{tag}: out of the range of a FHIR unsignedInt, omitted")
+        return None
+    return value
+
+
+def instance_title(header: InstanceHeader) -> str | None:
+    """SR: the concept name's meaning; documents: DocumentTitle; else ImageType joined with ``\\``."""
+    if header.concept_name is not None and header.concept_name.meaning:
+        return header.concept_name.meaning
+    if header.document_title:
+        return header.document_title
+    if any(header.image_type):
+        return "\\".join(header.image_type)
+    return None
+
+
+def sop_class_coding(sop_class_uid: str) -> dict[str, Any]:
+    result = {"system": SOP_CLASS_SYSTEM, "code": "urn:oid:" + sop_class_uid}
+    name = UID(sop_class_uid).name
+    if name and name != sop_class_uid:
+        result["display"] = name
+    return result
+
+
+def series_json(instances: Series, zone: Zone, warnings: list[str]) -> dict[str, Any]:
+    head = instances[0]
+    series: dict[str, Any] = {"uid": head.series_uid}
+    number = _number(first_number(instances, lambda h: h.series_number), "SeriesNumber (0020,0011)", warnings)
+    if number is not None:
+        series["number"] = number
+    modality = first(instances, lambda h: h.modality)
+    if not modality:
+        warnings.append(f"Modality (0008,0060): missing in series {head.series_uid}, {UNKNOWN_MODALITY} used")
+        modality = UNKNOWN_MODALITY
+    series["modality"] = {"system": DCM_SYSTEM, "code": modality}
+    description = first(instances, lambda h: h.series_description)
+    if description:
+        series["description"] = description
+    series["numberOfInstances"] = len(instances)
+    site = body_site(first(instances, lambda h: h.body_part) or "")
+    if site is not None:
+        series["bodySite"] = site
+    side_text = first(instances, lambda h: h.laterality) or first(instances, lambda h: h.image_laterality) or ""
+    side = laterality(side_text)
+    if side is not None:
+        series["laterality"] = side
+    elif side_text:
+        warnings.append("Laterality (0020,0060): not one of R, L, B, U, omitted")
+    started = combine(first(instances, lambda h: h.series_date), first(instances, lambda h: h.series_time),
+                      zone, warnings, date_tag="SeriesDate (0008,0021)", time_tag="SeriesTime (0008,0031)")
+    if started is not None:
+        series["started"] = started
+    sop_classes: dict[str, dict[str, Any]] = {}
+    series["instance"] = [_instance_json(h, sop_classes, warnings) for h in instances]
+    return series
+
+
+def _instance_json(header: InstanceHeader, sop_classes: dict[str, dict[str, Any]],
+                   warnings: list[str]) -> dict[str, Any]:
+    sop_class = sop_classes.get(header.sop_class_uid)
+    if sop_class is None:
+        sop_class = sop_classes[header.sop_class_uid] = sop_class_coding(header.sop_class_uid)
+    instance: dict[str, Any] = {"uid": header.sop_instance_uid, "sopClass": dict(sop_class)}
+    number = _number(header.instance_number, "InstanceNumber (0020,0013)", warnings)
+    if number is not None:
+        instance["number"] = number
+    title = instance_title(header)
+    if title:
+        instance["title"] = title
+    return instance
+
+
+def imaging_study_json(study_uid: str, series: Sequence[Series], options: MappingOptions, *,
+                       subject: dict[str, Any], endpoint_reference: str | None,
+                       warnings: list[str]) -> dict[str, Any]:
+    """The ImagingStudy as a JSON dict; series and their instances already in canonical order."""
+    headers = [h for s in series for h in s]
+    study: dict[str, Any] = {"resourceType": "ImagingStudy", "identifier": [study_identifier(study_uid)]}
+    accession = accession_identifier(headers, options)
+    if accession is not None:
+        study["identifier"].append(accession)
+    study["status"] = "available"
+    zone = study_zone(first(headers, lambda h: h.timezone_offset), options.timezone, warnings)
+    series_list = [series_json(s, zone, warnings) for s in series]
+    modalities: dict[str, None] = {}
+    for s in series_list:
+        modalities.setdefault(s["modality"]["code"], None)
+    if modalities:
+        study["modality"] = [{"system": DCM_SYSTEM, "code": m} for m in modalities]
+    study["subject"] = subject
+    started = combine(first(headers, lambda h: h.study_date), first(headers, lambda h: h.study_time), zone,
+                      warnings, date_tag="StudyDate (0008,0020)", time_tag="StudyTime (0008,0030)")
+    if started is not None:
+        study["started"] = started
+    referrer = display_name(first(headers, lambda h: h.referring_physician))
+    if referrer:
+        study["referrer"] = {"display": referrer}
+    interpreters = first(headers, lambda h: h.reading_physicians) or ()
+    names = [n for n in (display_name(p) for p in interpreters) if n]
+    if names:
+        study["interpreter"] = [{"display": n} for n in dict.fromkeys(names)]
+    if endpoint_reference is not None:
+        study["endpoint"] = [{"reference": endpoint_reference}]
+    study["numberOfSeries"] = len(series_list)
+    study["numberOfInstances"] = sum(len(s) for s in series)
+    procedures = _concepts(_unique_codes(headers, lambda h: h.procedure_codes))
+    if procedures:
+        study["procedureCode"] = procedures
+    location = ", ".join(v for v in (first(headers, lambda h: h.institution_name),
+                                     first(headers, lambda h: h.department_name)) if v)
+    if location:
+        study["location"] = {"display": location}
+    reasons = _concepts(_unique_codes(headers, lambda h: h.reason_codes))
+    if not reasons:
+        text = first(headers, lambda h: h.reason_text)
+        reasons = [{"text": text}] if text else []
+    if reasons:
+        study["reasonCode"] = reasons
+    description = first(headers, lambda h: h.study_description)
+    if description:
+        study["description"] = description
+    study["series"] = series_list
+    return study

@@ -1,0 +1,190 @@
+"""Merging a study that arrives in several parts, or again.
+
+Series and instances are keyed by UID (a resent instance replaces its earlier version);
+a value missing from the new part never erases one already present; identifiers,
+modalities and endpoints are unions without duplicates; counts are recomputed; merging
+the same part twice gives the same resource. Two patients are never merged into one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+from fhir.resources.R4B.patient import Patient
+
+from mapping.errors import MappingError, PatientMismatchError
+from mapping.shapes import model_json
+from mapping.study import StudyResources, _sort_key, endpoint_url
+
+Key = Callable[[dict[str, Any]], Any]
+
+# Elements the server (or the first writer) owns: kept from the existing resource.
+_KEPT = ("id", "meta", "implicitRules", "language", "text", "contained")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _identifier_key(identifier: dict[str, Any]) -> Any:
+    return identifier.get("system"), identifier.get("value")
+
+
+def _coding_key(coding: dict[str, Any]) -> Any:
+    return coding.get("system"), coding.get("code")
+
+
+def _reference_key(reference: dict[str, Any]) -> Any:
+    return reference.get("reference") or _canonical(reference)
+
+
+LIST_KEYS: dict[str, Key] = {"identifier": _identifier_key, "modality": _coding_key, "endpoint": _reference_key}
+
+
+def union(existing: list[Any], new: list[Any], key: Key | None = None) -> list[Any]:
+    """existing, then the items of new not already in it (a newer equal-keyed item replaces the older)."""
+    key = key or _canonical
+    merged: dict[Any, Any] = {key(item): item for item in existing}
+    for item in new:
+        merged[key(item)] = item
+    return list(merged.values())
+
+
+def _more_precise(existing: str, new: str) -> str:
+    """A dateTime: the new value, unless it is the existing one with less precision."""
+    return existing if existing.startswith(new) else new
+
+
+def merge_elements(existing: dict[str, Any], new: dict[str, Any], *,
+                   special: dict[str, Callable[[Any, Any], Any]] | None = None) -> dict[str, Any]:
+    """Element by element: new wins where present, existing stays where new has nothing;
+    lists are unions (by LIST_KEYS, else by value); special handles named elements."""
+    special = special or {}
+    merged: dict[str, Any] = {}
+    for name in dict.fromkeys([*existing, *new]):
+        if name not in new:
+            merged[name] = existing[name]
+        elif name not in existing:
+            merged[name] = new[name]
+        elif name in special:
+            merged[name] = special[name](existing[name], new[name])
+        elif isinstance(existing[name], list) and isinstance(new[name], list):
+            merged[name] = union(existing[name], new[name], LIST_KEYS.get(name))
+        else:
+            merged[name] = new[name]
+    return merged
+
+
+def _keep(existing: Any, new: Any) -> Any:
+    return existing
+
+
+def _merge_instances(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_uid = {i.get("uid"): i for i in existing}
+    for instance in new:
+        uid = instance.get("uid")
+        by_uid[uid] = merge_elements(by_uid[uid], instance) if uid in by_uid else instance
+    return sorted(by_uid.values(), key=lambda i: _sort_key(i.get("number"), i.get("uid") or ""))
+
+
+def _merge_series(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_uid = {s.get("uid"): s for s in existing}
+    for series in new:
+        uid = series.get("uid")
+        if uid in by_uid:
+            series = merge_elements(by_uid[uid], series, special={
+                "instance": _merge_instances, "started": _more_precise})
+        by_uid[uid] = series
+    merged = []
+    for series in by_uid.values():
+        if series.get("instance") is not None:
+            series = {**series, "numberOfInstances": len(series["instance"])}
+        merged.append(series)
+    return sorted(merged, key=lambda s: _sort_key(s.get("number"), s.get("uid") or ""))
+
+
+def _identifier_pairs(identifiers: list[dict[str, Any]]) -> set[tuple[str | None, str]]:
+    return {(i.get("system"), i["value"]) for i in identifiers if isinstance(i, dict) and i.get("value")}
+
+
+def same_patient(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> bool:
+    """False only when both sides carry identifiers and none agrees (a missing system matches any)."""
+    a, b = _identifier_pairs(ours), _identifier_pairs(theirs)
+    if not a or not b:
+        return True
+    return any(value == v and (system is None or s is None or system == s) for system, value in a for s, v in b)
+
+
+def _merge_subject(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    old_id, new_id = existing.get("identifier"), new.get("identifier")
+    if old_id and new_id and not same_patient([old_id], [new_id]):
+        raise PatientMismatchError("the new part's subject has a different patient identifier than the "
+                                   "existing ImagingStudy's subject")
+    if not old_id and new_id and existing.get("reference") == new.get("reference"):
+        return {**existing, "identifier": new_id}
+    return existing
+
+
+def merge_study_json(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """merge_imaging_study on JSON dicts."""
+    special = {name: _keep for name in _KEPT}
+    special.update({"subject": _merge_subject, "series": _merge_series, "started": _more_precise})
+    merged = merge_elements(existing, new, special=special)
+    if merged.get("series"):
+        merged["numberOfSeries"] = len(merged["series"])
+        merged["numberOfInstances"] = sum(s.get("numberOfInstances") or len(s.get("instance") or [])
+                                          for s in merged["series"])
+    return merged
+
+
+def merge_imaging_study(existing: ImagingStudy, new: ImagingStudy) -> ImagingStudy:
+    """existing + a new part of the same study (module rules). The existing subject is kept;
+    PatientMismatchError when both subjects carry an identifier and they differ."""
+    return ImagingStudy.model_validate(merge_study_json(model_json(existing), model_json(new)))
+
+
+def _merge_patient(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Fill in what the existing Patient lacks; never overwrite (``unknown`` gender counts as absent)."""
+    merged = dict(existing)
+    for name, value in new.items():
+        if name not in merged or (name == "gender" and merged[name] == "unknown"):
+            merged[name] = value
+    return merged
+
+
+def merge_resources(existing: StudyResources, new: StudyResources) -> StudyResources:
+    """existing + a new part, for a whole study (Patient values filled in, never overwritten).
+
+    Raises PatientMismatchError when the patients' identifiers differ, MappingError when the
+    two are not the same study.
+    """
+    if existing.study_uid != new.study_uid:
+        raise MappingError(f"cannot merge study {new.study_uid} into study {existing.study_uid}")
+    old_patient, new_patient = model_json(existing.patient), model_json(new.patient)
+    if not same_patient(old_patient.get("identifier") or [], new_patient.get("identifier") or []):
+        raise PatientMismatchError(f"study {new.study_uid}: the new part's PatientID differs from the "
+                                   f"existing study's")
+    patient = _merge_patient(old_patient, new_patient)
+    study = merge_study_json(model_json(existing.imaging_study), model_json(new.imaging_study))
+    subject = study.get("subject") or {}
+    if not subject.get("identifier") and patient.get("identifier"):
+        study["subject"] = {**subject, "identifier": patient["identifier"][0]}
+    endpoint = new.endpoint if new.endpoint is not None else existing.endpoint
+    # Only one Endpoint travels with the study: drop local references to any other.
+    keep = endpoint_url(endpoint.address) if endpoint is not None else None
+    endpoints = [e for e in study.get("endpoint") or []
+                 if not (e.get("reference") or "").startswith("urn:uuid:") or e.get("reference") == keep]
+    if endpoints:
+        study["endpoint"] = endpoints
+    else:
+        study.pop("endpoint", None)
+    return StudyResources(
+        study_uid=new.study_uid,
+        patient=Patient.model_validate(patient),
+        imaging_study=ImagingStudy.model_validate(study),
+        endpoint=endpoint,
+        warnings=new.warnings,
+    )

@@ -1,0 +1,185 @@
+"""One study's instances → its FHIR resources (Patient, ImagingStudy, Endpoint).
+
+The canonical form (StudyResources) refers from the ImagingStudy to the Patient and the
+Endpoint by ``urn:uuid:`` fullUrls derived (uuid5) from the study UID and the endpoint
+address, so converting the same instances again gives byte-identical output.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fhir.resources.R4B.endpoint import Endpoint
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+from fhir.resources.R4B.patient import Patient
+from pydantic import ValidationError
+from pydicom.dataset import Dataset
+
+from mapping.endpoint import endpoint_address, endpoint_json
+from mapping.errors import MappingError, MultipleStudiesError, PatientMismatchError
+from mapping.header import InstanceHeader
+from mapping.imaging_study import first, imaging_study_json
+from mapping.options import MappingOptions
+from mapping.patient import patient_identifier, patient_json
+
+# Fixed namespace of this project's uuid5 fullUrls (never change: it would change every output).
+NAMESPACE = uuid.UUID("0b7b8f4e-5c8a-5d1e-9a51-6d1c0f9c4a11")
+
+
+def patient_url(study_uid: str) -> str:
+    return f"urn:uuid:{uuid.uuid5(NAMESPACE, 'Patient/' + study_uid)}"
+
+
+def imaging_study_url(study_uid: str) -> str:
+    return f"urn:uuid:{uuid.uuid5(NAMESPACE, 'ImagingStudy/' + study_uid)}"
+
+
+def endpoint_url(address: str) -> str:
+    return f"urn:uuid:{uuid.uuid5(NAMESPACE, 'Endpoint/' + address)}"
+
+
+@dataclass(frozen=True)
+class StudyResources:
+    """One study's resources (fhir.resources.R4B models) in canonical form (module docstring).
+
+    warnings: values dropped or replaced, for the caller to log (no patient names or IDs).
+    """
+
+    study_uid: str
+    patient: Patient
+    imaging_study: ImagingStudy
+    endpoint: Endpoint | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+
+def as_header(instance: InstanceHeader | Dataset) -> InstanceHeader:
+    if isinstance(instance, InstanceHeader):
+        return instance
+    if isinstance(instance, Dataset):
+        return InstanceHeader.from_dataset(instance)
+    raise TypeError(f"instances: expected InstanceHeader or pydicom Dataset items, got {type(instance).__name__}")
+
+
+def _sort_key(number: int | None, uid: str) -> tuple[bool, int, tuple[int, ...] | tuple[()], str]:
+    # Numbers first (absent last), then the UID compared numerically component by component.
+    return number is None, number or 0, _uid_key(uid), uid
+
+
+def _uid_key(uid: str) -> tuple[int, ...] | tuple[()]:
+    try:
+        return tuple(int(part) for part in uid.split("."))
+    except ValueError:
+        return ()
+
+
+def canonical_series(headers: Iterable[InstanceHeader]) -> list[list[InstanceHeader]]:
+    """Instances grouped by series; series by SeriesNumber then UID, instances by InstanceNumber then UID."""
+    by_series: dict[str, list[InstanceHeader]] = {}
+    for header in headers:
+        by_series.setdefault(header.series_uid, []).append(header)
+    series = [sorted(group, key=lambda h: _sort_key(h.instance_number, h.sop_instance_uid))
+              for group in by_series.values()]
+    return sorted(series, key=lambda s: _sort_key(_series_number(s), s[0].series_uid))
+
+
+def _series_number(series: list[InstanceHeader]) -> int | None:
+    for header in series:
+        if header.series_number is not None:
+            return header.series_number
+    return None
+
+
+def _check_one_patient(study_uid: str, headers: list[InstanceHeader], options: MappingOptions) -> None:
+    seen: dict[tuple[str, str], str] = {}
+    for header in headers:
+        if not header.patient_id:
+            continue  # no PatientID says nothing about whose images these are
+        issuer = header.issuer_of_patient_id if options.use_issuer_of_patient_id else ""
+        seen.setdefault((issuer, header.patient_id), header.sop_instance_uid)
+    if len(seen) > 1:
+        instances = ", ".join(list(seen.values())[:2])
+        # The IDs themselves stay out of the message: it is logged.
+        raise PatientMismatchError(f"study {study_uid}: its instances disagree on PatientID "
+                                   f"({len(seen)} different values, e.g. instances {instances})")
+
+
+def _validated(model: type[Any], data: dict[str, Any], study_uid: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:  # a bug here, or a value no rule caught: name the places, not the values
+        places = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False)[:5])
+        raise MappingError(f"study {study_uid}: the {data['resourceType']} does not validate: {places}") from None
+
+
+T = TypeVar("T")
+
+
+def _unique(items: Iterable[T]) -> tuple[T, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def convert_study(instances: Iterable[InstanceHeader | Dataset],
+                  options: MappingOptions = MappingOptions()) -> StudyResources:
+    """One study's instances (InstanceHeader or pydicom Dataset, any order) → StudyResources.
+
+    Raises MultipleStudiesError (several StudyInstanceUIDs, naming them), PatientMismatchError
+    (instances disagree on PatientID), MappingError (no instances). A repeated SOPInstanceUID
+    counts once (the last one wins).
+    """
+    if not isinstance(options, MappingOptions):
+        raise TypeError(f"options: expected MappingOptions, got {type(options).__name__}")
+    by_sop: dict[str, InstanceHeader] = {}
+    for instance in instances:
+        header = as_header(instance)
+        by_sop.pop(header.sop_instance_uid, None)  # the last one wins, at its own position
+        by_sop[header.sop_instance_uid] = header
+    if not by_sop:
+        raise MappingError("no instances to convert")
+    study_uids = _unique(h.study_uid for h in by_sop.values())
+    if len(study_uids) > 1:
+        raise MultipleStudiesError(f"expected one study, got {len(study_uids)}: {', '.join(study_uids)}")
+    study_uid = study_uids[0]
+    _check_one_patient(study_uid, list(by_sop.values()), options)
+
+    series = canonical_series(by_sop.values())
+    headers = [h for s in series for h in s]
+    warnings: list[str] = [w for h in headers for w in h.warnings]
+
+    identifier = patient_identifier(first(headers, lambda h: h.patient_id) or "",
+                                    first(headers, lambda h: h.issuer_of_patient_id) or "", options, warnings)
+    patient_data = patient_json(identifier, first(headers, lambda h: h.patient_name),
+                                first(headers, lambda h: h.patient_sex) or "",
+                                first(headers, lambda h: h.patient_birth_date) or "", warnings)
+    subject: dict[str, Any] = {"reference": patient_url(study_uid)}
+    if identifier is not None:
+        subject["identifier"] = identifier
+    endpoint_data = endpoint_json(options.dicomweb_url) if options.dicomweb_url else None
+    endpoint_ref = endpoint_url(endpoint_address(options.dicomweb_url)) if options.dicomweb_url else None
+    study_data = imaging_study_json(study_uid, series, options, subject=subject,
+                                    endpoint_reference=endpoint_ref, warnings=warnings)
+    return StudyResources(
+        study_uid=study_uid,
+        patient=_validated(Patient, patient_data, study_uid),
+        imaging_study=_validated(ImagingStudy, study_data, study_uid),
+        endpoint=_validated(Endpoint, endpoint_data, study_uid) if endpoint_data else None,
+        warnings=_unique(warnings),
+    )
+
+
+def convert_datasets(datasets: Iterable[InstanceHeader | Dataset],
+                     options: MappingOptions = MappingOptions()) -> dict[str, StudyResources]:
+    """Any number of instances (pydicom Datasets or InstanceHeaders) → StudyResources per
+    StudyInstanceUID, in first-seen order.
+
+    Raises MappingError when an instance lacks a required UID and PatientMismatchError when
+    one study's instances disagree on PatientID (use convert_study per study to handle them
+    one by one).
+    """
+    by_study: dict[str, list[InstanceHeader]] = {}
+    for instance in datasets:
+        header = as_header(instance)
+        by_study.setdefault(header.study_uid, []).append(header)
+    return {uid: convert_study(headers, options) for uid, headers in by_study.items()}
