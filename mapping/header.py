@@ -8,11 +8,14 @@ patient's name or ID).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag
+from pydicom.charset import python_encoding
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
@@ -20,6 +23,8 @@ from pydicom.tag import Tag
 from mapping.codes import CodedValue
 from mapping.errors import MappingError
 from mapping.names import PersonName
+
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # a UID must also be a valid FHIR id (series/instance uid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +103,13 @@ class InstanceHeader:
             patient_id=r.text(0x00100020),
             issuer_of_patient_id=r.text(0x00100021),
             patient_name=r.person(0x00100010),
-            patient_sex=r.text(0x00100040),
-            patient_birth_date=r.text(0x00100030),
+            patient_sex=r.code_string(0x00100040),
+            patient_birth_date=r.code_string(0x00100030),
             accession_number=r.text(0x00080050),
             accession_issuer=r.first_item(0x00080051, _issuer),
-            study_date=r.text(0x00080020),
-            study_time=r.text(0x00080030),
-            timezone_offset=r.text(0x00080201),
+            study_date=r.code_string(0x00080020),
+            study_time=r.code_string(0x00080030),
+            timezone_offset=r.code_string(0x00080201),
             study_description=r.text(0x00081030),
             referring_physician=r.person(0x00080090),
             reading_physicians=r.people(0x00081060),
@@ -113,30 +118,54 @@ class InstanceHeader:
             reason_text=r.text(0x00401002),
             institution_name=r.text(0x00080080),
             department_name=r.text(0x00081040),
-            modality=r.text(0x00080060),
+            modality=r.code_string(0x00080060),
             series_number=r.integer(0x00200011),
             series_description=r.text(0x0008103E),
-            body_part=r.text(0x00180015),
-            laterality=r.text(0x00200060),
-            image_laterality=r.text(0x00200062),
-            series_date=r.text(0x00080021),
-            series_time=r.text(0x00080031),
+            body_part=r.code_string(0x00180015),
+            laterality=r.code_string(0x00200060),
+            image_laterality=r.code_string(0x00200062),
+            series_date=r.code_string(0x00080021),
+            series_time=r.code_string(0x00080031),
             instance_number=r.integer(0x00200013),
             concept_name=r.first_item(0x0040A043, _code),
-            document_title=r.text(0x00420010),
+            document_title=r.text(0x00420010, multi=False),
             image_type=r.texts(0x00080008),
             warnings=tuple(r.warnings),
         )
 
 
+# Character sets whose bytes can be decoded directly (no ISO 2022 code extensions, and a
+# backslash byte is always the value separator): the common case, decoded without pydicom's
+# per-element conversion machinery, which costs more than reading the file.
+_DIRECT_CHARSETS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 192": "utf_8"}
+_DIRECT_CHARSETS.update({term: codec for term, codec in python_encoding.items()
+                         if term.startswith("ISO_IR") and term not in ("ISO_IR 13", "ISO_IR 6")})
+
+
 class _Reader:
     """Reads elements of one dataset, turning any failure into a warning about that tag."""
 
-    __slots__ = ("ds", "warnings")
+    __slots__ = ("ds", "warnings", "codec")
 
     def __init__(self, ds: Dataset) -> None:
         self.ds = ds
         self.warnings: list[str] = []
+        self.codec: str | None = None  # None: let pydicom decode text with its character set
+        try:
+            charset = ds.get_item(0x00080005)
+            if charset is None:
+                self.codec = "latin_1"
+            else:
+                value = charset.value  # pydicom usually converted it already, to decode text
+                if isinstance(value, bytes):
+                    value = value.decode("latin_1").split("\\")
+                elif isinstance(value, str):
+                    value = [value]
+                terms = [str(v).strip(" \0") for v in value or [""]]
+                if len(terms) == 1:
+                    self.codec = _DIRECT_CHARSETS.get(terms[0])
+        except Exception:
+            self.codec = None
 
     def _value(self, tag: int) -> Any:
         try:
@@ -146,67 +175,84 @@ class _Reader:
             self._warn(tag, f"unreadable value ({type(exc).__name__})")
             return None
 
+    def _strings(self, tag: int, *, encoded: bool = True, multi: bool = False) -> tuple[str, ...] | None:
+        """The values of a string element (None when absent), decoded directly when possible."""
+        try:
+            element = self.ds.get_item(tag)
+            if element is None:
+                return None
+            if isinstance(element, RawDataElement) and element.value is not None and (self.codec or not encoded):
+                text = element.value.decode(self.codec if encoded else "latin_1", errors="replace")
+                return tuple(v.strip(" \0\t\r\n") for v in (text.split("\\") if multi else [text]))
+        except Exception:
+            pass  # the slow path below reports the problem
+        value = self._value(tag)
+        if value is None:
+            return None
+        try:
+            if isinstance(value, (list, MultiValue)):
+                return tuple(_one(v).strip() for v in value)
+            return (_one(value).strip(),)
+        except Exception as exc:
+            self._warn(tag, f"unusable value ({type(exc).__name__})")
+            return None
+
     def _warn(self, tag: int, problem: str) -> None:
         self.warnings.append(f"{_name(tag)}: {problem}, dropped")
 
     def uid(self, tag: int, keyword: str, sop_instance_uid: str) -> str:
-        value = self._value(tag)
-        text = _one(value).strip().rstrip("\0") if value is not None else ""
+        values = self._strings(tag, encoded=False, multi=True)
+        text = values[0] if values else ""
         if not text:
             where = f" in instance {sop_instance_uid}" if sop_instance_uid else ""
-            state = "missing" if value is None else "empty"
+            state = "missing" if values is None else "empty"
             raise MappingError(f"{_name(tag)} is {state}{where}: required to map the instance")
+        if not _FHIR_ID.fullmatch(text):
+            where = f" in instance {sop_instance_uid}" if sop_instance_uid else ""
+            raise MappingError(f"{_name(tag)} is not a valid UID{where}: required to map the instance")
         return text
 
-    def text(self, tag: int) -> str:
-        value = self._value(tag)
-        if value is None:
-            return ""
-        try:
-            return _one(value).strip()
-        except Exception as exc:
-            self._warn(tag, f"unusable value ({type(exc).__name__})")
-            return ""
+    def text(self, tag: int, *, encoded: bool = True, multi: bool = True) -> str:
+        """A single-valued text (the first value when a sender sent several)."""
+        values = self._strings(tag, encoded=encoded, multi=multi)
+        return values[0] if values else ""
+
+    def code_string(self, tag: int) -> str:
+        """CS, DA, TM, UI, IS: ASCII by definition, whatever the character set."""
+        return self.text(tag, encoded=False)
 
     def texts(self, tag: int) -> tuple[str, ...]:
-        value = self._value(tag)
-        if value is None or value == "":
-            return ()
-        try:
-            values = value if isinstance(value, (list, MultiValue)) else [value]
-            return tuple(str(v).strip() for v in values)
-        except Exception as exc:
-            self._warn(tag, f"unusable value ({type(exc).__name__})")
-            return ()
+        values = self._strings(tag, multi=True)
+        return values if values and any(values) else ()
 
     def integer(self, tag: int) -> int | None:
-        value = self._value(tag)
-        if value is None or value == "":
+        values = self._strings(tag, encoded=False, multi=True)
+        if not values or not values[0]:
             return None
         try:
-            if isinstance(value, (list, MultiValue)):
-                value = value[0]
-            number = float(value)
+            number = float(values[0])
             if number != int(number):
                 raise ValueError("not an integer")
             return int(number)
-        except Exception:
+        except (ValueError, OverflowError):
             self._warn(tag, "not an integer")
             return None
 
     def person(self, tag: int) -> PersonName | None:
-        value = self._value(tag)
-        if value is None or value == "":
-            return None
-        try:
-            if isinstance(value, (list, MultiValue)):
-                value = value[0] if len(value) else ""
-            return _person(value)
-        except Exception as exc:
-            self._warn(tag, f"unusable name ({type(exc).__name__})")
-            return None
+        names = self.people(tag)
+        return names[0] if names else None
 
     def people(self, tag: int) -> tuple[PersonName, ...]:
+        try:
+            element = self.ds.get_item(tag)
+            if element is None:
+                return ()
+            if isinstance(element, RawDataElement) and element.value is not None and self.codec:
+                text = element.value.decode(self.codec, errors="replace")
+                names = (PersonName.from_text(v.strip(" \0")) for v in text.split("\\"))
+                return tuple(n for n in names if n)
+        except Exception:
+            pass  # the slow path below reports the problem
         value = self._value(tag)
         if value is None or value == "":
             return ()

@@ -178,8 +178,8 @@ def _read_instance(path: Path) -> tuple[str, str, InstanceHeader]:
         # The message may quote a value (a name, an ID): only its type goes above DEBUG.
         log.debug("mapping %s failed", path, exc_info=True)
         raise UnusableFileError(path, UNMAPPABLE, f"{type(exc).__name__}; details with -d") from exc
-    # from_dataset checked both UIDs are present (and pydicom has them decoded by now).
-    return str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), header
+    # from_dataset checked both UIDs are present and valid.
+    return header.study_uid, header.sop_instance_uid, header
 
 
 def _parse(fp: BinaryIO, path: Path) -> Dataset:
