@@ -174,11 +174,14 @@ class FhirEngine:
         return [(e["method"], e["path"], e["status"]) for e in self.stats()["log"]]
 
     def fault(self, count: int = 1, status: int = 503, *, retry_after: str | int | None = None,
-              mode: str = "status", path: str | None = None) -> None:
-        """The next ``count`` FHIR requests (whose path contains ``path``) fail this way:
+              mode: str = "status", method: str | None = None, path: str | None = None) -> None:
+        """The next ``count`` FHIR requests (with ``method``, whose path contains ``path``) fail:
         mode "status" answers ``status`` (with Retry-After when given), "hang" never answers,
-        "close" drops the connection."""
+        "close" drops the connection, "lose-reply" lets the engine process the request and then
+        drops the connection unanswered (a reply lost on the way)."""
         body: dict[str, Any] = {"count": count, "status": status, "mode": mode}
+        if method is not None:
+            body["method"] = method
         if retry_after is not None:
             body["retryAfter"] = str(retry_after)
         if path is not None:

@@ -102,3 +102,18 @@ def test_faults_hit_the_next_requests_only(fhir_engine):
     assert [a.status_code for a in answers] == [429, 429, 200]
     assert answers[0].headers["Retry-After"] == "7"
     assert fhir_engine.stats()["requests"] == 3
+
+
+def test_what_the_specification_forbids_but_medplum_lets_through_is_refused_too(fhir_engine):
+    base = {"resourceType": "ImagingStudy", "status": "available", "subject": {"display": "x"}}
+    refused = {
+        "started": {"started": "2005-09-06T10:15:00"},  # a time needs a zone
+        "description": {"description": ""},  # empty string
+        "identifier": {"identifier": []},  # empty array
+        "modality[0]": {"modality": [{"system": "DCM", "code": "CT"}]},  # not an absolute URI
+    }
+    for where, patch in refused.items():
+        response = post(fhir_engine, "ImagingStudy", base | patch)
+        assert response.status_code == 400, where
+        assert response.json()["issue"][0]["expression"] == [f"ImagingStudy.{where}"]
+    assert post(fhir_engine, "ImagingStudy", base | {"started": "2005-09-06T10:15:00.5-05:00"}).status_code == 201

