@@ -18,6 +18,7 @@ from pydicom.charset import python_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 
 from mapping.codes import CodedValue
@@ -268,7 +269,7 @@ class _Reader:
         value = self._value(tag)
         if value is None:
             return []
-        if not isinstance(value, (list, MultiValue)) or not all(isinstance(i, Dataset) for i in value):
+        if not isinstance(value, (DicomSequence, list)) or not all(isinstance(i, Dataset) for i in value):
             self._warn(tag, "not a sequence")
             return []
         return list(value)
