@@ -21,6 +21,7 @@ part is never merged into a study whose patient identifier differs from ours
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -74,24 +75,26 @@ class FhirSink:
         uid = resources.study_uid
         stats = RequestStats()
         started = self._clock()
-        bundle = render(resources, "bundle")
+        # Rendered only when needed: a resend or a plain merge never sends the Bundle.
+        bundle = functools.cache(lambda: render(resources, "bundle"))
         try:
             outcome = self._deliver(uid, resources, bundle, stats)
         except DeliveryRejected as exc:
-            exc.documents.setdefault("bundle.json", _json_bytes(bundle))
+            exc.documents.setdefault("bundle.json", _json_bytes(bundle()))
             raise
         elapsed = self._clock() - started
         log.info("study %s: %s %s at %s (%d requests, %d bytes sent, %.2f s)", uid, outcome.action,
                  outcome.reference, self.client.shown_base, stats.requests, stats.bytes_sent, elapsed)
         return f"{outcome.reference} {outcome.action} at {self.client.shown_base} ({stats.requests} requests)"
 
-    def _deliver(self, uid: str, resources: StudyResources, bundle: dict[str, Any], stats: RequestStats) -> Outcome:
+    def _deliver(self, uid: str, resources: StudyResources, bundle: Callable[[], dict[str, Any]],
+                 stats: RequestStats) -> Outcome:
         context = f"study {uid}"
         existing = self._find(uid, context, stats)
         if existing is None:
-            reply = self.client.request("POST", "", body=bundle, headers={"Prefer": "return=minimal"},
+            reply = self.client.request("POST", "", body=bundle(), headers={"Prefer": "return=minimal"},
                                         expect=(200,), context=context, stats=stats)
-            status, reference = _imaging_study_result(bundle, reply.body, context)
+            status, reference = _imaging_study_result(bundle(), reply.body, context)
             if status == 201:
                 return Outcome("created", reference)
             # ifNoneExist matched a study another sender created after our search:
@@ -114,7 +117,7 @@ class FhirSink:
         resource = _resource_of(reply, "ImagingStudy", context)
         return ServerStudy(study.id, _version(resource, reply), resource, study.patients)
 
-    def _merge_into(self, study: ServerStudy, resources: StudyResources, bundle: dict[str, Any],
+    def _merge_into(self, study: ServerStudy, resources: StudyResources, bundle: Callable[[], dict[str, Any]],
                     context: str, stats: RequestStats) -> Outcome:
         reference = f"ImagingStudy/{study.id}"
         for _ in range(MAX_CONFLICTS):
@@ -127,9 +130,9 @@ class FhirSink:
             body = _model_json(merged)
             body["id"] = study.id
             body = keep_server_references(body, study.resource)
-            if canonical(body) == canonical(_model_json(current) | {"id": study.id}):
+            if unchanged(body, study.resource, current):
                 return Outcome("unchanged", reference)
-            request = update_request(body, study, bundle)
+            request = update_request(body, study, bundle()) if _local_references(body) else None
             if request is None:
                 reply = self.client.request("PUT", reference, body=body, headers=_if_match(study.version),
                                             expect=(200, 201, 412), context=context, stats=stats)
@@ -147,6 +150,17 @@ class FhirSink:
 
 
 # --- pure helpers -----------------------------------------------------------------------------
+
+def unchanged(body: dict[str, Any], server: dict[str, Any], current: ImagingStudy) -> bool:
+    """True when the merged study says nothing the server's does not.
+
+    Compared with the server's JSON first (the common case, and cheap); a server that writes
+    the same values differently (another key order is fine, another date format is not) is
+    compared through the same model as the merge result instead.
+    """
+    ours = canonical(body)
+    return ours == canonical(server) or ours == canonical(_model_json(current) | {"id": body.get("id")})
+
 
 def canonical(resource: dict[str, Any]) -> str:
     """The resource as compared for "unchanged": meta (version, timestamps) ignored."""
@@ -355,6 +369,10 @@ def update_request(body: dict[str, Any], study: ServerStudy, bundle: dict[str, A
     if study.version:
         put["request"]["ifMatch"] = f'W/"{study.version}"'
     return {"resourceType": "Bundle", "type": "transaction", "entry": [*entries, put]}
+
+
+def _local_references(body: dict[str, Any]) -> bool:
+    return any(_is_local(reference) for reference in _references(body))
 
 
 def _references(body: dict[str, Any]) -> list[str]:
