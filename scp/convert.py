@@ -295,7 +295,7 @@ def convert_files(files: Iterable[Path], options: MappingOptions = MappingOption
         instances[sop_uid] = header
     for study_uid, instances in by_study.items():
         try:
-            report.studies[study_uid] = convert_study(instances.values(), options)
+            resources = report.studies[study_uid] = convert_study(instances.values(), options)
         except PatientMismatchError as exc:
             # The exception text may hold patient IDs: keep it out of INFO/WARNING logs.
             log.warning("study %s not converted: its %d instance(s) disagree on PatientID",
@@ -305,6 +305,9 @@ def convert_files(files: Iterable[Path], options: MappingOptions = MappingOption
         except MappingError as exc:
             log.warning("study %s not converted: %s", study_uid, exc)
             report.rejected[study_uid] = "cannot be mapped"
+        else:
+            for warning in resources.warnings:  # values dropped or replaced; never patient values
+                log.warning("study %s: %s", study_uid, warning)
     return report
 
 

@@ -213,3 +213,17 @@ def test_an_existing_output_file_of_another_patient_is_not_overwritten(tmp_path)
     write_studies(report, tmp_path / "out")
     assert (tmp_path / "out" / f"{study.study_uid}.json").read_text() == before
     assert report.rejected == {study.study_uid: "output file holds another patient"}
+
+
+def test_values_dropped_by_the_mapping_are_logged_per_study_without_patient_values(tmp_path, caplog):
+    study = generate_study(tmp_path, 2, 1, patient_id="PID-SECRET-7")
+    for path in study.files:
+        ds = pydicom.dcmread(path)
+        ds.PatientSex = "XQ"  # non-standard
+        ds.save_as(path)
+    with caplog.at_level("WARNING", logger="scp.convert"):
+        report = convert_folder(tmp_path)
+    assert report.studies[study.study_uid].patient.gender == "unknown"
+    lines = [r.getMessage() for r in caplog.records if "PatientSex" in r.getMessage()]
+    assert lines == [f"study {study.study_uid}: PatientSex (0010,0040): non-standard value, gender set to unknown"]
+    assert "PID-SECRET-7" not in caplog.text
