@@ -17,7 +17,7 @@ from fhir.resources.R4B.patient import Patient
 
 from mapping.errors import MappingError, PatientMismatchError
 from mapping.shapes import model_json
-from mapping.study import StudyResources, _sort_key, endpoint_url
+from mapping.study import StudyResources, endpoint_url, sort_key
 
 Key = Callable[[dict[str, Any]], Any]
 
@@ -87,7 +87,7 @@ def _merge_instances(existing: list[dict[str, Any]], new: list[dict[str, Any]]) 
     for instance in new:
         uid = instance.get("uid")
         by_uid[uid] = merge_elements(by_uid[uid], instance) if uid in by_uid else instance
-    return sorted(by_uid.values(), key=lambda i: _sort_key(i.get("number"), i.get("uid") or ""))
+    return sorted(by_uid.values(), key=lambda i: sort_key(i.get("number"), i.get("uid") or ""))
 
 
 def _merge_series(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -103,7 +103,7 @@ def _merge_series(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> 
         if series.get("instance") is not None:
             series = {**series, "numberOfInstances": len(series["instance"])}
         merged.append(series)
-    return sorted(merged, key=lambda s: _sort_key(s.get("number"), s.get("uid") or ""))
+    return sorted(merged, key=lambda s: sort_key(s.get("number"), s.get("uid") or ""))
 
 
 def _identifier_pairs(identifiers: list[dict[str, Any]]) -> set[tuple[str | None, str]]:

@@ -63,7 +63,7 @@ def as_header(instance: InstanceHeader | Dataset) -> InstanceHeader:
     raise TypeError(f"instances: expected InstanceHeader or pydicom Dataset items, got {type(instance).__name__}")
 
 
-def _sort_key(number: int | None, uid: str) -> tuple[bool, int, tuple[int, ...] | tuple[()], str]:
+def sort_key(number: int | None, uid: str) -> tuple[bool, int, tuple[int, ...] | tuple[()], str]:
     # Numbers first (absent last), then the UID compared numerically component by component.
     return number is None, number or 0, _uid_key(uid), uid
 
@@ -80,9 +80,9 @@ def canonical_series(headers: Iterable[InstanceHeader]) -> list[list[InstanceHea
     by_series: dict[str, list[InstanceHeader]] = {}
     for header in headers:
         by_series.setdefault(header.series_uid, []).append(header)
-    series = [sorted(group, key=lambda h: _sort_key(h.instance_number, h.sop_instance_uid))
+    series = [sorted(group, key=lambda h: sort_key(h.instance_number, h.sop_instance_uid))
               for group in by_series.values()]
-    return sorted(series, key=lambda s: _sort_key(_series_number(s), s[0].series_uid))
+    return sorted(series, key=lambda s: sort_key(_series_number(s), s[0].series_uid))
 
 
 def _series_number(series: list[InstanceHeader]) -> int | None:

@@ -7,6 +7,10 @@ import pytest
 from mapping.datetimes import Zone, combine, fhir_date, parse_offset
 from tests.mapping_cases import CT_SMALL, instance, read, study_of
 
+# Several cases set invalid values on purpose; pydicom warns about them when they are set.
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning",
+                                        "ignore:The value length:UserWarning")
+
 
 def started(date: str | None, time: str | None, offset: str | None = None, zone: str | None = None):
     warnings: list[str] = []

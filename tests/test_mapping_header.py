@@ -11,6 +11,10 @@ from pydicom.tag import Tag
 from mapping import InstanceHeader, MappingError
 from tests.mapping_cases import CT_SMALL, charset_file, convert, instance, read, reread
 
+# Several cases set invalid values on purpose; pydicom warns about them when they are set.
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning",
+                                        "ignore:The value length:UserWarning")
+
 REQUIRED = [("StudyInstanceUID", "(0020,000D)"), ("SeriesInstanceUID", "(0020,000E)"),
             ("SOPInstanceUID", "(0008,0018)"), ("SOPClassUID", "(0008,0016)")]
 

@@ -13,6 +13,10 @@ from mapping import (InstanceHeader, MappingError, MultipleStudiesError, Patient
 from tests.mapping_cases import (CR_STUDY, CT_STUDY, SR_FILE, STUDY, as_json, code_item, convert, dicomdir_instances,
                                  instance, read, reread, study_of)
 
+# Several cases set invalid values on purpose; pydicom warns about them when they are set.
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning",
+                                        "ignore:The value length:UserWarning")
+
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 SCT = "http://snomed.info/sct"
 

@@ -7,6 +7,10 @@ import pytest
 from mapping.names import EN_REPRESENTATION, PersonName, display_name, human_names
 from tests.mapping_cases import charset_file, convert, instance, patient_of, read, reread
 
+# Several cases set invalid values on purpose; pydicom warns about them when they are set.
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning",
+                                        "ignore:The value length:UserWarning")
+
 MR = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
 
 
@@ -36,6 +40,7 @@ def test_ideographic_and_phonetic_groups_become_extra_names_with_the_representat
 
 @pytest.mark.parametrize("name,family", [("chrFren.dcm", "Buc"), ("chrGerm.dcm", "Äneas"),
                                          ("chrH32.dcm", "ﾔﾏﾀﾞ"), ("chrX1.dcm", "Wang")])
+
 def test_names_are_decoded_with_the_specific_character_set(name, family):
     assert patient_of(read(charset_file(name)))["name"][0]["family"] == family
 
