@@ -1,13 +1,115 @@
-"""(not implemented yet)"""
+"""Send dead-lettered studies again, once the cause is fixed.
+
+A study is set aside in the dead-letter folder when a sink refused it for good (the
+FHIR server answered 4xx: an invalid resource, wrong credentials, a duplicate master
+record...) or its instances disagree on PatientID. Its folder holds reason.txt and
+the server's answer (outcome.json) next to the Bundle that was sent (bundle.json);
+`dicom-fhir-scp status` lists them.
+
+Fix the cause (the configuration, the server's data, the sender's data), then run
+this command: each study named (or every one, with --all) is converted again from its
+kept instance headers with the current configuration and delivered to every sink of
+the configuration (the disk sink and the FHIR server, as the node does; delivering a
+study a sink already holds changes nothing there). A delivered study leaves the
+dead-letter folder and is recorded in the spool's deliveries.jsonl; a study still
+refused keeps its folder, with the new reason and documents; a study the server could
+not take right now (down, 5xx, 429) is kept unchanged.
+
+With --requeue the instances go back into the spool instead, and the node delivers
+them when it next starts (use this while the node is stopped, to let it retry with
+backoff itself).
+
+Studies are named by StudyInstanceUID; no patient names or IDs are printed.
+
+Exit status: 0 when every study named was delivered (or requeued), 1 when one was not,
+2 on a configuration error or an unknown study UID.
+
+examples:
+  dicom-fhir-scp retry --config /etc/dicom-fhir-scp/dicom-fhir-scp.toml --all
+  dicom-fhir-scp retry -c node.toml 1.2.840.113619.2.55.3.604688119.971.1268753371.23
+  dicom-fhir-scp retry --dead-letter-dir /var/lib/dicom-fhir-scp/dead-letter --fhir-url https://fhir.example/r4 --all
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("scp.commands.retry")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("studies", nargs="*", metavar="UID", help="StudyInstanceUID of a dead-lettered study")
+    parser.add_argument("--all", action="store_true", help="every study in the dead-letter folder, oldest first")
+    parser.add_argument("-c", "--config", metavar="FILE", type=Path,
+                        help="TOML configuration (the node's: sinks, mapping options, folders)")
+    parser.add_argument("--dead-letter-dir", metavar="DIR", type=Path,
+                        help="dead-letter folder (default: node.dead_letter_dir, ./dead-letter)")
+    parser.add_argument("--spool-dir", metavar="DIR", type=Path,
+                        help="spool folder, for deliveries.jsonl and --requeue (default: node.spool_dir, ./spool)")
+    parser.add_argument("-od", "--output-dir", metavar="DIR", type=Path,
+                        help="disk sink folder (default: node.output_dir, ./fhir-output)")
+    parser.add_argument("--fhir-url", metavar="URL", help="FHIR R4 server (overrides [fhir] url)")
+    parser.add_argument("--requeue", action="store_true",
+                        help="move the instances back into the spool for the node's next start instead")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("dicom-fhir-scp retry: not implemented yet")
+    from mapping.errors import ConfigurationError
+    from scp.config import load_config, override
+    from scp.dead_letter import DeadLetterBox
+    from scp.delivery import DELIVERIES, Journal, redeliver
+    from scp.errors import DeliveryRejected, DeliveryRetryable
+    from scp.node import default_sinks
+    from scp.spool import FileSpool
+
+    if bool(args.studies) == bool(args.all):
+        raise ConfigurationError("retry: name the studies (StudyInstanceUID ...) or give --all, not both")
+    config = override(load_config(args.config), "node", dead_letter_dir=args.dead_letter_dir,
+                      spool_dir=args.spool_dir, output_dir=args.output_dir)
+    config = override(config, "fhir", url=args.fhir_url)
+    box = DeadLetterBox(config.node.dead_letter_dir)
+    uids = [letter.study_uid for letter in box.list()] if args.all else list(dict.fromkeys(args.studies))
+    for uid in uids:
+        try:
+            if not box.contains(uid):
+                raise KeyError(uid)
+        except (KeyError, ValueError):
+            raise ConfigurationError(f"retry: study {uid} is not in the dead-letter folder "
+                                     f"{config.node.dead_letter_dir}") from None
+    if not uids:
+        print(f"no dead-lettered studies in {config.node.dead_letter_dir}")
+        return 0
+
+    spool_dir = Path(config.node.spool_dir)
+    if args.requeue:
+        spool = FileSpool(spool_dir)
+        for uid in uids:
+            moved = box.requeue(uid, spool)
+            print(f"study {uid}: {moved} instance(s) back in the spool {spool_dir}; delivered when the node starts")
+        return 0
+
+    sinks = default_sinks(config)
+    if not sinks:
+        raise ConfigurationError("retry: no sink configured (set node.output_dir or fhir.url, or --fhir-url)")
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(spool_dir / DELIVERIES)
+    failed = 0
+    for uid in uids:
+        try:
+            report = redeliver(uid, sinks, config.mapping, dead_letters=box, journal=journal)
+        except DeliveryRejected as exc:
+            failed += 1
+            print(f"study {uid}: still refused, kept in {box.folder(uid)}: {exc}")
+        except DeliveryRetryable as exc:
+            failed += 1
+            print(f"study {uid}: not delivered now, kept in {box.folder(uid)} (try again later): {exc}")
+        else:
+            where = "; ".join(f"{name}: {result}" for name, result in report.sinks.items())
+            print(f"study {uid}: delivered, {report.instances} instance(s) in {report.series} series -> {where}")
+        sys.stdout.flush()
+    if len(uids) > 1:
+        print(f"{len(uids) - failed} of {len(uids)} study(ies) delivered")
+    return 1 if failed else 0
