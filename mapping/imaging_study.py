@@ -65,8 +65,10 @@ def accession_identifier(headers: Sequence[InstanceHeader], options: MappingOpti
             system = issuer.universal
         elif issuer.universal_type.upper() == "UUID":
             system = "urn:uuid:" + issuer.universal.lower()
+    if system and any(c.isspace() for c in system):
+        system = None  # not a URI; FHIR would reject the whole resource
     system = system or options.accession_system
-    if system and not any(c.isspace() for c in system):
+    if system:
         identifier["system"] = system
     identifier["value"] = number
     return identifier

@@ -98,3 +98,9 @@ def test_modality_codes_use_the_dcm_system():
 
 def test_resources_identify_the_study_by_its_uid():
     assert convert(instance()).study_uid == STUDY
+
+
+def test_an_accession_issuer_that_is_no_uri_falls_back_to_the_configured_system():
+    study = study_of(instance(AccessionNumber="A-1", IssuerOfAccessionNumberSequence=[
+        issuer(LocalNamespaceEntityID="General Hospital RIS")]), accession_system="urn:configured")
+    assert study["identifier"][1]["system"] == "urn:configured"
