@@ -477,3 +477,22 @@ def test_every_study_in_the_real_test_files_is_accepted_by_the_validating_engine
             refused.append(f"{uid}: {exc}")
     assert not refused, "\n".join(refused)
     assert len(fhir_engine.resources("ImagingStudy")) >= 20
+
+
+@pytest.mark.xfail(strict=True, raises=DeliveryRejected, reason="mapping copies C0 control characters into FHIR strings and codes; "
+                                       "FHIR (Medplum, HAPI, this engine) refuses them, so the study is dead-lettered")
+@pytest.mark.parametrize("keyword, value", [
+    ("StudyDescription", "Head\x01CT"),  # -> ImagingStudy.description
+    ("PatientID", "12\x0734"),  # -> Patient.identifier.value
+    ("AccessionNumber", "A\x1f1"),  # -> ImagingStudy.identifier.value
+    ("PatientName", "Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B"),  # ISO 2022 escapes, no SpecificCharacterSet
+    ("ImageType", ["ORIGINAL\x00X", "PRIMARY"]),  # -> instance.title
+    ("Modality", "C\x0bT"),  # -> a code: "Invalid code format"
+])
+def test_text_with_control_characters_is_still_accepted(fhir_engine, template, keyword, value):
+    ds = Study(template).datasets(1)[0]
+    setattr(ds, keyword, value)
+
+    sink_for(fhir_engine).deliver(convert_study([ds], OPTIONS))
+
+    assert len(fhir_engine.resources("ImagingStudy")) == 1

