@@ -1,0 +1,92 @@
+"""The node assembled: server → spool → completion timer → delivery worker → sinks.
+
+    node = Node(config)            # sinks from the config: disk (node.output_dir), FHIR ([fhir] url)
+    host, port = node.start()      # resumes studies found in the spool
+    ...
+    node.stop()                    # stop listening, finish the instance in flight, keep the spool
+
+Everything a test wants to replace is a parameter: the sinks, the clock, the metrics,
+the completion callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from scp.completion import CompletionTracker
+from scp.config import Config
+from scp.dead_letter import DeadLetterBox
+from scp.delivery import DELIVERIES, DeliveryWorker, Journal
+from scp.server import StorageServer, StoreHandler
+from scp.sinks import Sink
+from scp.spool import FileSpool
+
+log = logging.getLogger("scp.node")
+
+
+def default_sinks(config: Config) -> list[Sink]:
+    """The disk sink when node.output_dir is set, the FHIR sink when fhir.url is set (both may be)."""
+    sinks: list[Sink] = []
+    if config.node.output_dir is not None:
+        from scp.disk_sink import DiskSink
+        sinks.append(DiskSink(config.node.output_dir, config.node.shape))
+    if config.fhir.url:
+        from scp.fhir_sink import FhirSink
+        sinks.append(FhirSink(config.fhir, config.mapping))
+    return sinks
+
+
+class Node:
+    def __init__(self, config: Config, *, sinks: Sequence[Sink] | None = None,
+                 clock: Callable[[], float] = time.monotonic, metrics=None,
+                 on_complete: Callable[[str, frozenset[str]], None] | None = None) -> None:
+        self.config = config
+        node = config.node
+        self.metrics = metrics
+        self.spool = FileSpool(node.spool_dir)
+        self.archive = FileSpool(node.archive_dir) if node.archive_dir is not None else None
+        self.dead_letters = DeadLetterBox(node.dead_letter_dir)
+        self.sinks = list(default_sinks(config) if sinks is None else sinks)
+        self.tracker = CompletionTracker(node.idle_timeout, on_complete or self._completed, clock=clock)
+        self.delivery = DeliveryWorker(self.spool, self.sinks, config.mapping, dead_letters=self.dead_letters,
+                                       journal=Journal(Path(node.spool_dir) / DELIVERIES),
+                                       max_backoff=config.fhir.max_backoff, clock=clock, metrics=metrics,
+                                       waiting=lambda: (self.tracker.quiet_for(), self.tracker.waiting_parts()))
+        self.handler = StoreHandler(self.spool, self.tracker.arrived, archive=self.archive, metrics=metrics)
+        self.server = StorageServer(node, config.security, self.handler)
+
+    def _completed(self, study_uid: str, sop_uids: frozenset[str]) -> None:
+        log.info("study %s complete: %d instance(s) received since its last completion; delivering",
+                 study_uid, len(sop_uids))
+        if self.metrics is not None:
+            self.metrics.inc("studies_completed")
+        self.delivery.submit(study_uid, sop_uids)
+
+    def start(self) -> tuple[str, int]:
+        waiting = self.spool.studies()
+        if waiting:
+            log.info("resuming %d study(ies) found in the spool (%d instance(s)); they complete in %g s",
+                     len(waiting), sum(map(len, waiting.values())), self.config.node.idle_timeout)
+        self.tracker.resume(waiting)
+        self.delivery.start()
+        self.tracker.start()
+        where = self.server.start()
+        names = ", ".join(s.name for s in self.sinks) or "none"
+        log.info("node %s ready: spool %s, idle timeout %g s, sinks: %s", self.config.node.ae_title,
+                 self.config.node.spool_dir, self.config.node.idle_timeout, names)
+        return where
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Graceful: no new associations, the instance in flight finishes, the spool is kept."""
+        self.server.stop(grace)
+        self.tracker.stop()
+        self.delivery.stop(timeout=grace)
+        waiting = self.spool.depth()
+        log.info("stopped; %d study(ies) wait in the spool %s", waiting, self.config.node.spool_dir)

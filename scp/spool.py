@@ -1,0 +1,255 @@
+"""Durable per-study store of received instance headers.
+
+Layout (the contract in scp/__init__.py, read by `status` and `retry` too)::
+
+    <root>/<StudyInstanceUID>/<SOPInstanceUID>.dcm
+
+One header-only DICOM Part 10 file per instance, written to a hidden temporary
+name, fsync'ed, renamed into place. `store` returns only when the file and the
+rename are on disk, so the C-STORE success status can follow.
+
+Removal is exact: `remove` deletes a file only when it is still the version
+that was read for delivery (same inode), so an instance received again while
+its study was being delivered survives for the next completion.
+
+Two implementations share the interface (`Spool`): `FileSpool` (the node) and
+`MemorySpool` (tests of the layers above).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol
+
+log = logging.getLogger("scp.spool")
+
+SUFFIX = ".dcm"
+CORRUPT_SUFFIX = ".corrupt"
+_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
+
+
+def is_safe_uid(uid: str) -> bool:
+    """A UID usable as a file name: digits and dots, at most 64 characters (PS3.5 9.1)."""
+    return bool(_UID.match(uid)) and ".." not in uid
+
+
+@dataclass(frozen=True)
+class SpooledInstance:
+    """One spooled instance as read for delivery: its bytes and which file version they came from."""
+
+    sop_uid: str
+    data: bytes
+    version: tuple[int, int]  # (st_ino, st_mtime_ns) of the file read
+
+
+class Spool(Protocol):
+    def store(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> None: ...
+    def studies(self) -> dict[str, set[str]]: ...
+    def read(self, study_uid: str, sop_uids: Iterable[str]) -> Iterable[SpooledInstance]: ...
+    def remove(self, study_uid: str, versions: dict[str, tuple[int, int]],
+               move_to: Path | None = None) -> int: ...
+    def depth(self) -> int: ...
+
+
+class FileSpool:
+    """The node's spool on disk (see the module docstring)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Serialises "rename into place" against "is this still the delivered version? unlink":
+        # without it a resend landing between the check and the unlink would be lost.
+        self._lock = threading.Lock()
+
+    def path(self, study_uid: str, sop_uid: str) -> Path:
+        return self.root / study_uid / f"{sop_uid}{SUFFIX}"
+
+    def store(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> None:
+        """Write one instance's file durably (temp file, fdatasync, rename, folder fsync).
+
+        Raises ValueError for a UID that is not safe as a file name, OSError when the
+        disk refuses (the caller answers "out of resources").
+        """
+        if not is_safe_uid(study_uid) or not is_safe_uid(sop_uid):
+            raise ValueError(f"not a valid UID for a spool file name: study {study_uid!r}, instance {sop_uid!r}")
+        folder = self.root / study_uid
+        tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"
+        fd = self._open_temp(folder, tmp)
+        try:
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            with self._lock:
+                os.replace(tmp, folder / f"{sop_uid}{SUFFIX}")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_folder(folder)  # the rename is durable only once the folder is
+
+    def _open_temp(self, folder: Path, tmp: Path) -> int:
+        for attempt in range(3):
+            try:
+                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                # New study, or its emptied folder was just removed after a delivery.
+                folder.mkdir(parents=True, exist_ok=True)
+                _fsync_folder(self.root)
+        raise AssertionError("unreachable")
+
+    def studies(self) -> dict[str, set[str]]:
+        """Every study in the spool with its instances (SOP Instance UIDs); temp files ignored."""
+        found: dict[str, set[str]] = {}
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                    continue
+                sops = {name[:-len(SUFFIX)] for name in os.listdir(entry.path)
+                        if name.endswith(SUFFIX) and not name.startswith(".")}
+                if sops:
+                    found[entry.name] = sops
+        return found
+
+    def read(self, study_uid: str, sop_uids: Iterable[str]) -> Iterator[SpooledInstance]:
+        """The current files of these instances, one at a time; instances whose file is gone are left out."""
+        for sop_uid in sop_uids:
+            path = self.path(study_uid, sop_uid)
+            try:
+                with open(path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    data = f.read()
+            except FileNotFoundError:
+                log.warning("study %s: instance %s is no longer in the spool", study_uid, sop_uid)
+                continue
+            yield SpooledInstance(sop_uid, data, (st.st_ino, st.st_mtime_ns))
+
+    def remove(self, study_uid: str, versions: dict[str, tuple[int, int]], move_to: Path | None = None) -> int:
+        """Delete (or move into folder move_to) the files still at the given versions.
+
+        A file replaced since it was read (the instance was sent again) is kept.
+        The study's folder goes when it is empty. Returns how many files were taken.
+        """
+        folder = self.root / study_uid
+        if move_to is not None:
+            move_to.mkdir(parents=True, exist_ok=True)
+        taken = 0
+        for sop_uid, version in versions.items():
+            path = folder / f"{sop_uid}{SUFFIX}"
+            with self._lock:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                if (st.st_ino, st.st_mtime_ns) != version:
+                    log.debug("study %s: instance %s was received again meanwhile; kept", study_uid, sop_uid)
+                    continue
+                if move_to is None:
+                    os.unlink(path)
+                else:
+                    _move(path, move_to / path.name)
+            taken += 1
+        if move_to is not None:
+            _fsync_folder(move_to)
+        self._drop_folder_if_empty(folder)
+        return taken
+
+    def mark_corrupt(self, study_uid: str, sop_uid: str) -> None:
+        """Keep an unreadable spool file aside (<sop>.dcm.corrupt) so it is not delivered again."""
+        path = self.path(study_uid, sop_uid)
+        with self._lock:
+            try:
+                os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
+            except FileNotFoundError:
+                pass
+
+    def _drop_folder_if_empty(self, folder: Path) -> None:
+        with self._lock:
+            try:
+                folder.rmdir()  # fails while anything (a temp file of an arriving instance) is inside
+            except OSError:
+                return
+        _fsync_folder(self.root)
+
+    def depth(self) -> int:
+        """Studies waiting in the spool."""
+        with os.scandir(self.root) as entries:
+            return sum(1 for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+
+
+class MemorySpool:
+    """The spool's interface in memory, for tests of completion and delivery."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, dict[str, tuple[bytes, tuple[int, int]]]] = {}
+        self._lock = threading.Lock()
+        self._counter = 0
+
+    def store(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> None:
+        if not is_safe_uid(study_uid) or not is_safe_uid(sop_uid):
+            raise ValueError(f"not a valid UID for a spool file name: study {study_uid!r}, instance {sop_uid!r}")
+        data = b"".join(chunks)
+        with self._lock:
+            self._counter += 1
+            self._files.setdefault(study_uid, {})[sop_uid] = (data, (self._counter, 0))
+
+    def studies(self) -> dict[str, set[str]]:
+        with self._lock:
+            return {uid: set(files) for uid, files in self._files.items() if files}
+
+    def read(self, study_uid: str, sop_uids: Iterable[str]) -> list[SpooledInstance]:
+        with self._lock:
+            files = self._files.get(study_uid, {})
+            return [SpooledInstance(sop, *files[sop]) for sop in sop_uids if sop in files]
+
+    def remove(self, study_uid: str, versions: dict[str, tuple[int, int]], move_to: Path | None = None) -> int:
+        taken = 0
+        with self._lock:
+            files = self._files.get(study_uid, {})
+            for sop_uid, version in versions.items():
+                if sop_uid in files and files[sop_uid][1] == version:
+                    data, _ = files.pop(sop_uid)
+                    if move_to is not None:
+                        move_to.mkdir(parents=True, exist_ok=True)
+                        (move_to / f"{sop_uid}{SUFFIX}").write_bytes(data)
+                    taken += 1
+            if not files:
+                self._files.pop(study_uid, None)
+        return taken
+
+    def mark_corrupt(self, study_uid: str, sop_uid: str) -> None:
+        with self._lock:
+            self._files.get(study_uid, {}).pop(sop_uid, None)
+
+    def depth(self) -> int:
+        with self._lock:
+            return sum(1 for files in self._files.values() if files)
+
+
+def _move(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError:  # another file system: copy durably, then drop the original
+        shutil.copyfile(src, dst)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+        os.unlink(src)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,275 @@
+"""Delivery rules: completed part -> mapping -> sinks; retries with backoff; dead letter.
+
+Unit tests with an in-memory spool, a fake clock and recording sinks (the sinks' own
+behaviour is tested elsewhere, against the real disk and a real FHIR server).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from io import BytesIO
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from mapping.options import MappingOptions
+from scp.dead_letter import DeadLetterBox
+from scp.delivery import DeliveryWorker, Journal, backoff_delay, redeliver
+from scp.disk_sink import DiskSink
+from scp.errors import DeliveryRejected, DeliveryRetryable
+from scp.instance import header_file, parse_received
+from scp.spool import FileSpool, MemorySpool
+
+CT = get_testdata_file("CT_small.dcm")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingSink:
+    def __init__(self, name: str = "rec", failures: list[Exception] | None = None) -> None:
+        self.name = name
+        self.failures = list(failures or [])
+        self.delivered: list[set[str]] = []
+
+    def deliver(self, resources) -> str:
+        if self.failures:
+            raise self.failures.pop(0)
+        uids = {i.uid for s in resources.imaging_study.series for i in s.instance}
+        self.delivered.append(uids)
+        return f"{len(uids)} instance(s)"
+
+
+def spool_instance(spool, study_uid: str, patient_id: str = "PID1", series_uid: str | None = None) -> str:
+    """Spool one real CT header, as the C-STORE handler would."""
+    ds = pydicom.dcmread(CT)
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid or study_uid + ".1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientID = patient_id
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    raw = buffer.getvalue()
+    (meta_length,) = struct.unpack_from("<L", raw, 140)
+    dataset = raw[144 + meta_length:]  # the data set as it travels in a C-STORE (explicit VR little endian)
+    instance = parse_received(dataset, "1.2.840.10008.1.2.1")
+    spool.store(study_uid, instance.sop_uid, header_file(instance, "TEST"))
+    return instance.sop_uid
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+def make_worker(tmp_path, spool, sinks, clock, **kwargs):
+    return DeliveryWorker(spool, sinks, MappingOptions(), dead_letters=DeadLetterBox(tmp_path / "dead"),
+                          journal=Journal(tmp_path / "deliveries.jsonl", wall_clock=lambda: 0.0),
+                          clock=clock, rand=lambda: 1.0, max_backoff=60, **kwargs)
+
+
+def test_a_completed_study_goes_to_every_sink_and_leaves_the_spool(tmp_path, clock):
+    spool = MemorySpool()
+    sops = {spool_instance(spool, "1.2.3") for _ in range(3)}
+    a, b = RecordingSink("a"), RecordingSink("b")
+    worker = make_worker(tmp_path, spool, [a, b], clock)
+    worker.submit("1.2.3", sops)
+    assert worker.run_once()
+    assert a.delivered == [sops] and b.delivered == [sops]
+    assert spool.studies() == {}
+    [line] = (tmp_path / "deliveries.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert record["study"] == "1.2.3" and record["instances"] == 3 and record["result"] == "delivered"
+    assert record["sinks"] == {"a": "3 instance(s)", "b": "3 instance(s)"}
+
+
+def test_an_instance_received_again_during_the_delivery_stays_for_the_next_completion(tmp_path, clock):
+    spool = MemorySpool()
+    sop = spool_instance(spool, "1.2.3")
+
+    class ResendingSink(RecordingSink):
+        def deliver(self, resources):
+            # the same instance arrives again while the study is being delivered
+            spool.store("1.2.3", sop, [next(iter(spool.read("1.2.3", [sop]))).data])
+            return super().deliver(resources)
+
+    worker = make_worker(tmp_path, spool, [ResendingSink()], clock)
+    worker.submit("1.2.3", {sop})
+    worker.run_once()
+    assert spool.studies() == {"1.2.3": {sop}}
+
+
+def test_a_retryable_failure_keeps_the_study_and_retries_after_a_backoff(tmp_path, clock):
+    spool = MemorySpool()
+    sop = spool_instance(spool, "1.2.3")
+    sink = RecordingSink(failures=[DeliveryRetryable("503"), DeliveryRetryable("503")])
+    worker = make_worker(tmp_path, spool, [sink], clock)
+    worker.submit("1.2.3", {sop})
+    assert worker.run_once()
+    assert spool.studies() == {"1.2.3": {sop}}
+    assert not worker.run_once()  # not due yet: 1 s backoff
+    clock.now += 1.0
+    assert worker.run_once()
+    assert not worker.run_once()
+    clock.now += 1.9
+    assert not worker.run_once()  # the second backoff doubles
+    clock.now += 0.1
+    assert worker.run_once()
+    assert sink.delivered == [{sop}]
+    assert spool.studies() == {}
+
+
+def test_sinks_that_took_a_part_are_not_asked_again_on_retry(tmp_path, clock):
+    spool = MemorySpool()
+    sop = spool_instance(spool, "1.2.3")
+    disk, fhir = RecordingSink("disk"), RecordingSink("fhir", failures=[DeliveryRetryable("timeout")])
+    worker = make_worker(tmp_path, spool, [disk, fhir], clock)
+    worker.submit("1.2.3", {sop})
+    worker.run_once()
+    clock.now += 5
+    worker.run_once()
+    assert len(disk.delivered) == 1 and len(fhir.delivered) == 1
+
+
+def test_a_part_completing_while_an_earlier_part_waits_for_a_retry_is_delivered_with_it(tmp_path, clock):
+    spool = MemorySpool()
+    first = spool_instance(spool, "1.2.3")
+    sink = RecordingSink(failures=[DeliveryRetryable("down")])
+    worker = make_worker(tmp_path, spool, [sink], clock)
+    worker.submit("1.2.3", {first})
+    worker.run_once()
+    second = spool_instance(spool, "1.2.3")
+    worker.submit("1.2.3", {second})
+    clock.now += 5
+    worker.run_once()
+    assert sink.delivered == [{first, second}]
+    assert spool.studies() == {}
+
+
+def test_backoff_is_exponential_with_jitter_capped_and_honours_retry_after():
+    assert backoff_delay(1, 300, rand=lambda: 1.0) == 1.0
+    assert backoff_delay(4, 300, rand=lambda: 1.0) == 8.0
+    assert backoff_delay(4, 300, rand=lambda: 0.0) == 4.0  # jitter: 50-100 %
+    assert backoff_delay(30, 300, rand=lambda: 1.0) == 300  # the cap
+    assert backoff_delay(1, 300, retry_after=20, rand=lambda: 1.0) == 20
+    assert backoff_delay(1, 300, retry_after=1000, rand=lambda: 1.0) == 300
+
+
+def test_a_rejected_delivery_moves_the_study_to_the_dead_letter_folder_with_its_reason(tmp_path, clock):
+    spool = MemorySpool()
+    sops = {spool_instance(spool, "1.2.3") for _ in range(2)}
+    sink = RecordingSink(failures=[DeliveryRejected("HTTP 422: invalid resource",
+                                                    documents={"outcome.json": b'{"resourceType": "OperationOutcome"}'})])
+    worker = make_worker(tmp_path, spool, [sink], clock)
+    worker.submit("1.2.3", sops)
+    worker.run_once()
+    folder = tmp_path / "dead" / "1.2.3"
+    assert (folder / "reason.txt").read_text().splitlines()[0] == "HTTP 422: invalid resource"
+    assert (folder / "outcome.json").read_bytes() == b'{"resourceType": "OperationOutcome"}'
+    assert {p.stem for p in (folder / "instances").iterdir()} == sops
+    assert spool.studies() == {}
+    record = json.loads((tmp_path / "deliveries.jsonl").read_text().splitlines()[-1])
+    assert record["result"].startswith("dead-lettered")
+
+
+def test_instances_disagreeing_on_patient_id_are_dead_lettered_without_quoting_the_ids(tmp_path, clock, caplog):
+    spool = MemorySpool()
+    sops = {spool_instance(spool, "1.2.3", patient_id="SECRET-A"), spool_instance(spool, "1.2.3", patient_id="SECRET-B")}
+    sink = RecordingSink()
+    worker = make_worker(tmp_path, spool, [sink], clock)
+    worker.submit("1.2.3", sops)
+    worker.run_once()
+    reason = (tmp_path / "dead" / "1.2.3" / "reason.txt").read_text()
+    assert "PatientMismatchError" in reason
+    assert sink.delivered == []
+    assert "SECRET" not in reason
+    assert "SECRET" not in "\n".join(r.getMessage() for r in caplog.records if r.levelno >= 20)
+
+
+def test_a_further_part_of_a_dead_lettered_study_joins_it_instead_of_being_delivered(tmp_path, clock):
+    spool = MemorySpool()
+    first = spool_instance(spool, "1.2.3")
+    sink = RecordingSink(failures=[DeliveryRejected("rejected")])
+    worker = make_worker(tmp_path, spool, [sink], clock)
+    worker.submit("1.2.3", {first})
+    worker.run_once()
+    second = spool_instance(spool, "1.2.3")
+    worker.submit("1.2.3", {second})
+    worker.run_once()
+    assert sink.delivered == []
+    assert {p.stem for p in (tmp_path / "dead" / "1.2.3" / "instances").iterdir()} == {first, second}
+
+
+def test_redeliver_sends_a_dead_lettered_study_and_removes_it_from_the_folder(tmp_path, clock):
+    spool = FileSpool(tmp_path / "spool")
+    sops = {spool_instance(spool, "1.2.3") for _ in range(2)}
+    worker = make_worker(tmp_path, spool, [RecordingSink(failures=[DeliveryRejected("no")])], clock)
+    worker.submit("1.2.3", sops)
+    worker.run_once()
+    box = DeadLetterBox(tmp_path / "dead")
+    assert [d.study_uid for d in box.list()] == ["1.2.3"]
+    sink = RecordingSink()
+    report = redeliver("1.2.3", [sink], MappingOptions(), dead_letters=box,
+                       journal=Journal(tmp_path / "deliveries.jsonl"))
+    assert report.instances == 2 and sink.delivered == [sops]
+    assert box.list() == [] and not (tmp_path / "dead" / "1.2.3").exists()
+
+
+def test_requeue_puts_a_dead_lettered_study_back_into_the_spool(tmp_path, clock):
+    spool = FileSpool(tmp_path / "spool")
+    sops = {spool_instance(spool, "1.2.3") for _ in range(2)}
+    worker = make_worker(tmp_path, spool, [RecordingSink(failures=[DeliveryRejected("no")])], clock)
+    worker.submit("1.2.3", sops)
+    worker.run_once()
+    assert DeadLetterBox(tmp_path / "dead").requeue("1.2.3", spool) == 2
+    assert spool.studies() == {"1.2.3": sops}
+
+
+def test_the_disk_sink_merges_parts_into_one_file(tmp_path, clock):
+    spool = MemorySpool()
+    sink = DiskSink(tmp_path / "out")
+    worker = make_worker(tmp_path, spool, [sink], clock)
+    first = spool_instance(spool, "1.2.3")
+    worker.submit("1.2.3", {first})
+    worker.run_once()
+    second = spool_instance(spool, "1.2.3", series_uid="1.2.3.2")
+    worker.submit("1.2.3", {second})
+    worker.run_once()
+    document = json.loads((tmp_path / "out" / "1.2.3.json").read_text())
+    study = next(e["resource"] for e in document["entry"] if e["resource"]["resourceType"] == "ImagingStudy")
+    assert study["numberOfSeries"] == 2 and study["numberOfInstances"] == 2
+
+
+def test_an_unexpected_error_in_a_sink_keeps_the_study_for_a_retry(tmp_path, clock):
+    spool = MemorySpool()
+    sop = spool_instance(spool, "1.2.3")
+    sink = RecordingSink(failures=[RuntimeError("bug")])
+    worker = make_worker(tmp_path, spool, [sink], clock)
+    worker.submit("1.2.3", {sop})
+    worker.run_once()
+    assert spool.studies() == {"1.2.3": {sop}}
+    clock.now += 1
+    worker.run_once()
+    assert sink.delivered == [{sop}]
+
+
+def test_headers_parsed_ahead_while_the_node_is_quiet_are_used_at_completion(tmp_path, clock):
+    spool = MemorySpool()
+    sops = {spool_instance(spool, "1.2.3") for _ in range(3)}
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock,
+                         waiting=lambda: (1.0, {"1.2.3": frozenset(sops)}))
+    assert worker._prepare_some() is True
+    assert len(worker.cache) == 3
+    assert worker._prepare_some() is None  # nothing left to parse
+    worker.submit("1.2.3", sops)
+    worker.run_once()
+    assert len(worker.cache) == 0

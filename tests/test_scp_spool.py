@@ -1,0 +1,106 @@
+"""The spool's rules, run against the file spool and the in-memory one (one shared test class)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from scp.spool import FileSpool, MemorySpool, is_safe_uid
+
+STUDY = "1.2.3.4"
+
+
+class SpoolRules:
+    def make(self, tmp_path):
+        raise NotImplementedError
+
+    def test_a_stored_instance_is_listed_under_its_study(self, tmp_path):
+        spool = self.make(tmp_path)
+        spool.store(STUDY, "1.2.3.4.1", [b"abc", b"def"])
+        spool.store(STUDY, "1.2.3.4.2", [b"x"])
+        assert spool.studies() == {STUDY: {"1.2.3.4.1", "1.2.3.4.2"}}
+        assert [i.data for i in spool.read(STUDY, ["1.2.3.4.1"])] == [b"abcdef"]
+        assert spool.depth() == 1
+
+    def test_storing_an_instance_again_replaces_it(self, tmp_path):
+        spool = self.make(tmp_path)
+        spool.store(STUDY, "1.2.3.4.1", [b"old"])
+        spool.store(STUDY, "1.2.3.4.1", [b"new"])
+        assert [i.data for i in spool.read(STUDY, ["1.2.3.4.1"])] == [b"new"]
+
+    def test_remove_takes_only_the_versions_that_were_read(self, tmp_path):
+        spool = self.make(tmp_path)
+        spool.store(STUDY, "1.2.3.4.1", [b"first"])
+        spool.store(STUDY, "1.2.3.4.2", [b"other"])
+        read = {i.sop_uid: i.version for i in spool.read(STUDY, ["1.2.3.4.1", "1.2.3.4.2"])}
+        spool.store(STUDY, "1.2.3.4.1", [b"sent again during the delivery"])
+        assert spool.remove(STUDY, read) == 1
+        assert spool.studies() == {STUDY: {"1.2.3.4.1"}}
+        assert [i.data for i in spool.read(STUDY, ["1.2.3.4.1"])] == [b"sent again during the delivery"]
+
+    def test_a_study_whose_instances_were_all_removed_is_gone(self, tmp_path):
+        spool = self.make(tmp_path)
+        spool.store(STUDY, "1.2.3.4.1", [b"a"])
+        spool.remove(STUDY, {i.sop_uid: i.version for i in spool.read(STUDY, ["1.2.3.4.1"])})
+        assert spool.studies() == {}
+        assert spool.depth() == 0
+
+    def test_remove_can_move_the_files_elsewhere(self, tmp_path):
+        spool = self.make(tmp_path)
+        spool.store(STUDY, "1.2.3.4.1", [b"a"])
+        spool.remove(STUDY, {i.sop_uid: i.version for i in spool.read(STUDY, ["1.2.3.4.1"])},
+                     move_to=tmp_path / "aside")
+        assert (tmp_path / "aside" / "1.2.3.4.1.dcm").read_bytes() == b"a"
+        assert spool.studies() == {}
+
+    def test_a_uid_that_is_not_a_safe_file_name_is_refused(self, tmp_path):
+        spool = self.make(tmp_path)
+        for study, sop in (("../etc", "1.2"), ("1.2", "1.2/3"), ("", "1.2"), ("1.2", "a.b")):
+            with pytest.raises(ValueError, match="not a valid UID"):
+                spool.store(study, sop, [b"x"])
+        assert spool.studies() == {}
+
+
+class TestFileSpool(SpoolRules):
+    def make(self, tmp_path):
+        return FileSpool(tmp_path / "spool")
+
+    def test_the_layout_is_study_folder_and_sop_instance_file(self, tmp_path):
+        spool = self.make(tmp_path)
+        spool.store(STUDY, "1.2.3.4.1", [b"abc"])
+        assert (tmp_path / "spool" / STUDY / "1.2.3.4.1.dcm").read_bytes() == b"abc"
+        assert [p.name for p in (tmp_path / "spool" / STUDY).iterdir()] == ["1.2.3.4.1.dcm"]  # no temp left
+
+    def test_temporary_files_of_an_interrupted_write_are_not_instances(self, tmp_path):
+        spool = self.make(tmp_path)
+        spool.store(STUDY, "1.2.3.4.1", [b"abc"])
+        (tmp_path / "spool" / STUDY / ".1.2.3.4.2.123.tmp").write_bytes(b"half")
+        assert spool.studies() == {STUDY: {"1.2.3.4.1"}}
+
+    def test_a_failed_write_leaves_nothing_behind(self, tmp_path):
+        spool = self.make(tmp_path)
+
+        def chunks():
+            yield b"start"
+            raise OSError("disk full")
+
+        with pytest.raises(OSError, match="disk full"):
+            spool.store(STUDY, "1.2.3.4.1", chunks())
+        assert os.listdir(tmp_path / "spool" / STUDY) == []
+
+    def test_a_new_spool_object_finds_what_an_earlier_one_stored(self, tmp_path):
+        self.make(tmp_path).store(STUDY, "1.2.3.4.1", [b"abc"])
+        assert self.make(tmp_path).studies() == {STUDY: {"1.2.3.4.1"}}
+
+
+class TestMemorySpool(SpoolRules):
+    def make(self, tmp_path):
+        return MemorySpool()
+
+
+def test_safe_uids_are_digits_and_dots_up_to_64_characters():
+    assert is_safe_uid("1.2.840.10008.5.1.4.1.1.2")
+    assert not is_safe_uid("1" * 65)
+    assert not is_safe_uid("1..2")
+    assert not is_safe_uid("1.2 ")
