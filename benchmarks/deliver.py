@@ -11,12 +11,16 @@ write), then measures, best of REPEAT runs each on an emptied server:
   first     FhirSink.deliver of the new study (search, then the transaction)
   resend    the same study delivered again (search, nothing changed, nothing sent)
   part 2    the study in two halves: the second half's delivery (search, merge, PUT)
+  node      the whole node (scp.node.Node, FHIR sink only): the N files sent over one
+            association (dcmtk storescu with TCP_NODELAY=1 when installed, else pynetdicom),
+            completed after the idle timeout (1 s), delivered by
+            the node's worker; time from completion to delivered (deliveries.jsonl)
 
 and prints requests, bytes sent, time per scenario and the ratio first/bare time.
 For comparison, DICOM Cast sends 4 requests per instance (4 x N for this study).
 
-Targets: first delivery <= 3 requests, a resend 1 request, a further part 2 requests,
-first/bare time <= 1.5. Exit status 1 when one is missed.
+Targets: first delivery <= 3 requests (through the node too), a resend 1 request, a
+further part 2 requests, first/bare time <= 1.5. Exit status 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,11 +46,56 @@ import requests  # noqa: E402
 from mapping import MappingOptions, StudyResources, convert_study, render  # noqa: E402
 from scp.config import FhirConfig  # noqa: E402
 from scp.fhir_sink import FhirSink  # noqa: E402
-from tests.dicomgen import generate_study  # noqa: E402
+from tests.dicomgen import GeneratedStudy, generate_study  # noqa: E402
 from tests.fhir_engine import FhirEngine  # noqa: E402
 
 TARGET_RATIO = 1.5
-TARGET_REQUESTS = {"first": 3, "resend": 1, "part 2": 2}
+TARGET_REQUESTS = {"first": 3, "resend": 1, "part 2": 2, "node": 3}
+
+
+def through_node(engine: FhirEngine, study: GeneratedStudy, options: MappingOptions, tmp: Path) -> dict:
+    """Send the files to a node delivering to the engine; figures of its delivery."""
+    from pynetdicom import AE
+
+    from scp.config import Config, NodeConfig
+    from scp.node import Node
+
+    engine.reset()
+    node_config = NodeConfig(port=0, bind="127.0.0.1", spool_dir=tmp / "spool", output_dir=None,
+                             dead_letter_dir=tmp / "dead-letter", idle_timeout=1.0)
+    node = Node(Config(node=node_config, mapping=options, fhir=FhirConfig(url=engine.base_url, timeout=600)))
+    node.start()
+    try:
+        started = time.perf_counter()
+        storescu = shutil.which("storescu")
+        if storescu:  # the faster sender: reception is not what this benchmark measures
+            subprocess.run([storescu, "-aet", "BENCH", "-aec", node_config.ae_title, "+sd", "+r",
+                            "127.0.0.1", str(node.port), str(study.files[0].parent)],
+                           env={**os.environ, "TCP_NODELAY": "1"}, check=True, capture_output=True)
+        else:
+            ae = AE(ae_title="BENCH")
+            ae.add_requested_context(pydicom.dcmread(study.files[0], stop_before_pixels=True).SOPClassUID)
+            assoc = ae.associate("127.0.0.1", node.port, ae_title=node_config.ae_title)
+            for path in study.files:
+                status = assoc.send_c_store(path)
+                if not status or status.Status != 0:
+                    raise SystemExit(f"benchmark: C-STORE of {path.name} failed: {status}")
+            assoc.release()
+        sent = time.perf_counter() - started
+        sender = "dcmtk storescu, TCP_NODELAY=1" if storescu else "pynetdicom"
+        journal = tmp / "spool" / "deliveries.jsonl"
+        deadline = time.monotonic() + 600
+        while not journal.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not journal.exists():
+            raise SystemExit("benchmark: the node did not deliver the study within 600 s")
+        line = json.loads(journal.read_text().splitlines()[-1])
+    finally:
+        node.stop()
+    stats = engine.stats()
+    return {"time": line["seconds"], "requests": stats["requests"], "bytes": stats["bytesReceived"],
+            "calls": [f"{e['method']} {e['path'].split('?')[0]} {e['status']}" for e in stats["log"]],
+            "received": sent, "sender": sender, "result": line["result"]}
 
 
 def read_study(folder: Path, options: MappingOptions) -> list[pydicom.Dataset]:
@@ -82,14 +134,16 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each scenario (default 3)")
     parser.add_argument("--dicomweb", default="https://pacs.example/dicomweb",
                         help="DICOMweb base URL, so an Endpoint is created too ('' for none)")
+    parser.add_argument("--no-node", action="store_true", help="skip the whole-node scenario (DICOM in, FHIR out)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     options = MappingOptions(patient_identifier_system="http://hospital.example/mrn",
                              dicomweb_url=args.dicomweb or None)
 
-    with tempfile.TemporaryDirectory(prefix="bench-deliver-") as tmp:
-        generate_study(Path(tmp), args.n, args.series)
-        datasets = read_study(Path(tmp), options)
+    tmp_dir = tempfile.TemporaryDirectory(prefix="bench-deliver-")
+    tmp = Path(tmp_dir.name)
+    study = generate_study(tmp / "in", args.n, args.series)
+    datasets = read_study(tmp / "in", options)
     started = time.perf_counter()
     whole = convert_study(datasets, options)
     convert_time = time.perf_counter() - started
@@ -112,15 +166,27 @@ def main() -> int:
         if len(stored) != 1 or stored[0].get("numberOfInstances") != args.n:
             print(f"benchmark: the server does not hold the whole study: {[s.get('numberOfInstances') for s in stored]}")
             return 1
+        if not args.no_node:
+            results["node"] = through_node(engine, study, options, tmp)
+            stored = engine.resources("ImagingStudy")
+            if len(stored) != 1 or stored[0].get("numberOfInstances") != args.n:
+                print(f"benchmark: the node did not deliver the whole study: {results['node']['result']}")
+                return 1
+    tmp_dir.cleanup()
 
     print(f"study: {args.n} instances in {args.series} series; transaction Bundle {bundle_bytes / 1e6:.2f} MB; "
           f"convert_study {convert_time:.3f} s; best of {args.repeat} runs; engine: Medplum validating every write")
     print(f"{'scenario':10} {'requests':>8} {'bytes sent':>12} {'time':>9}  calls")
     for name, r in results.items():
         print(f"{name:10} {r['requests']:8d} {r['bytes']:12,d} {r['time']:8.3f}s  {', '.join(r['calls'])}")
+    if "node" in results:
+        print(f"node: {args.n} instances received over one association ({results['node']['sender']}) in "
+              f"{results['node']['received']:.2f} s; 'time' is completion to delivered, conversion included")
     print(f"DICOM Cast for the same study: {4 * args.n} requests (4 per instance)")
     ok = True
     for name, limit in TARGET_REQUESTS.items():
+        if name not in results:
+            continue
         met = results[name]["requests"] <= limit
         ok &= met
         print(f"{name}: {results[name]['requests']} requests (target <= {limit}): {'OK' if met else 'MISSED'}")
