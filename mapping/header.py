@@ -25,6 +25,9 @@ from mapping.codes import CodedValue
 from mapping.errors import MappingError
 from mapping.names import PersonName
 
+# C0 controls other than tab, CR, LF: FHIR strings must not contain them (codes not even those).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_ESCAPE_SEQUENCE = re.compile(r"\x1b[\x20-\x2f]*[\x30-\x7e]")
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # a UID must also be a valid FHIR id (series/instance uid)
 
 
@@ -184,6 +187,7 @@ class _Reader:
                 return None
             if isinstance(element, RawDataElement) and element.value is not None and (self.codec or not encoded):
                 text = element.value.decode(self.codec if encoded else "latin_1", errors="replace")
+                text = self.clean(tag, text.rstrip(" \0"))  # NUL pads UIDs: padding, not content
                 return tuple(v.strip(" \0\t\r\n") for v in (text.split("\\") if multi else [text]))
         except Exception:
             pass  # the slow path below reports the problem
@@ -192,14 +196,21 @@ class _Reader:
             return None
         try:
             if isinstance(value, (list, MultiValue)):
-                return tuple(_one(v).strip() for v in value)
-            return (_one(value).strip(),)
+                return tuple(self.clean(tag, _one(v).rstrip(" \0")).strip() for v in value)
+            return (self.clean(tag, _one(value).rstrip(" \0")).strip(),)
         except Exception as exc:
             self._warn(tag, f"unusable value ({type(exc).__name__})")
             return None
 
-    def _warn(self, tag: int, problem: str) -> None:
-        self.warnings.append(f"{_name(tag)}: {problem}, dropped")
+    def _warn(self, tag: int, problem: str, action: str = "dropped") -> None:
+        self.warnings.append(f"{_name(tag)}: {problem}, {action}")
+
+    def clean(self, tag: int, text: str) -> str:
+        """text without the control characters FHIR refuses (recorded as a warning)."""
+        cleaned = clean_text(text)
+        if cleaned != text:
+            self._warn(tag, "control characters", "removed")
+        return cleaned
 
     def uid(self, tag: int, keyword: str, sop_instance_uid: str) -> str:
         values = self._strings(tag, encoded=False, multi=True)
@@ -219,8 +230,9 @@ class _Reader:
         return values[0] if values else ""
 
     def code_string(self, tag: int) -> str:
-        """CS, DA, TM, UI, IS: ASCII by definition, whatever the character set."""
-        return self.text(tag, encoded=False)
+        """CS, DA, TM, UI, IS: ASCII by definition, whatever the character set (whitespace
+        inside collapsed: some become FHIR codes)."""
+        return " ".join(self.text(tag, encoded=False).split())
 
     def texts(self, tag: int) -> tuple[str, ...]:
         values = self._strings(tag, multi=True)
@@ -249,7 +261,7 @@ class _Reader:
             if element is None:
                 return ()
             if isinstance(element, RawDataElement) and element.value is not None and self.codec:
-                text = element.value.decode(self.codec, errors="replace")
+                text = self.clean(tag, element.value.decode(self.codec, errors="replace").rstrip(" \0"))
                 names = (PersonName.from_text(v.strip(" \0")) for v in text.split("\\"))
                 return tuple(n for n in names if n)
         except Exception:
@@ -260,7 +272,8 @@ class _Reader:
         try:
             values = value if isinstance(value, (list, MultiValue)) else [value]
             names = (_person(v) for v in values)
-            return tuple(n for n in names if n)
+            return tuple(PersonName(*(self.clean(tag, group) for group in (n.alphabetic, n.ideographic, n.phonetic)))
+                         for n in names if n)
         except Exception as exc:
             self._warn(tag, f"unusable name ({type(exc).__name__})")
             return ()
@@ -278,7 +291,7 @@ class _Reader:
         result = []
         for item in self.items(tag):
             try:
-                code = _code(item)
+                code = _code(item, lambda text: self.clean(tag, text))
             except Exception as exc:
                 self._warn(tag, f"unusable code item ({type(exc).__name__})")
                 continue
@@ -291,7 +304,7 @@ class _Reader:
         if not items:
             return None
         try:
-            return build(items[0])
+            return build(items[0], lambda text: self.clean(tag, text))
         except Exception as exc:
             self._warn(tag, f"unusable item ({type(exc).__name__})")
             return None
@@ -318,22 +331,38 @@ def _person(value: Any) -> PersonName:
     return PersonName.from_text(_one(value))
 
 
-def _item_text(item: Dataset, keyword: str) -> str:
+def clean_text(text: str) -> str:
+    """text without C0 control characters, which FHIR strings and codes must not hold.
+
+    ISO 2022 escape sequences (a sender using Japanese or Korean without declaring it in
+    SpecificCharacterSet) are decoded when they can be, else removed with the rest.
+    """
+    if not _CONTROL.search(text):
+        return text
+    if "\x1b" in text:
+        try:
+            text = text.encode("latin_1").decode("iso2022_jp_2")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            text = _ESCAPE_SEQUENCE.sub("", text)
+    return _CONTROL.sub("", text)
+
+
+def _item_text(item: Dataset, keyword: str, clean: Callable[[str], str]) -> str:
     value = item.get(keyword)
-    return "" if value is None else _one(value).strip()
+    return "" if value is None else clean(_one(value)).strip()
 
 
-def _code(item: Dataset) -> CodedValue | None:
-    value = (_item_text(item, "CodeValue") or _item_text(item, "LongCodeValue")
-             or _item_text(item, "URNCodeValue"))
-    meaning = _item_text(item, "CodeMeaning")
+def _code(item: Dataset, clean: Callable[[str], str]) -> CodedValue | None:
+    value = (_item_text(item, "CodeValue", clean) or _item_text(item, "LongCodeValue", clean)
+             or _item_text(item, "URNCodeValue", clean))
+    meaning = _item_text(item, "CodeMeaning", clean)
     if not value and not meaning:
         return None
-    return CodedValue(value, _item_text(item, "CodingSchemeDesignator"), meaning,
-                      _item_text(item, "CodingSchemeVersion"))
+    return CodedValue(" ".join(value.split()), " ".join(_item_text(item, "CodingSchemeDesignator", clean).split()),
+                      meaning, _item_text(item, "CodingSchemeVersion", clean))
 
 
-def _issuer(item: Dataset) -> Issuer | None:
-    issuer = Issuer(_item_text(item, "LocalNamespaceEntityID"), _item_text(item, "UniversalEntityID"),
-                    _item_text(item, "UniversalEntityIDType"))
+def _issuer(item: Dataset, clean: Callable[[str], str]) -> Issuer | None:
+    issuer = Issuer(_item_text(item, "LocalNamespaceEntityID", clean), _item_text(item, "UniversalEntityID", clean),
+                    _item_text(item, "UniversalEntityIDType", clean))
     return issuer if issuer.local or issuer.universal else None

@@ -479,8 +479,6 @@ def test_every_study_in_the_real_test_files_is_accepted_by_the_validating_engine
     assert len(fhir_engine.resources("ImagingStudy")) >= 20
 
 
-@pytest.mark.xfail(strict=True, raises=DeliveryRejected, reason="mapping copies C0 control characters into FHIR strings and codes; "
-                                       "FHIR (Medplum, HAPI, this engine) refuses them, so the study is dead-lettered")
 @pytest.mark.parametrize("keyword, value", [
     ("StudyDescription", "Head\x01CT"),  # -> ImagingStudy.description
     ("PatientID", "12\x0734"),  # -> Patient.identifier.value

@@ -91,3 +91,38 @@ def test_coded_sequences_become_small_frozen_values():
     [code] = header.procedure_codes
     assert (code.value, code.designator, code.meaning) == ("24627-2", "LN", "CT Chest")
     assert hash(code)  # hashable: frozen
+
+
+@pytest.mark.parametrize("keyword,value,expected", [
+    ("StudyDescription", "Head\x01CT", "HeadCT"),
+    ("PatientID", "12\x0734", "1234"),
+    ("AccessionNumber", "A\x1f1", "A1"),
+    ("Modality", "C\x0bT", "CT"),
+])
+def test_control_characters_fhir_refuses_are_removed_with_a_warning(keyword, value, expected):
+    field = {"StudyDescription": "study_description", "PatientID": "patient_id",
+             "AccessionNumber": "accession_number", "Modality": "modality"}[keyword]
+    for ds in (instance(**{keyword: value}), reread(instance(**{keyword: value}))):
+        header = InstanceHeader.from_dataset(ds)
+        assert getattr(header, field) == expected
+        assert any(keyword in w and "control characters" in w for w in header.warnings)
+        assert not any(value in w for w in header.warnings)
+
+
+def test_undeclared_iso_2022_escapes_in_a_name_are_decoded():
+    name = "Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B"
+    for ds in (instance(PatientName=name), reread(instance(PatientName=name, SpecificCharacterSet=None))):
+        header = InstanceHeader.from_dataset(ds)
+        assert (header.patient_name.alphabetic, header.patient_name.ideographic) == ("Yamada^Tarou", "山田^太郎")
+
+
+def test_nul_padding_of_uids_is_no_control_character():
+    ds = reread(instance())
+    ds[0x0020000D] = raw(0x0020000D, "UI", b"1.2.3.4\0")
+    header = InstanceHeader.from_dataset(ds)
+    assert header.study_uid == "1.2.3.4" and header.warnings == ()
+
+
+def test_image_type_values_lose_embedded_nul_characters():
+    header = InstanceHeader.from_dataset(instance(ImageType=["ORIGINAL\x00X", "PRIMARY"]))
+    assert header.image_type == ("ORIGINALX", "PRIMARY")
