@@ -6,7 +6,8 @@ What a failure means for the study is decided here, once:
   `DeliveryRetryable` (Retry-After honoured, capped at ``fhir.max_backoff``);
 - 401: the auth drops its cached token and the request is sent once more;
 - any other status the caller did not expect: `DeliveryRejected`, carrying
-  what was sent (``bundle.json``) and the server's answer (``outcome.json``),
+  what was sent (``bundle.json`` for a Bundle, ``imagingstudy.json`` for a PUT of
+  one) and the server's answer (``outcome.json``),
   the reason naming the HTTP status and the OperationOutcome's diagnostics.
 
 Every request has a timeout, so a slow server delays only the delivery worker.
@@ -146,7 +147,7 @@ class FhirClient:
         reply = Reply(response.status_code, response.headers, _json_or_text(response))
         if response.status_code in set(expect):
             return reply
-        self._raise_for(method, path, data, response, reply, context)
+        self._raise_for(method, path, data, _document_name(body), response, reply, context)
         raise AssertionError("unreachable")
 
     def _send(self, method: str, path: str, data: bytes | None, params: Mapping[str, str] | None,
@@ -172,7 +173,7 @@ class FhirClient:
             raise DeliveryRetryable(f"{_prefix(context)}FHIR server {self.shown_base} unreachable "
                                     f"({type(exc).__name__}: {_short(str(exc))})") from None
 
-    def _raise_for(self, method: str, path: str, data: bytes | None, response: requests.Response,
+    def _raise_for(self, method: str, path: str, data: bytes | None, sent_name: str, response: requests.Response,
                    reply: Reply, context: str) -> None:
         status = response.status_code
         what = f"{_prefix(context)}FHIR server answered HTTP {status} to {method} {display_url(self.url(path))}"
@@ -184,7 +185,7 @@ class FhirClient:
                                     retry_after=delay)
         documents = {"outcome.json": response.content or b""}
         if data is not None:
-            documents["bundle.json"] = data
+            documents[sent_name] = data
         raise DeliveryRejected(f"{what}: {outcome_diagnostics(reply.body)}", documents=documents)
 
     def _session(self) -> requests.Session:
@@ -195,6 +196,12 @@ class FhirClient:
 
     def __repr__(self) -> str:
         return f"FhirClient({self.shown_base!r}, auth={self.auth!r})"
+
+
+def _document_name(body: Any) -> str:
+    """What the sent body is kept as beside a refused study: bundle.json, imagingstudy.json..."""
+    kind = body.get("resourceType") if isinstance(body, dict) else None
+    return f"{kind.lower()}.json" if isinstance(kind, str) and kind.isalpha() else "request.json"
 
 
 def _json_or_text(response: requests.Response) -> Any:

@@ -93,7 +93,7 @@ class FhirSink:
         existing = self._find(uid, context, stats)
         if existing is None:
             reply = self.client.request("POST", "", body=bundle(), headers={"Prefer": "return=minimal"},
-                                        expect=(200,), context=context, stats=stats)
+                                        expect=(200, 201), context=context, stats=stats)  # 201: lenient servers
             status, reference = _imaging_study_result(bundle(), reply.body, context)
             if status == 201:
                 return Outcome("created", reference)

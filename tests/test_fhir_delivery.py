@@ -494,3 +494,19 @@ def test_text_with_control_characters_is_still_accepted(fhir_engine, template, k
     sink_for(fhir_engine).deliver(convert_study([ds], OPTIONS))
 
     assert len(fhir_engine.resources("ImagingStudy")) == 1
+
+
+def test_a_merged_study_the_server_refuses_is_set_aside_with_what_was_sent(fhir_engine, study):
+    sink = sink_for(fhir_engine)
+    sink.deliver(study.part(2))
+    second = study.part(1, series=1, first=3)
+    invalid = second.imaging_study.model_copy(update={"description": "Head\x01CT"})  # no control characters in FHIR
+
+    with pytest.raises(DeliveryRejected) as caught:
+        sink.deliver(dataclasses.replace(second, imaging_study=invalid))
+
+    documents = caught.value.documents
+    assert json.loads(documents["imagingstudy.json"])["resourceType"] == "ImagingStudy"  # the PUT's body
+    assert json.loads(documents["bundle.json"])["type"] == "transaction"  # the study, as a retry sends it
+    assert "description" in json.loads(documents["outcome.json"])["issue"][0]["expression"][0]
+    assert only(fhir_engine.resources("ImagingStudy"))["numberOfInstances"] == 2
