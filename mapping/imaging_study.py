@@ -17,6 +17,7 @@ from mapping.datetimes import Zone, combine, study_zone
 from mapping.header import InstanceHeader
 from mapping.names import display_name
 from mapping.options import MappingOptions
+from mapping.systems import as_system
 
 STUDY_UID_SYSTEM = "urn:dicom:uid"
 SOP_CLASS_SYSTEM = "urn:ietf:rfc:3986"
@@ -49,7 +50,8 @@ def first_number(headers: Sequence[InstanceHeader], read: Callable[[InstanceHead
     return None
 
 
-def accession_identifier(headers: Sequence[InstanceHeader], options: MappingOptions) -> dict[str, Any] | None:
+def accession_identifier(headers: Sequence[InstanceHeader], options: MappingOptions,
+                         warnings: list[str]) -> dict[str, Any] | None:
     number = first(headers, lambda h: h.accession_number)
     if not number:
         return None
@@ -57,16 +59,10 @@ def accession_identifier(headers: Sequence[InstanceHeader], options: MappingOpti
     issuer = first(headers, lambda h: h.accession_issuer)
     system = None
     if issuer is not None:
-        if issuer.local:
-            system = issuer.local
-        elif issuer.universal_type.upper() == "ISO":
-            system = "urn:oid:" + issuer.universal
-        elif issuer.universal_type.upper() in ("URI", "URL"):
-            system = issuer.universal
-        elif issuer.universal_type.upper() == "UUID":
-            system = "urn:uuid:" + issuer.universal.lower()
-    if system and any(c.isspace() for c in system):
-        system = None  # not a URI; FHIR would reject the whole resource
+        system = as_system(issuer.local) or as_system(issuer.universal, issuer.universal_type)
+        if system is None:
+            warnings.append("IssuerOfAccessionNumberSequence (0008,0051): neither an OID nor a URI, "
+                            "not used as the accession identifier's system")
     system = system or options.accession_system
     if system:
         identifier["system"] = system
@@ -170,7 +166,7 @@ def imaging_study_json(study_uid: str, series: Sequence[Series], options: Mappin
     """The ImagingStudy as a JSON dict; series and their instances already in canonical order."""
     headers = [h for s in series for h in s]
     study: dict[str, Any] = {"resourceType": "ImagingStudy", "identifier": [study_identifier(study_uid)]}
-    accession = accession_identifier(headers, options)
+    accession = accession_identifier(headers, options, warnings)
     if accession is not None:
         study["identifier"].append(accession)
     study["status"] = "available"

@@ -7,6 +7,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mapping.errors import ConfigurationError
+from mapping.systems import is_absolute_uri
 
 Shape = Literal["bundle", "contained"]
 SHAPES: tuple[str, ...] = ("bundle", "contained")
@@ -43,5 +44,11 @@ class MappingOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigurationError(f"{name}: must be a non-empty string or absent, got {value!r}")
+        for name in ("patient_identifier_system", "accession_system"):
+            value = getattr(self, name)
+            if value is not None and not is_absolute_uri(value):
+                # FHIR requires an absolute URI; a bare name would get every study refused by the server.
+                raise ConfigurationError(f"{name}: must be an absolute URI (e.g. urn:oid:1.2.3 or "
+                                         f"https://hospital.example/mrn), got {value!r}")
         if self.dicomweb_url is not None and not self.dicomweb_url.startswith(("http://", "https://")):
             raise ConfigurationError(f"dicomweb_url: must be an http(s) URL, got {self.dicomweb_url!r}")

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from mapping.datetimes import fhir_date
 from mapping.names import PersonName, human_names
 from mapping.options import MappingOptions
+from mapping.systems import as_system
 
 IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
 GENDERS = {"M": "male", "F": "female", "O": "other"}
-_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
 def identifier_system(issuer_of_patient_id: str, options: MappingOptions, warnings: list[str]) -> str | None:
     """Patient.identifier.system: IssuerOfPatientID when configured to use it, else the configured system."""
     issuer = issuer_of_patient_id.strip()
     if options.use_issuer_of_patient_id and issuer:
-        if _OID.fullmatch(issuer):
-            return "urn:oid:" + issuer
-        if not any(c.isspace() for c in issuer):
-            return issuer
-        warnings.append("IssuerOfPatientID (0010,0021): contains spaces, not usable as an identifier system; "
+        system = as_system(issuer)
+        if system is not None:
+            return system
+        warnings.append("IssuerOfPatientID (0010,0021): neither an OID nor a URI, so no identifier system; "
                         "the configured system is used")
     return options.patient_identifier_system
 

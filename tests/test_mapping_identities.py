@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from pydicom.dataset import Dataset
+
+from mapping import ConfigurationError, MappingOptions
 
 from tests.mapping_cases import CT_SMALL, STUDY, convert, instance, patient_of, read, study_of
 
@@ -104,3 +107,24 @@ def test_an_accession_issuer_that_is_no_uri_falls_back_to_the_configured_system(
     study = study_of(instance(AccessionNumber="A-1", IssuerOfAccessionNumberSequence=[
         issuer(LocalNamespaceEntityID="General Hospital RIS")]), accession_system="urn:configured")
     assert study["identifier"][1]["system"] == "urn:configured"
+
+
+def test_an_issuer_of_patient_id_that_is_no_uri_or_oid_is_not_a_system():
+    resources = convert(instance(PatientID="P9", IssuerOfPatientID="HOSP A"), use_issuer_of_patient_id=True,
+                        patient_identifier_system="urn:fallback")
+    assert resources.patient.identifier[0].system == "urn:fallback"
+    assert any("IssuerOfPatientID (0010,0021)" in w for w in resources.warnings)
+
+
+def test_a_bare_local_accession_issuer_is_not_a_system():
+    resources = convert(instance(AccessionNumber="A-1", IssuerOfAccessionNumberSequence=[
+        issuer(LocalNamespaceEntityID="RIS")]))
+    assert resources.imaging_study.identifier[1].system is None
+    assert any("IssuerOfAccessionNumberSequence (0008,0051)" in w for w in resources.warnings)
+
+
+@pytest.mark.parametrize("option", ["patient_identifier_system", "accession_system"])
+def test_configured_systems_must_be_absolute_uris(option):
+    with pytest.raises(ConfigurationError, match=option):
+        MappingOptions(**{option: "MRN"})
+    assert getattr(MappingOptions(**{option: "urn:oid:1.2.3"}), option) == "urn:oid:1.2.3"
