@@ -11,9 +11,10 @@ What it reads:
                                                .dcm files, last instance = newest mtime
     <dead_letter_dir>/<StudyInstanceUID>/      set-aside study; reason = first line of
         reason.txt, instances/*.dcm            reason.txt, since = its mtime
-    <spool_dir>/deliveries.jsonl               the last N lines, each a JSON object:
-        {"time": ISO 8601 or epoch seconds, "study": UID, "instances": int,
-         "sinks": {"<sink>": "<result text>", ...}}   (or "result": "<text>")
+    <spool_dir>/deliveries.jsonl               the last N lines, each a JSON object
+        (scp.delivery.Journal): {"time": ISO 8601 or epoch seconds, "study": UID,
+        "instances": int, "result": "delivered" | "dead-lettered: why" | ...,
+        "sinks": {"<sink>": "<what it did>", ...}, ...}
 
 Hidden entries (names starting with ".") are the node's temporary files and are
 left out.
@@ -135,7 +136,7 @@ def _dead_lettered(folder: Path, uid: str, instances: int) -> DeadLetteredStudy 
             since = folder.stat().st_mtime
         except FileNotFoundError:
             return None  # taken back by `retry` while we looked
-        reason = f"({REASON} missing)"
+        reason = f"({REASON} missing: being set aside right now, or that was interrupted)"
     if len(reason) > MAX_REASON:
         reason = reason[:MAX_REASON - 1] + "…"
     return DeadLetteredStudy(uid, reason or "(no reason given)", since, instances)
@@ -177,18 +178,20 @@ def _delivery(record: Any) -> Delivery:
 
 
 def _result_text(record: dict[str, Any]) -> str:
-    """One line: the result, or 'sink: result' per sink."""
-    for key in ("sinks", "results"):
-        sinks = record.get(key)
-        if isinstance(sinks, dict) and sinks:
-            return "; ".join(f"{name}: {_one_line(value)}" for name, value in sinks.items())
-        if isinstance(sinks, list) and sinks:
-            return "; ".join(_one_line(value) for value in sinks)
+    """One line: the result ("delivered", "dead-lettered: why"), then what each sink said."""
+    parts = []
     if "result" in record:
-        return _one_line(record["result"])
-    if isinstance(record.get("ok"), bool):
-        return "ok" if record["ok"] else "failed"
-    return "?"
+        parts.append(_one_line(record["result"]))
+    elif isinstance(record.get("ok"), bool):
+        parts.append("ok" if record["ok"] else "failed")
+    sinks = record.get("sinks", record.get("results"))
+    if isinstance(sinks, dict) and sinks:
+        parts.append("; ".join(f"{name}: {_one_line(value)}" for name, value in sinks.items()))
+    elif isinstance(sinks, list) and sinks:
+        parts.append("; ".join(_one_line(value) for value in sinks))
+    if not parts:
+        return "?"
+    return parts[0] if len(parts) == 1 else f"{parts[0]} ({parts[1]})"
 
 
 def _one_line(value: Any) -> str:

@@ -38,8 +38,10 @@ def dead_letter(root: Path, study: str, reason: str, when: float, instances: int
     return folder
 
 
-def delivery_line(study: str, *, time="2027-01-15T08:00:00+00:00", instances=3, sinks=None) -> str:
-    record = {"time": time, "study": study, "instances": instances, "sinks": sinks or {"disk": "ok"}}
+def delivery_line(study: str, *, time="2027-01-15T08:00:00+00:00", instances=3, result="delivered",
+                  sinks=None) -> str:
+    record = {"time": time, "study": study, "instances": instances, "result": result,
+              "sinks": {"disk": "written"} if sinks is None else sinks}
     return json.dumps(record) + "\n"
 
 
@@ -87,6 +89,23 @@ def test_a_dead_lettered_study_shows_the_first_line_of_its_reason_and_when(layou
         STUDY_A, "FHIR server rejected the bundle: HTTP 422", NOW - 3600, 2)
 
 
+def test_a_study_the_node_set_aside_is_read_as_the_node_wrote_it(layout):
+    from scp.dead_letter import DeadLetterBox
+    from scp.spool import FileSpool
+
+    spool_dir, dead = layout
+    spool = FileSpool(spool_dir)
+    for sop in ("1.1", "1.2", "1.3"):
+        spool.store(STUDY_A, sop, [b"header bytes"])
+    versions = {i.sop_uid: i.version for i in spool.read(STUDY_A, ["1.1", "1.2", "1.3"])}
+    DeadLetterBox(dead).put(STUDY_A, "PatientID differs between instances", details="series 1 vs 2",
+                            documents={"bundle.json": b"{}"}, spool=spool, versions=versions)
+    report = build_report(spool_dir, dead, NOW)
+    assert report.waiting == ()
+    [d] = report.dead_lettered
+    assert (d.study, d.reason, d.instances) == (STUDY_A, "PatientID differs between instances", 3)
+
+
 def test_a_dead_lettered_study_without_reason_file_is_still_listed(layout):
     spool, dead = layout
     (dead / STUDY_B / "instances").mkdir(parents=True)
@@ -104,13 +123,27 @@ def test_recent_deliveries_are_the_last_n_lines_in_order(layout):
     assert deliveries[-1].instances == 24
 
 
-def test_a_delivery_shows_each_sinks_result_on_one_line(layout):
+def test_a_delivery_shows_its_result_then_each_sinks_on_one_line(layout):
     spool, dead = layout
     (spool / "deliveries.jsonl").write_text(delivery_line(
-        STUDY_A, sinks={"disk": "fhir-output/x.json", "fhir": "retry later: HTTP 503\nbody"}))
+        STUDY_A, result="dead-lettered: HTTP 422\nOperationOutcome ...",
+        sinks={"disk": "fhir-output/x.json", "fhir": "refused: HTTP 422\nbody"}))
     [d] = build_report(spool, dead, NOW).deliveries
-    assert d.result == "disk: fhir-output/x.json; fhir: retry later: HTTP 503"
+    assert d.result == "dead-lettered: HTTP 422 (disk: fhir-output/x.json; fhir: refused: HTTP 422)"
     assert d.time == "2027-01-15T08:00:00+00:00"
+
+
+def test_the_nodes_own_journal_lines_are_read(layout):
+    from scp.delivery import DELIVERIES, Journal
+
+    spool, dead = layout
+    journal = Journal(spool / DELIVERIES, wall_clock=lambda: NOW)
+    journal.append(STUDY_A, 12, "delivered", {"disk": "written"}, series=2)
+    journal.append(STUDY_B, 3, "dead-lettered: refused by the FHIR server", {})
+    deliveries = build_report(spool, dead, NOW).deliveries
+    assert [(d.study, d.instances, d.result) for d in deliveries] == [
+        (STUDY_A, 12, "delivered (disk: written)"), (STUDY_B, 3, "dead-lettered: refused by the FHIR server")]
+    assert deliveries[0].time.startswith("2027-01-15T")
 
 
 def test_a_delivery_time_in_epoch_seconds_is_shown_as_a_date(layout):
