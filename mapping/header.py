@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.datadict import keyword_for_tag
 from pydicom.charset import python_encoding
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -89,21 +89,17 @@ class InstanceHeader:
         """Read the header values from a pydicom Dataset (see the module docstring).
 
         Raises MappingError naming the tag and the instance when one of the four UIDs is
-        missing or empty.
+        missing, empty or not a valid UID (it must also be a FHIR id: at most 64 characters).
         """
         if not isinstance(ds, Dataset):
             raise TypeError(f"ds: expected a pydicom Dataset, got {type(ds).__name__}")
-        reader = _Reader(ds)
-        sop_instance_uid = reader.uid(0x00080018, "SOPInstanceUID", "")
-        uids = dict(
-            study_uid=reader.uid(0x0020000D, "StudyInstanceUID", sop_instance_uid),
-            series_uid=reader.uid(0x0020000E, "SeriesInstanceUID", sop_instance_uid),
-            sop_instance_uid=sop_instance_uid,
-            sop_class_uid=reader.uid(0x00080016, "SOPClassUID", sop_instance_uid),
-        )
-        r = reader
+        r = _Reader(ds)
+        sop_instance_uid = r.uid(0x00080018, "")
         return cls(
-            **uids,
+            study_uid=r.uid(0x0020000D, sop_instance_uid),
+            series_uid=r.uid(0x0020000E, sop_instance_uid),
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=r.uid(0x00080016, sop_instance_uid),
             patient_id=r.text(0x00100020),
             issuer_of_patient_id=r.text(0x00100021),
             patient_name=r.person(0x00100010),
@@ -212,7 +208,7 @@ class _Reader:
             self._warn(tag, "control characters", "removed")
         return cleaned
 
-    def uid(self, tag: int, keyword: str, sop_instance_uid: str) -> str:
+    def uid(self, tag: int, sop_instance_uid: str) -> str:
         values = self._strings(tag, encoded=False, multi=True)
         text = values[0] if values else ""
         if not text:

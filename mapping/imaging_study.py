@@ -80,7 +80,8 @@ def _unique_codes(headers: Sequence[InstanceHeader], read: Callable[[InstanceHea
 
 
 def _concepts(codes: list[CodedValue]) -> list[dict[str, Any]]:
-    concepts = [codeable_concept([c]) for c in codes]
+    # An item with a meaning but no code value keeps the meaning as text.
+    concepts = [codeable_concept([c]) if c.value else codeable_concept([], c.meaning) for c in codes]
     return [c for c in concepts if c is not None]
 
 

@@ -222,3 +222,9 @@ def test_a_negative_instance_number_is_omitted_with_a_warning():
 def test_warnings_are_de_duplicated_across_instances():
     resources = convert(*[instance(1, n, PatientSex="X") for n in range(1, 6)])
     assert len([w for w in resources.warnings if "PatientSex" in w]) == 1
+
+
+def test_a_code_item_without_code_value_keeps_its_meaning_as_text():
+    item = code_item("x", "DCM", "Chest CT")
+    del item.CodeValue
+    assert study_of(instance(ProcedureCodeSequence=[item]))["procedureCode"] == [{"text": "Chest CT"}]
