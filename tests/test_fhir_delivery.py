@@ -479,6 +479,7 @@ def test_every_study_in_the_real_test_files_is_accepted_by_the_validating_engine
     assert len(fhir_engine.resources("ImagingStudy")) >= 20
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # pydicom's, about the values set on purpose
 @pytest.mark.parametrize("keyword, value", [
     ("StudyDescription", "Head\x01CT"),  # -> ImagingStudy.description
     ("PatientID", "12\x0734"),  # -> Patient.identifier.value
