@@ -214,3 +214,20 @@ def test_retry_requeue_puts_the_instances_back_into_the_spool_for_the_next_start
     assert "2 instance(s) back in the spool" in capsys.readouterr().out
     assert sorted(p.stem for p in (tmp_path / "spool" / study.study_uid).iterdir()) == sorted(study.sop_uids)
     assert not folder.exists() and fhir_engine.resources("ImagingStudy") == []
+
+
+def test_a_fhir_server_that_hangs_never_slows_reception(tmp_path, node_factory, fhir_engine):
+    fhir_engine.fault(count=1000, mode="hang")  # every request waits for the client's timeout (5 s)
+    node = node_factory(write_config(tmp_path, fhir_engine.base_url))
+    first, second = (generate_study(tmp_path / f"in{i}", 5, 1) for i in range(2))
+    send(node.port, first)
+    wait_until(lambda: fhir_engine.stats()["requests"] >= 1, what="a delivery stuck on the server")
+
+    started = time.monotonic()
+    send(node.port, second)  # received while the delivery worker waits on the server
+
+    assert time.monotonic() - started < 3.0
+    assert node.metrics.snapshot()["instances_received"] == 10
+    fhir_engine.reset()  # the server answers again: both studies get delivered
+    wait_until(lambda: len(delivered(tmp_path)) == 2, timeout=60, what="both deliveries")
+    assert len(fhir_engine.resources("ImagingStudy")) == 2
