@@ -131,6 +131,7 @@ class FhirEngine:
                 self.process.wait()
         if self.process.stdout:
             self.process.stdout.close()
+        self.stderr_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "FhirEngine":
         return self
@@ -147,8 +148,11 @@ class FhirEngine:
         return f"{self.base_url}/oauth2/token"
 
     def log(self) -> str:
-        """What the engine wrote on stderr (its own errors)."""
-        return self.stderr_path.read_text(errors="replace")
+        """What the engine wrote on stderr (its own errors), until stop()."""
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     # --- test controls (/_admin/) --------------------------------------------------------------
 
