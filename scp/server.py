@@ -283,6 +283,9 @@ class StorageServer:
         log.warning("association from %s at %s (called %s) rejected: %s", calling.strip(), address,
                     called.strip(), reason)
         assoc.acse.send_reject(*rsd)
+        # As pynetdicom's own rejection does: wait until the A-ASSOCIATE-RJ is out and the
+        # peer closed, otherwise the socket is shut before the PDU leaves.
+        assoc.kill()
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop listening, let the instance in flight finish, then close the associations."""

@@ -1,0 +1,110 @@
+"""The node as the tests see it: `python -m scp serve` in a subprocess on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import REPO, free_port
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20, what: str = "a condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def imaging_study(document: dict) -> dict:
+    if document["resourceType"] == "ImagingStudy":
+        return document
+    return next(e["resource"] for e in document["entry"] if e["resource"]["resourceType"] == "ImagingStudy")
+
+
+def instance_uids(document: dict) -> set[str]:
+    return {i["uid"] for s in imaging_study(document).get("series", []) for i in s.get("instance", [])}
+
+
+class NodeProcess:
+    """One node with its own folders under `root`. Restartable (same folders, new process)."""
+
+    def __init__(self, root: Path, *args: str, idle_timeout: float = 1.0, config: str | None = None,
+                 ae_title: str = "FHIRSCP") -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.spool = self.root / "spool"
+        self.output = self.root / "out"
+        self.dead_letter = self.root / "dead-letter"
+        self.log_path = self.root / "node.log"
+        self.args = list(args)
+        self.idle_timeout = idle_timeout
+        self.ae_title = ae_title
+        self.config = None
+        if config is not None:
+            self.config = self.root / "node.toml"
+            self.config.write_text(config)
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+
+    def start(self, idle_timeout: float | None = None) -> "NodeProcess":
+        self.port = free_port()
+        command = [sys.executable, "-m", "scp", "serve", "--port", str(self.port), "--bind", "127.0.0.1",
+                   "-aet", self.ae_title, "--spool-dir", str(self.spool), "--output-dir", str(self.output),
+                   "--dead-letter-dir", str(self.dead_letter),
+                   "--idle-timeout", str(idle_timeout or self.idle_timeout), *self.args]
+        if self.config is not None:
+            command += ["--config", str(self.config)]
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                        stderr=open(self.log_path, "ab"))
+        wait_for(lambda: "ready" in self.log()[offset:] or self.process.poll() is not None, 30, "the node to start")
+        if self.process.poll() is not None:
+            raise AssertionError(f"the node exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+        return self
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.process = None
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def output_of(self, study_uid: str) -> dict | None:
+        try:
+            return json.loads((self.output / f"{study_uid}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def deliveries(self, study_uid: str | None = None) -> list[dict]:
+        path = self.spool / "deliveries.jsonl"
+        if not path.exists():
+            return []
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [line for line in lines if study_uid is None or line["study"] == study_uid]
+
+    def wait_for_deliveries(self, study_uid: str, count: int = 1, timeout: float = 20) -> list[dict]:
+        wait_for(lambda: len(self.deliveries(study_uid)) >= count, timeout,
+                 f"{count} delivery(ies) of study {study_uid}; node log:\n{self.log()[-2000:]}")
+        return self.deliveries(study_uid)
+
+    def spooled(self, study_uid: str) -> set[str]:
+        folder = self.spool / study_uid
+        return {p.stem for p in folder.glob("*.dcm")} if folder.is_dir() else set()
