@@ -145,14 +145,17 @@ _DIRECT_CHARSETS.update({term: codec for term, codec in python_encoding.items()
 class _Reader:
     """Reads elements of one dataset, turning any failure into a warning about that tag."""
 
-    __slots__ = ("ds", "warnings", "codec")
+    __slots__ = ("ds", "elements", "warnings", "codec")
 
     def __init__(self, ds: Dataset) -> None:
         self.ds = ds
+        # The Dataset's element dict, read directly: Dataset.get_item's key conversion costs
+        # more than everything else here (pydicom 3.x keeps elements in ``_dict`` by tag).
+        self.elements = getattr(ds, "_dict", None)
         self.warnings: list[str] = []
         self.codec: str | None = None  # None: let pydicom decode text with its character set
         try:
-            charset = ds.get_item(0x00080005)
+            charset = self._element(0x00080005)
             if charset is None:
                 self.codec = "latin_1"
             else:
@@ -167,6 +170,15 @@ class _Reader:
         except Exception:
             self.codec = None
 
+    def _element(self, tag: int) -> Any:
+        """The element, raw when pydicom has not converted it yet; None when absent."""
+        if not isinstance(self.elements, dict):
+            return self.ds.get_item(tag)
+        element = self.elements.get(tag)
+        if isinstance(element, RawDataElement) and element.value is None:
+            return self.ds.get_item(tag)  # a deferred read: let pydicom load it
+        return element
+
     def _value(self, tag: int) -> Any:
         try:
             element = self.ds.get(tag)
@@ -178,7 +190,7 @@ class _Reader:
     def _strings(self, tag: int, *, encoded: bool = True, multi: bool = False) -> tuple[str, ...] | None:
         """The values of a string element (None when absent), decoded directly when possible."""
         try:
-            element = self.ds.get_item(tag)
+            element = self._element(tag)
             if element is None:
                 return None
             if isinstance(element, RawDataElement) and element.value is not None and (self.codec or not encoded):
@@ -253,7 +265,7 @@ class _Reader:
 
     def people(self, tag: int) -> tuple[PersonName, ...]:
         try:
-            element = self.ds.get_item(tag)
+            element = self._element(tag)
             if element is None:
                 return ()
             if isinstance(element, RawDataElement) and element.value is not None and self.codec:
