@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -36,8 +37,11 @@ def test_orthanc_pushes_a_multi_series_study_and_every_instance_arrives(tmp_path
 
     ct = generate_study(tmp_path / "ct", n_instances=30, n_series=3)
     # A second, real MR study: another SOP class, so Orthanc opens more than one association.
-    mr_study = Path(get_testdata_file("dicomdirtests/98892003/MR700/4648")).parent.parent
-    mr_files = sorted(p for p in mr_study.rglob("*") if p.is_file())
+    # The folder holds three studies of one patient; take the one with 3 series / 11 instances.
+    anchor = Path(get_testdata_file("dicomdirtests/98892003/MR700/4648"))
+    mr_uid = pydicom.dcmread(anchor, stop_before_pixels=True).StudyInstanceUID
+    mr_files = sorted(p for p in anchor.parent.parent.rglob("*") if p.is_file()
+                      and pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == mr_uid)
     files = list(ct.files) + mr_files
     assert len(mr_files) > 0
 
