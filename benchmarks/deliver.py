@@ -98,7 +98,7 @@ def through_node(engine: FhirEngine, study: GeneratedStudy, options: MappingOpti
             "received": sent, "sender": sender, "result": line["result"]}
 
 
-def read_study(folder: Path, options: MappingOptions) -> list[pydicom.Dataset]:
+def read_study(folder: Path) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(folder.iterdir())]
 
 
@@ -143,7 +143,7 @@ def main() -> int:
     tmp_dir = tempfile.TemporaryDirectory(prefix="bench-deliver-")
     tmp = Path(tmp_dir.name)
     study = generate_study(tmp / "in", args.n, args.series)
-    datasets = read_study(tmp / "in", options)
+    datasets = read_study(tmp / "in")
     started = time.perf_counter()
     whole = convert_study(datasets, options)
     convert_time = time.perf_counter() - started
@@ -164,7 +164,8 @@ def main() -> int:
         }
         stored = engine.resources("ImagingStudy")
         if len(stored) != 1 or stored[0].get("numberOfInstances") != args.n:
-            print(f"benchmark: the server does not hold the whole study: {[s.get('numberOfInstances') for s in stored]}")
+            counts = [s.get("numberOfInstances") for s in stored]
+            print(f"benchmark: the server does not hold the whole study: {counts}")
             return 1
         if not args.no_node:
             results["node"] = through_node(engine, study, options, tmp)

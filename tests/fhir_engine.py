@@ -40,7 +40,7 @@ from tests.conftest import IN_CI, REPO
 SERVER_DIR = REPO / "tests" / "fhir_server"
 SERVER = SERVER_DIR / "server.mjs"
 NODE22 = SERVER_DIR / "node22" / "node_modules" / ".bin" / "node"
-READY = re.compile(r"FHIR engine ready on (http://\S+)")
+READY = re.compile(r"FHIR engine ready on (https?://\S+)")
 START_TIMEOUT = 60.0
 
 
@@ -83,7 +83,7 @@ def _node_version(node: str) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match else None
 
 
-def engine_command(port: int = 0, auth: dict[str, Any] | None = None) -> list[str]:
+def engine_command(port: int = 0, auth: dict[str, Any] | None = None, tls: "TlsFiles | None" = None) -> list[str]:
     if not (SERVER_DIR / "node_modules" / "@medplum" / "fhir-router").is_dir():
         raise EngineUnavailable("the FHIR engine's npm packages are not installed (npm ci in tests/fhir_server)")
     command = [*node_command(), str(SERVER), "--port", str(port)]
@@ -91,7 +91,38 @@ def engine_command(port: int = 0, auth: dict[str, Any] | None = None) -> list[st
              "clientId": "--client-id", "clientSecret": "--client-secret", "tokenLifetime": "--token-lifetime"}
     for key, value in (auth or {}).items():
         command += [flags[key], str(value)]
+    if tls is not None:
+        command += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
     return command
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A private CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(folder: Path, openssl: str = "openssl") -> TlsFiles:
+    """Create a CA and a certificate for IP 127.0.0.1 with the openssl command."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ext = folder / "server.ext"
+    ext.write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n")
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for args in (
+        ["req", "-x509", *new_key, "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=dicom-fhir-scp test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["req", *new_key, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+         "-days", "2", "-extfile", ext],
+    ):
+        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True, timeout=60)
+    return TlsFiles(ca, cert, key)
 
 
 @dataclass
@@ -101,13 +132,16 @@ class FhirEngine:
     process: subprocess.Popen
     base_url: str
     stderr_path: Path
+    verify: bool | str = True  # for the admin calls: the CA of an HTTPS engine
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, port: int = 0, *, timeout: float = START_TIMEOUT, **auth: Any) -> "FhirEngine":
-        """Start an engine (``auth``: mode=..., token=..., clientId=..., as POST /_admin/auth takes)."""
-        command = engine_command(port, auth)
+    def start(cls, port: int = 0, *, timeout: float = START_TIMEOUT, tls: TlsFiles | None = None,
+              **auth: Any) -> "FhirEngine":
+        """Start an engine (``auth``: mode=..., token=..., clientId=..., as POST /_admin/auth takes;
+        ``tls``: serve HTTPS with that certificate)."""
+        command = engine_command(port, auth, tls)
         stderr = tempfile.NamedTemporaryFile(prefix="fhir-engine-", suffix=".log", delete=False)
         process = subprocess.Popen(command, cwd=SERVER_DIR, stdout=subprocess.PIPE, stderr=stderr,
                                    stdin=subprocess.DEVNULL)
@@ -119,7 +153,7 @@ class FhirEngine:
             process.wait()
             log = Path(stderr.name).read_text(errors="replace")[-3000:]
             raise RuntimeError(f"FHIR engine did not start ({' '.join(command)}):\n{log}") from None
-        return cls(process, base_url, Path(stderr.name))
+        return cls(process, base_url, Path(stderr.name), str(tls.ca) if tls else True)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -157,7 +191,8 @@ class FhirEngine:
     # --- test controls (/_admin/) --------------------------------------------------------------
 
     def _admin(self, method: str, action: str, body: Any = None) -> Any:
-        response = requests.request(method, f"{self.base_url}/_admin/{action}", json=body, timeout=30)
+        response = requests.request(method, f"{self.base_url}/_admin/{action}", json=body, timeout=30,
+                                    verify=self.verify)
         response.raise_for_status()
         return response.json()
 

@@ -12,7 +12,8 @@ import dataclasses
 import json
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -24,9 +25,10 @@ from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.fhir_client import FhirClient
 from scp.fhir_sink import FhirSink
-from tests.conftest import free_port
+from tests.conftest import free_port, require_tool
 from tests.dicomgen import template_dataset
-from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process  # noqa: F401 (fixtures)
+from tests.fhir_engine import FhirEngine, make_tls_files, start_or_skip
+from tests.fhir_engine import fhir_engine, fhir_engine_process  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.interop
 
@@ -511,3 +513,29 @@ def test_a_merged_study_the_server_refuses_is_set_aside_with_what_was_sent(fhir_
     assert json.loads(documents["bundle.json"])["type"] == "transaction"  # the study, as a retry sends it
     assert "description" in json.loads(documents["outcome.json"])["issue"][0]["expression"][0]
     assert only(fhir_engine.resources("ImagingStudy"))["numberOfInstances"] == 2
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def https_engine(tmp_path_factory) -> Iterator[FhirEngine]:
+    tls = make_tls_files(tmp_path_factory.mktemp("tls"), require_tool("openssl"))
+    engine = start_or_skip(tls=tls)
+    yield engine
+    engine.stop()
+
+
+def test_a_server_certificate_from_an_unknown_ca_is_refused_and_the_study_kept(https_engine, study):
+    assert https_engine.base_url.startswith("https://")
+
+    with pytest.raises(DeliveryRetryable, match="SSLError"):
+        sink_for(https_engine).deliver(study.part(1))  # verified against the system's CAs by default
+    assert https_engine.resources("ImagingStudy") == []
+
+
+def test_a_configured_ca_bundle_lets_the_node_trust_a_private_ca(https_engine, study):
+    https_engine.reset()
+
+    sink_for(https_engine, ca_bundle=Path(https_engine.verify)).deliver(study.part(1))
+
+    assert len(https_engine.resources("ImagingStudy")) == 1

@@ -59,7 +59,8 @@ def test_a_transaction_is_all_or_nothing(fhir_engine):
 def test_a_stale_if_match_is_refused_with_412(fhir_engine):
     created = post(fhir_engine, "Patient", {"resourceType": "Patient", "gender": "other"}).json()
     url = f"{fhir_engine.base_url}/Patient/{created['id']}"
-    stale = requests.put(url, json=created | {"gender": "male"}, headers=FHIR_JSON | {"If-Match": 'W/"old"'}, timeout=30)
+    stale = requests.put(url, json=created | {"gender": "male"}, headers=FHIR_JSON | {"If-Match": 'W/"old"'},
+                         timeout=30)
     assert stale.status_code == 412
     fresh = requests.put(url, json=created | {"gender": "male"},
                          headers=FHIR_JSON | {"If-Match": f'W/"{created["meta"]["versionId"]}"'}, timeout=30)

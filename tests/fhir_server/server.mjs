@@ -3,9 +3,10 @@
 //
 //   node server.mjs --port 0 [--auth none|bearer|basic|oauth2] [--token T]
 //                   [--username U --password P] [--client-id ID --client-secret S]
-//                   [--token-lifetime SECONDS]
+//                   [--token-lifetime SECONDS] [--tls-cert PEM --tls-key PEM]
 //
-// Prints one line `FHIR engine ready on http://127.0.0.1:<port>` on stdout once it listens.
+// Prints one line `FHIR engine ready on http(s)://127.0.0.1:<port>` on stdout once it listens
+// (HTTPS when given a certificate and key).
 //
 // What makes it a real peer rather than a fake:
 // - every create and update (alone, conditional, or inside a batch/transaction Bundle) is
@@ -41,8 +42,10 @@
 //   POST /_admin/revoke-tokens          issued OAuth2 tokens stop working (as after a key rotation)
 //   GET  /_admin/resources/<Type>       every stored resource of that type (current versions)
 
-import http from 'node:http';
 import crypto from 'node:crypto';
+import fs from 'node:fs';
+import http from 'node:http';
+import https from 'node:https';
 import {
   OperationOutcomeError, badRequest, crawlTypedValue, getStatus, indexSearchParameterBundle,
   indexStructureDefinitionBundle, isOk, normalizeErrorString, toTypedValue, validateResource,
@@ -67,11 +70,14 @@ function parseArgs(argv) {
     if (flag === '--port') args.port = Number.parseInt(value, 10);
     else if (flag === '--host') args.host = value;
     else if (flag === '--auth') args.auth.mode = value;
+    else if (flag === '--tls-cert') args.tlsCert = value;
+    else if (flag === '--tls-key') args.tlsKey = value;
     else if (names[flag]) args.auth[names[flag]] = flag === '--token-lifetime' ? Number(value) : value;
     else throw new Error(`unknown option ${flag}`);
     i++;
   }
   checkAuth(args.auth);
+  if (!args.tlsCert !== !args.tlsKey) throw new Error('--tls-cert and --tls-key go together');
   return args;
 }
 
@@ -624,7 +630,7 @@ class Engine {
 }
 
 function baseUrl(req) {
-  return `http://${req.headers.host}`;
+  return `${req.socket.encrypted ? 'https' : 'http'}://${req.headers.host}`;
 }
 
 function decodeBasic(header) {
@@ -681,17 +687,20 @@ function main() {
   const started = Date.now();
   loadDefinitions();
   const engine = new Engine(args.auth);
-  const server = http.createServer((req, res) => {
+  const handler = (req, res) => {
     engine.handle(req, res).catch((err) => {
       process.stderr.write(`server.mjs: ${req.method} ${req.url}: ${err.stack ?? err}\n`);
       if (!res.headersSent) send(res, 500, { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'exception', details: { text: String(err.message ?? err) } }] });
       else res.destroy();
     });
-  });
+  };
+  const tls = args.tlsCert ? { cert: fs.readFileSync(args.tlsCert), key: fs.readFileSync(args.tlsKey) } : undefined;
+  const server = tls ? https.createServer(tls, handler) : http.createServer(handler);
   server.keepAliveTimeout = 30_000;
   server.listen(args.port, args.host, () => {
     const { port } = server.address();
-    process.stdout.write(`FHIR engine ready on http://${args.host}:${port} (auth ${args.auth.mode}, ${Date.now() - started} ms)\n`);
+    const scheme = tls ? 'https' : 'http';
+    process.stdout.write(`FHIR engine ready on ${scheme}://${args.host}:${port} (auth ${args.auth.mode}, ${Date.now() - started} ms)\n`);
   });
   const stop = () => {
     server.close();
