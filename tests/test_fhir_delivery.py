@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -539,3 +540,26 @@ def test_a_configured_ca_bundle_lets_the_node_trust_a_private_ca(https_engine, s
     sink_for(https_engine, ca_bundle=Path(https_engine.verify)).deliver(study.part(1))
 
     assert len(https_engine.resources("ImagingStudy")) == 1
+
+
+def test_credentials_never_appear_in_logs_or_reasons(fhir_engine, study, caplog):
+    caplog.set_level(logging.DEBUG)
+    reasons = []
+    attempts = [
+        ("bearer", dict(token="right-TOKEN-1"), dict(auth="bearer", token="wrong-TOKEN-2")),
+        ("basic", dict(username="node", password="right-PASS-1"),
+         dict(auth="basic", username="node", password="wrong-PASS-2")),
+        ("oauth2", dict(clientId="dicom node", clientSecret="right-SECRET-1"), oauth2(fhir_engine, "wrong-SECRET-2")),
+        ("oauth2", dict(clientId="dicom node", clientSecret="right-SECRET-1"), oauth2(fhir_engine, "right-SECRET-1")),
+    ]
+    for mode, server, client in attempts:
+        fhir_engine.set_auth(mode, **server)
+        try:
+            reasons.append(sink_for(fhir_engine, **client).deliver(study.part(1)))
+        except DeliveryRejected as exc:
+            reasons.append(f"{exc} {exc.documents.get('outcome.json', b'')!r}")
+
+    shown = caplog.text + "\n".join(reasons)
+    assert "ImagingStudy/" in shown  # the last one was delivered and logged
+    for secret in ("TOKEN", "PASS", "SECRET"):
+        assert secret not in shown
