@@ -8,7 +8,9 @@ designators map to their FHIR systems; any other keeps its information as
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from pydicom.sr._snomed_dict import mapping as _SNOMED_MAPPING
@@ -16,7 +18,7 @@ from pydicom.sr._snomed_dict import mapping as _SNOMED_MAPPING
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
 SNOMED_SYSTEM = "http://snomed.info/sct"
 
-DESIGNATOR_SYSTEMS: dict[str, str] = {
+DESIGNATOR_SYSTEMS: Mapping[str, str] = MappingProxyType({
     "DCM": DCM_SYSTEM,
     "SCT": SNOMED_SYSTEM,
     "SRT": SNOMED_SYSTEM,
@@ -24,11 +26,11 @@ DESIGNATOR_SYSTEMS: dict[str, str] = {
     "RADLEX": "http://www.radlex.org",
     "UCUM": "http://unitsofmeasure.org",
     "ICD10": "http://hl7.org/fhir/sid/icd-10",
-}
+})
 
 # SNOMED RT identifiers (SRT, e.g. "T-D3000") are not SNOMED CT concept ids: translated
 # with pydicom's SRT → SCT table; an untranslatable one keeps its own scheme.
-_SRT_TO_SCT: dict[str, str] = _SNOMED_MAPPING.get("SRT", {})
+_SRT_TO_SCT: Mapping[str, str] = MappingProxyType(dict(_SNOMED_MAPPING.get("SRT", {})))
 _SCTID = re.compile(r"[1-9][0-9]{5,17}")
 _DESIGNATOR_CHARS = re.compile(r"[^A-Za-z0-9._\-]")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from pydicom.charset import python_encoding
@@ -137,9 +138,11 @@ class InstanceHeader:
 # Character sets whose bytes can be decoded directly (no ISO 2022 code extensions, and a
 # backslash byte is always the value separator): the common case, decoded without pydicom's
 # per-element conversion machinery, which costs more than reading the file.
-_DIRECT_CHARSETS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 192": "utf_8"}
-_DIRECT_CHARSETS.update({term: codec for term, codec in python_encoding.items()
-                         if term.startswith("ISO_IR") and term not in ("ISO_IR 13", "ISO_IR 6")})
+_DIRECT_CHARSETS = MappingProxyType({
+    **{term: codec for term, codec in python_encoding.items()
+       if term.startswith("ISO_IR") and term not in ("ISO_IR 13", "ISO_IR 6")},
+    "": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 192": "utf_8",
+})
 
 
 class _Reader:

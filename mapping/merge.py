@@ -9,7 +9,8 @@ the same part twice gives the same resource. Two patients are never merged into 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from fhir.resources.R4B.imagingstudy import ImagingStudy
@@ -41,7 +42,8 @@ def _reference_key(reference: dict[str, Any]) -> Any:
     return reference.get("reference") or _canonical(reference)
 
 
-LIST_KEYS: dict[str, Key] = {"identifier": _identifier_key, "modality": _coding_key, "endpoint": _reference_key}
+LIST_KEYS: Mapping[str, Key] = MappingProxyType(
+    {"identifier": _identifier_key, "modality": _coding_key, "endpoint": _reference_key})
 
 
 def union(existing: list[Any], new: list[Any], key: Key | None = None) -> list[Any]:

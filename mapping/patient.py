@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from mapping.datetimes import fhir_date
@@ -10,7 +11,7 @@ from mapping.options import MappingOptions
 from mapping.systems import as_system
 
 IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
-GENDERS = {"M": "male", "F": "female", "O": "other"}
+GENDERS = MappingProxyType({"M": "male", "F": "female", "O": "other"})
 
 
 def identifier_system(issuer_of_patient_id: str, options: MappingOptions, warnings: list[str]) -> str | None:

@@ -21,6 +21,7 @@ from mapping import MappingOptions, StudyResources, convert_study
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 DICOMDIR_TESTS = Path(get_testdata_file("DICOMDIR")).parent
 CT_STUDY = "1.3.6.1.4.1.5962.1.1.0.0.0.1194734704.16302.0.1"  # 2 CT series: 5 + 2 instances
+MR_STUDY = "1.3.6.1.4.1.5962.1.1.0.0.0.1196533885.18148.0.1"  # 3 MR series: 7 + 3 + 1 instances
 CR_STUDY = "1.3.6.1.4.1.5962.1.1.0.0.0.1196527414.5534.0.1"  # CR, BodyPartExamined CSPINE
 SR_FILE = Path(get_testdata_file("test-SR.dcm"))
 STUDY = "1.2.826.0.1.3680043.8.498.1"

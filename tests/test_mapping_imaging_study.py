@@ -6,12 +6,13 @@ import json
 import random
 
 import pytest
+from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 
 from mapping import (InstanceHeader, MappingError, MultipleStudiesError, PatientMismatchError, convert_datasets,
                      convert_study, render)
-from tests.mapping_cases import (CR_STUDY, CT_STUDY, SR_FILE, STUDY, as_json, code_item, convert, dicomdir_instances,
-                                 instance, read, reread, study_of)
+from tests.mapping_cases import (CR_STUDY, CT_STUDY, MR_STUDY, SR_FILE, STUDY, as_json, code_item, convert,
+                                 dicomdir_instances, instance, read, reread, study_of)
 
 # Several cases set invalid values on purpose; pydicom warns about them when they are set.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning",
@@ -38,13 +39,19 @@ def test_counts_are_integers_of_what_the_resource_holds(dicomdir):
     assert all(isinstance(i["number"], int) for s in study["series"] for i in s["instance"])
 
 
+def test_the_mr_study_holds_its_three_series(dicomdir):
+    study = study_of(*dicomdir[MR_STUDY])
+    assert (study["numberOfSeries"], study["numberOfInstances"]) == (3, 11)
+    assert sorted(len(s["instance"]) for s in study["series"]) == [1, 3, 7]
+    assert study["modality"] == [{"system": DCM, "code": "MR"}]
+
+
 def test_every_dicomdir_study_validates_and_round_trips_through_the_r4b_models(dicomdir):
     for datasets in dicomdir.values():
         resources = convert_study(datasets)
         for shape in ("bundle", "contained"):
             document = render(resources, shape)
-            model = ImagingStudy if shape == "contained" else __import__(
-                "fhir.resources.R4B.bundle", fromlist=["Bundle"]).Bundle
+            model = ImagingStudy if shape == "contained" else Bundle
             assert json.loads(model.model_validate(document).model_dump_json(exclude_none=True)) == document
 
 
