@@ -6,8 +6,10 @@ The rules are ../shared/mapping.md. Public API (everything importable from ``map
         The slim, immutable set of values the mapping needs from one instance (strings
         decoded with the dataset's SpecificCharacterSet). Raises MappingError naming the
         tag when StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID or SOPClassUID is
-        missing or empty. Cheap: the node and the folder converter build one per instance
-        and drop the Dataset at once.
+        missing, empty or not a valid UID (it must also be a FHIR id: at most 64
+        characters). A malformed optional value is dropped and named in ``warnings``.
+        Cheap: the node and the folder converter build one per instance and drop the
+        Dataset at once.
 
     StudyResources(study_uid, patient, imaging_study, endpoint=None, warnings=())
         One study's resources (fhir.resources.R4B models). Canonical form: the
@@ -30,7 +32,8 @@ The rules are ../shared/mapping.md. Public API (everything importable from ``map
     render(resources, shape) -> dict         JSON-ready dict of either shape
     parse_resources(document) -> StudyResources
         The inverse of render for either shape (render(parse_resources(render(r, s)), s)
-        == render(r, s)); raises MappingError for a document that is neither shape.
+        == render(r, s)); raises MappingError for a document that is neither shape or
+        whose resources do not validate (the warnings are not part of a document).
 
     merge_imaging_study(existing, new) -> ImagingStudy
         Union by series/instance UID (a resent instance replaces its earlier version),
@@ -40,7 +43,8 @@ The rules are ../shared/mapping.md. Public API (everything importable from ``map
         identifier and they differ.
     merge_resources(existing, new) -> StudyResources
         The same for a whole study (Patient values filled in, never overwritten; raises
-        PatientMismatchError when the patients' identifiers differ).
+        PatientMismatchError when the patients' identifiers differ, MappingError when the
+        two are different studies).
 """
 
 from mapping.errors import (ConfigurationError, DicomFhirError, MappingError, MultipleStudiesError,
