@@ -231,3 +231,33 @@ def test_a_fhir_server_that_hangs_never_slows_reception(tmp_path, node_factory, 
     fhir_engine.reset()  # the server answers again: both studies get delivered
     wait_until(lambda: len(delivered(tmp_path)) == 2, timeout=60, what="both deliveries")
     assert len(fhir_engine.resources("ImagingStudy")) == 2
+
+
+@pytest.mark.xfail(strict=True, reason="scp.delivery.redeliver removes the whole dead-letter folder after a "
+                                       "retry, including a part the node set aside there during the retry")
+def test_a_part_set_aside_while_retry_runs_is_not_lost(tmp_path):
+    from mapping import MappingOptions
+    from scp.dead_letter import DeadLetterBox
+    from scp.delivery import redeliver
+    from scp.spool import FileSpool
+
+    study = generate_study(tmp_path / "in", 2, 1)
+    first, second = study.files
+    spool, box = FileSpool(tmp_path / "spool"), DeadLetterBox(tmp_path / "dead-letter")
+
+    def set_aside(path: Path) -> None:  # what the node's worker does with a part of a dead-lettered study
+        spool.store(study.study_uid, path.stem, [path.read_bytes()])
+        versions = {i.sop_uid: i.version for i in spool.read(study.study_uid, [path.stem])}
+        box.put(study.study_uid, "study already in the dead-letter folder", spool=spool, versions=versions)
+
+    class SinkDuringWhichAPartArrives:
+        name = "fhir"
+
+        def deliver(self, resources):
+            set_aside(second)  # the second part arrives while the first is being delivered
+            return "delivered"
+
+    set_aside(first)
+    redeliver(study.study_uid, [SinkDuringWhichAPartArrives()], MappingOptions(), dead_letters=box)
+
+    assert (box.folder(study.study_uid) / "instances" / second.name).exists()  # kept for the next retry
