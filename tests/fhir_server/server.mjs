@@ -321,11 +321,13 @@ class ValidatingRepository extends MemoryRepository {
     try {
       issues = validateResource(resource, { collect: { tokens } });
     } catch (err) {
-      if (err instanceof OperationOutcomeError) throw err;
-      throw new OperationOutcomeError(badRequest(normalizeErrorString(err)));
+      if (!(err instanceof OperationOutcomeError)) throw new OperationOutcomeError(badRequest(normalizeErrorString(err)));
+      issues = err.outcome.issue ?? [];
     }
+    // Errors only: Medplum also warns about every urn:uuid reference of a transaction, which would
+    // bury the reason a resource was refused.
     const errors = [
-      ...(issues ?? []).filter((i) => i.severity === 'error'),
+      ...(issues ?? []).filter((i) => i.severity === 'error' || i.severity === 'fatal'),
       ...this.terminology.check(tokens),
       ...this.terminology.checkCodings(resource),
       ...specificationIssues(resource),
