@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from pydicom.uid import generate_uid
 
 from mapping import MappingError, MappingOptions, StudyResources, convert_study
@@ -171,6 +172,20 @@ def test_a_dicomweb_endpoint_configured_later_is_created_and_linked_on_the_next_
     imaging = only(fhir_engine.resources("ImagingStudy"))
     assert [e["reference"] for e in imaging["endpoint"]] == [f"Endpoint/{endpoint['id']}"]
     assert imaging["numberOfInstances"] == 3
+
+
+def test_an_existing_patient_record_is_referenced_and_never_overwritten(fhir_engine, study):
+    master = {"resourceType": "Patient", "identifier": [{"system": MRN, "value": "PAT-0001"}],
+              "name": [{"family": "Master", "given": ["Record"]}], "gender": "female"}
+    created = requests.post(f"{fhir_engine.base_url}/Patient", json=master, timeout=30,
+                            headers={"Content-Type": "application/fhir+json"}).json()
+
+    sink_for(fhir_engine).deliver(study.part(2))  # CT_small's patient: another name, another sex
+
+    patient = only(fhir_engine.resources("Patient"))
+    assert patient["meta"]["versionId"] == created["meta"]["versionId"]
+    assert patient["name"] == master["name"] and patient["gender"] == "female"
+    assert only(fhir_engine.resources("ImagingStudy"))["subject"]["reference"] == f"Patient/{created['id']}"
 
 
 def test_a_part_from_another_patient_is_rejected_and_not_merged(fhir_engine, study, template):
