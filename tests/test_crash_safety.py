@@ -1,0 +1,216 @@
+"""Crash safety: the node killed with SIGKILL at random moments never loses an acknowledged instance.
+
+Each trial starts the node (`dicom-fhir-scp serve`, tests/scp_node.py), streams a
+40-instance study to it from pynetdicom in this process (so the test knows exactly
+which C-STOREs got a success status back), and SIGKILLs the node at a moment drawn
+from a seeded random generator: most trials while the study is being sent, some in
+the completion/delivery window right after it. The node is then restarted on the same
+spool. Rules checked after every kill:
+
+- an output file present right after the kill is whole (valid JSON, a valid R4B Bundle);
+- after the restart every acknowledged instance is in the output file and, in the
+  trials with a FHIR sink, in the ImagingStudy the FHIR engine holds (exactly one);
+- nothing is left behind: no temporary file in the output folder, the spool empties.
+
+The seed is fixed, so a failing trial replays the same kill moment (give or take the
+scheduler). The last test is the graceful counterpart: SIGTERM mid-stream.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+from pynetdicom import _config as pynetdicom_config
+
+from tests.dicomgen import GeneratedStudy, generate_study
+from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process  # noqa: F401
+from tests.scp_node import NodeProcess, instance_uids, wait_for
+from tests.scu import associate
+
+pytestmark = pytest.mark.interop
+
+SEED = 20261124
+TRIALS = 12
+INSTANCES = 40
+IDLE_TIMEOUT = 1.0
+
+
+class StreamingSender:
+    """Sends a study over one association on a thread; records every SOP UID answered with success."""
+
+    def __init__(self, port: int, study: GeneratedStudy, ae_title: str = "FHIRSCP") -> None:
+        self.port = port
+        self.study = study
+        self.ae_title = ae_title
+        self.acknowledged: list[str] = []
+        self.failed: list[tuple[str, int]] = []
+        self.error: BaseException | None = None
+        self._progress = threading.Condition()
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+
+    def start(self) -> "StreamingSender":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            assoc = associate(self.port, calling="CRASHSCU", called=self.ae_title, timeout=10)
+            if not assoc.is_established:
+                return
+            for path, sop_uid in zip(self.study.files, self.study.sop_uids):
+                if not assoc.is_established:
+                    break
+                status = assoc.send_c_store(path)
+                code = getattr(status, "Status", None)
+                with self._progress:
+                    if code == 0x0000:
+                        self.acknowledged.append(sop_uid)
+                    elif code is not None:
+                        self.failed.append((sop_uid, code))
+                    self._progress.notify_all()
+                if code is None:  # no answer: the node is gone
+                    break
+            if assoc.is_established:
+                assoc.release()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.done.set()
+            with self._progress:
+                self._progress.notify_all()
+
+    def wait_acknowledged(self, count: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while len(self.acknowledged) < count and not self.done.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"only {len(self.acknowledged)} of {count} instances acknowledged")
+                self._progress.wait(remaining)
+
+    def join(self, timeout: float = 30) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the sender did not finish"
+
+
+def sigkill(node: NodeProcess) -> None:
+    node.process.kill()
+    node.process.wait(10)
+    node.process = None
+
+
+def temporary_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file() and (p.name.startswith(".") or ".tmp" in p.name))
+
+
+def output_files_are_whole(node: NodeProcess) -> None:
+    for path in node.output.glob("*.json"):
+        text = path.read_text(encoding="utf-8")
+        try:
+            document = json.loads(text)
+        except ValueError as exc:
+            raise AssertionError(f"{path.name} is not valid JSON after the kill ({exc}): {text[-200:]!r}")
+        Bundle.model_validate(document)
+
+
+def delivered(node: NodeProcess, study_uid: str) -> set[str]:
+    document = node.output_of(study_uid)
+    return instance_uids(document) if document else set()
+
+
+def fhir_imaging_studies(engine: FhirEngine, study_uid: str) -> list[dict]:
+    return [r for r in engine.resources("ImagingStudy")
+            if any(i.get("value") == f"urn:oid:{study_uid}" for i in r.get("identifier", []))]
+
+
+def fhir_instance_uids(resource: dict) -> set[str]:
+    return {i["uid"] for s in resource.get("series", []) for i in s.get("instance", [])}
+
+
+def kill_plan(trial: int) -> dict:
+    """Seeded kill moment of one trial: after `after` acknowledgements plus `delay` seconds."""
+    rng = random.Random(SEED + trial)
+    if trial % 4 == 3:  # in the completion / delivery window, right after the last instance
+        return {"phase": "delivering", "after": INSTANCES,
+                "delay": rng.uniform(IDLE_TIMEOUT - 0.2, IDLE_TIMEOUT + 0.8)}
+    return {"phase": "sending", "after": rng.randrange(0, INSTANCES), "delay": rng.uniform(0.0, 0.05)}
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> list[GeneratedStudy]:
+    root = tmp_path_factory.mktemp("crash-studies")
+    return [generate_study(root / f"study{i}", INSTANCES, 2) for i in range(TRIALS)]
+
+
+@pytest.fixture
+def chunked_sending(monkeypatch):
+    # The files go out as they are on disk: the sender spends no time re-encoding them.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+@pytest.mark.parametrize("trial", range(TRIALS), ids=lambda t: f"trial{t}-{'disk+fhir' if t % 2 else 'disk'}")
+def test_every_acknowledged_instance_survives_sigkill_at_a_random_moment(
+        trial, studies, tmp_path, request, chunked_sending):
+    engine = request.getfixturevalue("fhir_engine") if trial % 2 else None
+    study = studies[trial]
+    plan = kill_plan(trial)
+    args = ("--fhir-url", engine.base_url) if engine else ()
+    node = NodeProcess(tmp_path / "node", *args, idle_timeout=IDLE_TIMEOUT).start()
+    try:
+        sender = StreamingSender(node.port, study).start()
+        sender.wait_acknowledged(plan["after"])
+        time.sleep(plan["delay"])
+        sigkill(node)
+        sender.join()
+        acknowledged = set(sender.acknowledged)
+        assert sender.error is None and not sender.failed, (sender.error, sender.failed)
+        assert len(acknowledged) >= plan["after"]
+        output_files_are_whole(node)
+
+        node.start()
+        if acknowledged:
+            wait_for(lambda: acknowledged <= delivered(node, study.study_uid), 30, f"the {len(acknowledged)} acknowledged instances in the output; log:\n{node.log()[-2000:]}")
+        wait_for(lambda: not [p for p in node.spool.iterdir() if p.is_dir()], 30,
+                 f"the spool to empty; it holds {sorted(str(p.relative_to(node.spool)) for p in node.spool.rglob('*'))}")
+        output_files_are_whole(node)
+        assert temporary_files(node.output) == []
+        if engine is not None and acknowledged:
+            [resource] = fhir_imaging_studies(engine, study.study_uid)
+            ImagingStudy.model_validate(resource)
+            assert acknowledged <= fhir_instance_uids(resource)
+        print(f"trial {trial}: killed while {plan['phase']} after {len(acknowledged)} acknowledged "
+              f"(+{plan['delay']:.3f} s); all {len(acknowledged)} delivered after the restart")
+    finally:
+        if node.process is not None:
+            node.stop()
+
+
+def test_sigterm_mid_stream_exits_0_keeps_every_acknowledged_instance_and_a_restart_delivers_them(
+        tmp_path, chunked_sending):
+    study = generate_study(tmp_path / "study", INSTANCES, 2)
+    node = NodeProcess(tmp_path / "node", idle_timeout=600).start()
+    try:
+        sender = StreamingSender(node.port, study).start()
+        sender.wait_acknowledged(INSTANCES // 2)
+        assert node.stop() == 0
+        sender.join()
+        acknowledged = set(sender.acknowledged)
+        assert sender.error is None and not sender.failed, (sender.error, sender.failed)
+        assert len(acknowledged) >= INSTANCES // 2
+        assert acknowledged <= node.spooled(study.study_uid)
+        assert temporary_files(node.spool) == []
+        assert "SIGTERM received" in node.log()
+
+        node.start(idle_timeout=IDLE_TIMEOUT)
+        node.wait_for_deliveries(study.study_uid)
+        assert acknowledged <= instance_uids(node.output_of(study.study_uid))
+    finally:
+        node.stop()
