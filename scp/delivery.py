@@ -44,8 +44,8 @@ log = logging.getLogger("scp.delivery")
 
 DELIVERIES = "deliveries.jsonl"
 BASE_BACKOFF = 1.0  # seconds before the first retry
-QUIET = 0.25  # seconds without any arrival before headers of waiting studies are parsed ahead
-PREPARE_BATCH = 64  # instances parsed ahead before checking again for due parts and arrivals
+QUIET = 0.1  # seconds without any arrival before headers of waiting studies are parsed ahead
+PREPARE_BATCH = 100  # instances parsed ahead before checking again for due parts and arrivals
 
 
 @dataclass
@@ -59,6 +59,7 @@ class DeliveryReport:
     unreadable: list[str] = field(default_factory=list)  # SOP UIDs whose spooled header could not be used
     sinks: dict[str, str] = field(default_factory=dict)  # sink name -> result text
     warnings: tuple[str, ...] = ()
+    parsed_ahead: int = 0  # headers taken from the HeaderCache
 
 
 def read_header(instance: SpooledInstance):
@@ -77,14 +78,45 @@ def read_header(instance: SpooledInstance):
 
 
 class HeaderCache:
-    """InstanceHeaders parsed ahead of a study's completion (while the node is quiet).
+    """Work done ahead of a study's completion, while the node is quiet.
 
-    Keyed by spool file version, so an instance received again is parsed again.
+    InstanceHeaders keyed by spool file version (an instance received again is parsed
+    again), and the study's conversion keyed by the exact set of instance versions it
+    was made from (used only when the completed part is exactly that set).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._studies: dict[str, dict[str, tuple[tuple[int, int], Any]]] = {}
+        self._converted: dict[str, tuple[frozenset, Any]] = {}
+
+    def converted(self, study_uid: str, versions: dict[str, tuple[int, int]]):
+        with self._lock:
+            entry = self._converted.get(study_uid)
+        return entry[1] if entry is not None and entry[0] == frozenset(versions.items()) else None
+
+    def put_converted(self, study_uid: str, versions: dict[str, tuple[int, int]], resources) -> None:
+        with self._lock:
+            self._converted[study_uid] = (frozenset(versions.items()), resources)
+
+    def is_converted(self, study_uid: str, sop_uids: Iterable[str]) -> bool | None:
+        """True: converted for exactly these instances; False: all parsed, not converted; None: not all parsed."""
+        with self._lock:
+            known = self._studies.get(study_uid, {})
+            versions = {}
+            for sop in sop_uids:
+                entry = known.get(sop)
+                if entry is None or entry[1] is None:
+                    return None
+                versions[sop] = entry[0]
+            converted = self._converted.get(study_uid)
+            return converted is not None and converted[0] == frozenset(versions.items())
+
+    def headers(self, study_uid: str, sop_uids: Iterable[str]) -> tuple[dict[str, tuple[int, int]], list]:
+        with self._lock:
+            known = self._studies.get(study_uid, {})
+            entries = [(sop, known[sop]) for sop in sop_uids]
+        return {sop: e[0] for sop, e in entries}, [e[1] for _, e in entries]
 
     def get(self, study_uid: str, sop_uid: str, version: tuple[int, int]):
         with self._lock:
@@ -103,6 +135,7 @@ class HeaderCache:
     def drop(self, study_uid: str) -> None:
         with self._lock:
             self._studies.pop(study_uid, None)
+            self._converted.pop(study_uid, None)
 
     def __len__(self) -> int:
         with self._lock:
@@ -127,8 +160,10 @@ def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: S
     done = {} if done is None else done
     headers = []
     series: set[str] = set()
+    ahead = 0
     for instance in instances:
         header = None if cache is None else cache.get(study_uid, instance.sop_uid, instance.version)
+        ahead += header is not None
         try:
             if header is None:
                 header, _ = read_header(instance)
@@ -142,10 +177,13 @@ def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: S
         headers.append(header)
         report.versions[instance.sop_uid] = instance.version
     report.instances, report.series = len(headers), len(series)
+    report.parsed_ahead = ahead
     if not headers:
         return report
+    resources = None if cache is None else cache.converted(study_uid, report.versions)
     try:
-        resources = convert_study(headers, options)
+        if resources is None:
+            resources = convert_study(headers, options)
     except PatientMismatchError as exc:
         log.debug("study %s: %s", study_uid, exc)  # the text may quote patient IDs
         raise DeliveryRejected("PatientMismatchError: the study's instances disagree on PatientID; "
@@ -293,14 +331,15 @@ class DeliveryWorker:
             with self._changed:
                 if self._stopping:
                     return
-                if prepared is False:  # headers wait to be parsed once arrivals pause: look again soon
+                if self._waiting is not None:  # arrivals don't wake this thread: look again soon
                     part = QUIET / 2 if part is None else min(part, QUIET / 2)
                 self._changed.wait(part)
 
     def _prepare_some(self) -> bool | None:
         """Parse a batch of waiting instances' headers into the cache while the node is quiet.
 
-        True: did some; False: some wait, but instances are arriving; None: nothing to do.
+        True: did some; False: studies are waiting (instances arriving, or all done for now):
+        look again soon; None: no study is waiting.
         """
         if self._waiting is None:
             return None
@@ -310,9 +349,7 @@ class DeliveryWorker:
             todo += [(study_uid, sop) for sop in self.cache.missing(study_uid, sop_uids)]
             if len(todo) >= PREPARE_BATCH:
                 break
-        if not todo:
-            return None
-        if quiet_for < QUIET:
+        if todo and quiet_for < QUIET:
             return False
         for study_uid, sop_uid in todo[:PREPARE_BATCH]:
             for instance in self.spool.read(study_uid, [sop_uid]):
@@ -321,7 +358,23 @@ class DeliveryWorker:
                 except Exception:  # reported when the study is delivered
                     header = None
                 self.cache.put(study_uid, sop_uid, instance.version, header)
-        return True
+        if todo:
+            return True
+        # Every header is parsed: convert the waiting studies too, so that completion only
+        # leaves the sinks to run (the conversion is used only if no instance came meanwhile).
+        for study_uid, sop_uids in waiting.items():
+            if self.cache.is_converted(study_uid, sop_uids) is False:
+                if quiet_for < QUIET:
+                    return False
+                versions, headers = self.cache.headers(study_uid, sop_uids)
+                try:
+                    from mapping import convert_study
+                    resources = convert_study(headers, self.options)
+                except Exception:  # PatientMismatchError and the like: reported when it is delivered
+                    resources = None
+                self.cache.put_converted(study_uid, versions, resources)
+                return True
+        return False if waiting else None  # more may arrive: look again
 
     def run_once(self, now: float | None = None) -> bool:
         """Deliver the next part due at `now`; False when none is due."""
@@ -379,8 +432,9 @@ class DeliveryWorker:
             self._count("deliveries_ok")
             seconds = self._clock() - part.completed_at
             where = "; ".join(f"{name}: {result}" for name, result in report.sinks.items()) or "no sink configured"
-            log.info("study %s delivered: %d instance(s) in %d series -> %s", uid, report.instances,
-                     report.series, where)
+            log.info("study %s delivered: %d instance(s) in %d series -> %s (%.1f s after completion)", uid,
+                     report.instances, report.series, where, seconds)
+            log.debug("study %s: %d header(s) parsed ahead, attempt %d", uid, report.parsed_ahead, part.attempts)
             if self.journal is not None:
                 self.journal.append(uid, report.instances, "delivered", report.sinks, series=report.series,
                                     attempts=part.attempts, seconds=round(seconds, 3))

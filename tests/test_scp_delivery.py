@@ -267,9 +267,35 @@ def test_headers_parsed_ahead_while_the_node_is_quiet_are_used_at_completion(tmp
     sops = {spool_instance(spool, "1.2.3") for _ in range(3)}
     worker = make_worker(tmp_path, spool, [RecordingSink()], clock,
                          waiting=lambda: (1.0, {"1.2.3": frozenset(sops)}))
-    assert worker._prepare_some() is True
+    assert worker._prepare_some() is True  # the headers
     assert len(worker.cache) == 3
-    assert worker._prepare_some() is None  # nothing left to parse
+    assert worker._prepare_some() is True  # the conversion
+    assert worker._prepare_some() is False  # nothing left to do until more arrives
+    assert worker.cache.is_converted("1.2.3", sops)
     worker.submit("1.2.3", sops)
     worker.run_once()
     assert len(worker.cache) == 0
+    assert json.loads((tmp_path / "deliveries.jsonl").read_text())["instances"] == 3
+
+
+def test_nothing_is_parsed_ahead_while_instances_arrive(tmp_path, clock):
+    spool = MemorySpool()
+    sops = {spool_instance(spool, "1.2.3")}
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock,
+                         waiting=lambda: (0.01, {"1.2.3": frozenset(sops)}))
+    assert worker._prepare_some() is False
+    assert len(worker.cache) == 0
+
+
+def test_a_conversion_made_ahead_is_not_used_when_the_part_differs(tmp_path, clock):
+    spool = MemorySpool()
+    first = spool_instance(spool, "1.2.3")
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock,
+                         waiting=lambda: (1.0, {"1.2.3": frozenset({first})}))
+    worker._prepare_some(), worker._prepare_some()
+    second = spool_instance(spool, "1.2.3")
+    sink = RecordingSink()
+    worker.sinks = [sink]
+    worker.submit("1.2.3", {first, second})
+    worker.run_once()
+    assert sink.delivered == [{first, second}]
