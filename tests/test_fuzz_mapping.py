@@ -28,25 +28,15 @@ import struct
 
 import pydicom
 import pytest
+from fhir.resources.R4B import get_fhir_model_class
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-from pydicom.datadict import dictionary_VR
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from mapping import SHAPES, DicomFhirError, InstanceHeader, MappingOptions, convert_study, parse_resources, render
 from tests.conftest import IN_CI
-
-mapping = pytest.importorskip("mapping")
-if not hasattr(mapping, "convert_study"):  # the mapping modules land separately (issue 2)
-    if IN_CI:
-        raise ImportError("mapping.convert_study is missing: the mapping API is not implemented")
-    pytest.skip("mapping API not implemented yet", allow_module_level=True)
-
-from fhir.resources.R4B import get_fhir_model_class  # noqa: E402
-
-from mapping import (SHAPES, DicomFhirError, InstanceHeader, MappingOptions, convert_study,  # noqa: E402
-                     parse_resources, render)
 
 # pydicom warns (rightly) about every malformed value; the rules here are about what the mapping does.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
