@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ log = logging.getLogger("scp.server")
 
 SUCCESS = 0x0000
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+READ_AHEAD = 4 << 20  # bytes set aside for a PDU before its data arrives
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -134,6 +136,8 @@ class StoreHandler:
         self.on_stored = on_stored
         self.metrics = metrics
         self._stats: dict[int, _AssociationStats] = {}
+        self._gates: dict[int, _ResponseGate] = {}
+        self._syncer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
         self._in_flight = 0
         self._idle = threading.Condition()
 
@@ -173,9 +177,10 @@ class StoreHandler:
                 return self._fail(event, command_sop, exc)
             calling = _calling(event)
             try:
-                self.spool.store(instance.study_uid, instance.sop_uid, header_file(instance, calling))
                 if self.archive is not None:
                     self.archive.store(instance.study_uid, instance.sop_uid, full_file(instance, calling))
+                make_durable = self.spool.store_deferred(instance.study_uid, instance.sop_uid,
+                                                         header_file(instance, calling))
             except OSError as exc:
                 log.error("C-STORE from %s: instance %s of study %s not stored: %s (answered 0x%04X "
                           "out of resources)", calling, instance.sop_uid, instance.study_uid, exc, OUT_OF_RESOURCES)
@@ -184,6 +189,18 @@ class StoreHandler:
             del instance  # it holds a view of the buffer, which must go before release()
         finally:
             view.release()
+        gate = self._gates.get(id(event.assoc))
+        if gate is None:
+            try:
+                make_durable()
+            except OSError as exc:
+                log.error("C-STORE from %s: instance %s of study %s not stored: fsync failed: %s", _calling(event),
+                          sop_uid, study_uid, exc)
+                return OUT_OF_RESOURCES
+        else:
+            # The fsync runs while pynetdicom encodes the response; the gate holds the response
+            # on the socket until it is done (or closes the connection if it fails).
+            gate.hold(self._syncer.submit(make_durable), f"instance {sop_uid} of study {study_uid}")
         self.on_stored(study_uid, sop_uid)
         return SUCCESS
 
@@ -201,13 +218,46 @@ class StoreHandler:
         if self.metrics is not None:
             self.metrics.inc("associations")
 
-    def closed(self, event) -> None:
-        stats = self._stats.pop(id(event.assoc), None)
-        if stats is None:
+    def connected(self, event) -> None:
+        """EVT_CONN_OPEN: tune the socket; gate this association's responses on durability."""
+        assoc_socket = event.assoc.dul.socket
+        raw = getattr(assoc_socket, "socket", None)
+        if raw is None:
             return
-        how = "released" if event.assoc.is_released else "aborted" if event.assoc.is_aborted else "closed"
-        log.info("association from %s at %s %s after %.1f s: %d instance(s) stored, %d failed", stats.calling_aet,
-                 stats.address, how, time.monotonic() - stats.started, stats.stored, stats.failed)
+        _tune_socket(event, raw, assoc_socket)
+        gate = _ResponseGate(raw, assoc_socket)
+        assoc_socket.send = gate.send  # this socket only, not pynetdicom's class
+        self._gates[id(event.assoc)] = gate
+
+    def closed(self, event) -> None:
+        assoc = event.assoc
+        gate = self._gates.pop(id(assoc), None)
+        if gate is not None:
+            gate.drain()
+        stats = self._stats.pop(id(assoc), None)
+        if stats is None:
+            reader = getattr(getattr(assoc.dul, "socket", None), "recv", None)
+            if not assoc.is_rejected and getattr(reader, "received", 0):  # a bare TCP probe sends nothing
+                log.warning("connection from %s:%s closed without an association: it sent no valid "
+                            "A-ASSOCIATE-RQ, or left before the answer", assoc.requestor.address,
+                            assoc.requestor.port)
+            return
+        partial = getattr(assoc.dimse, "message", None)  # pynetdicom's message being reassembled
+        if partial is not None:
+            command = getattr(partial, "command_set", None)
+            sop_uid = getattr(command, "AffectedSOPInstanceUID", None) or "?"
+            log.warning("association from %s at %s: the connection ended in the middle of instance %s; "
+                        "nothing of it was stored and no success was sent for it", stats.calling_aet,
+                        stats.address, sop_uid)
+        how = "released" if assoc.is_released else "aborted" if assoc.is_aborted else "closed"
+        # Ending without A-RELEASE (an A-ABORT, or the connection dropped) deserves a look.
+        log.log(logging.INFO if assoc.is_released else logging.WARNING,
+                "association from %s at %s %s after %.1f s: %d instance(s) stored, %d failed", stats.calling_aet,
+                stats.address, how, time.monotonic() - stats.started, stats.stored, stats.failed)
+
+    def shutdown(self) -> None:
+        """Finish the pending fsyncs (graceful shutdown)."""
+        self._syncer.shutdown(wait=True)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no C-STORE is being handled (graceful shutdown)."""
@@ -259,7 +309,7 @@ class StorageServer:
 
     def start(self) -> tuple[str, int]:
         handlers = [
-            (evt.EVT_CONN_OPEN, _tune_socket),
+            (evt.EVT_CONN_OPEN, self.handler.connected),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self.handler.opened),
             (evt.EVT_CONN_CLOSE, self.handler.closed),
@@ -301,6 +351,7 @@ class StorageServer:
         if not self.handler.wait_idle(grace):
             log.warning("an instance was still being stored after %.0f s; closing anyway", grace)
         self.ae.shutdown()  # aborts the associations still open (their senders resend what was not acknowledged)
+        self.handler.shutdown()
         self._server = None
 
 
@@ -309,12 +360,54 @@ def _on_echo(event) -> int:
     return SUCCESS
 
 
-def _tune_socket(event) -> None:
+class _ResponseGate:
+    """Holds an association's outgoing PDUs until the instances it acknowledges are durable.
+
+    pynetdicom encodes and queues the C-STORE response as soon as the handler returns;
+    its DUL thread then calls send(). The gate makes that call wait for the fsyncs the
+    handler started, so the fsync and the response's encoding overlap while no success
+    status leaves before its instance is on disk. When an fsync fails nothing more is
+    sent: the connection is closed (the sender sees the association drop and resends
+    what it was not told was stored).
+    """
+
+    def __init__(self, raw: socket.socket, assoc_socket) -> None:
+        self.raw = raw
+        self.assoc_socket = assoc_socket
+        self._send = assoc_socket.send
+        self._pending: list[tuple[Future, str]] = []
+        self._lock = threading.Lock()
+
+    def hold(self, durable: Future, what: str) -> None:
+        with self._lock:
+            self._pending.append((durable, what))
+
+    def drain(self) -> bool:
+        """Wait for every pending fsync; False when one failed."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        ok = True
+        for durable, what in pending:
+            try:
+                durable.result()
+            except Exception as exc:
+                log.error("%s: fsync failed (%s); closing the association instead of acknowledging it", what, exc)
+                ok = False
+        return ok
+
+    def send(self, data: bytes) -> None:
+        if self.drain():
+            self._send(data)
+            return
+        try:
+            self.raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.assoc_socket.event_queue.put("Evt17")  # transport closed, as pynetdicom's send reports it
+
+
+def _tune_socket(event, raw: socket.socket, assoc_socket) -> None:
     """TCP_NODELAY now; TCP_QUICKACK before each read (Linux clears it after every ACK)."""
-    assoc_socket = event.assoc.dul.socket
-    raw = getattr(assoc_socket, "socket", None)
-    if raw is None:
-        return
     try:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:
@@ -331,22 +424,26 @@ class _QuickAckReader:
     def __init__(self, raw: socket.socket) -> None:
         self.raw = raw
         self.quickack = TCP_QUICKACK is not None
+        self.received = 0  # bytes, for the log line of a connection that never became an association
 
     def __call__(self, nr_bytes: int) -> bytearray:
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        # nr_bytes is what the peer announced (a PDU length, up to 4 GiB): the buffer grows
+        # with what actually arrives, so a lying header costs no memory.
+        buffer = bytearray(min(nr_bytes, READ_AHEAD))
         received = 0
         raw = self.raw
         while received < nr_bytes:
+            if received == len(buffer):
+                buffer += bytes(min(len(buffer), nr_bytes - received))  # doubles, at most
             if self.quickack:
                 try:
                     raw.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
                 except OSError:
                     self.quickack = False
-            count = raw.recv_into(view[received:], nr_bytes - received)
+            with memoryview(buffer) as view:
+                count = raw.recv_into(view[received:], len(buffer) - received)
             if not count:  # the peer closed: return what arrived, as pynetdicom's reader does
-                del view
                 return buffer[:received]
             received += count
-        del view
+            self.received += count
         return buffer

@@ -25,7 +25,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 log = logging.getLogger("scp.spool")
 
@@ -76,29 +76,44 @@ class FileSpool:
         Raises ValueError for a UID that is not safe as a file name, OSError when the
         disk refuses (the caller answers "out of resources").
         """
+        self.store_deferred(study_uid, sop_uid, chunks)()
+
+    def store_deferred(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> Callable[[], None]:
+        """Write and rename now; return the function that makes it durable (fsync, close).
+
+        Until that function returned, the instance must not be acknowledged: the C-STORE
+        handler runs it while pynetdicom encodes the response, and holds the response
+        back until it is done (scp.server). Errors of the write and rename are raised
+        here; the returned function raises OSError when the fsync fails.
+        """
         if not is_safe_uid(study_uid) or not is_safe_uid(sop_uid):
             raise ValueError(f"not a valid UID for a spool file name: study {study_uid!r}, instance {sop_uid!r}")
         folder = self.root / study_uid
         tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"
         fd = self._open_temp(folder, tmp)
         try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            with self._lock:
+                os.replace(tmp, folder / f"{sop_uid}{SUFFIX}")
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+
+        def make_durable() -> None:
+            # One fsync after the rename makes both the content and the new name durable on
+            # journalling file systems (ext4, XFS: the rename changed this inode's ctime, so its
+            # fsync commits the journal transaction holding the rename): half the cost of
+            # fsync(file) + fsync(folder), the largest part of the per-instance time.
             try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
-                with self._lock:
-                    os.replace(tmp, folder / f"{sop_uid}{SUFFIX}")
-                # One fsync after the rename makes both the content and the new name durable on
-                # journalling file systems (ext4, XFS: the rename changed this inode's ctime, so its
-                # fsync commits the journal transaction holding the rename): half the cost of
-                # fsync(file) + fsync(folder), the largest part of the per-instance time.
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+
+        return make_durable
 
     def _open_temp(self, folder: Path, tmp: Path) -> int:
         for attempt in range(3):
