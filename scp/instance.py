@@ -209,6 +209,11 @@ def _scan(data: bytes | memoryview, implicit: bool, little: bool, collect: dict 
                 start = pos + 12
         tag = group << 16 | elem
         if tag >= _BULK_GROUP:
+            # Not kept, but it must be whole: an instance cut in its pixel data is not stored.
+            if length == _UNDEFINED:
+                _skip_sequence(data, start, implicit, tag_fmt, u32)
+            elif start + length > size:
+                raise ValueError(f"element ({group:04X},{elem:04X}) declares {length} bytes, {size - start} remain")
             break
         if length == _UNDEFINED:
             # A sequence (or UN of undefined length, whose content is implicit VR little endian)
