@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import logging
 import threading
@@ -19,9 +20,11 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
-from mapping import MappingError, MappingOptions, StudyResources, convert_study
+from mapping import MappingError, MappingOptions, StudyResources, convert_study, render
 from scp.auth import ClientCredentials
 from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
@@ -578,3 +581,57 @@ def test_credentials_never_appear_in_logs_or_reasons(fhir_engine, study, caplog)
     assert "ImagingStudy/" in shown  # the last one was delivered and logged
     for secret in ("TOKEN", "PASS", "SECRET"):
         assert secret not in shown
+
+
+# Text as senders really send it: any characters, odd spacing, any length, in every element the
+# mapping copies into FHIR (written to bytes and read back, as from the network).
+# Text VRs carry any character (UTF-8 declared); CS, DA, TM and the like only the default repertoire,
+# but senders put anything of it there, control characters and odd spacing included.
+odd_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=24)
+odd_ascii = st.text(st.characters(max_codepoint=127), max_size=16)
+HEADER_TEXT = {**dict.fromkeys(("StudyDescription", "SeriesDescription", "PatientName", "PatientID", "InstitutionName",
+                                "InstitutionalDepartmentName", "ReferringPhysicianName", "AccessionNumber",
+                                "ReasonForRequestedProcedure"), odd_text),
+               **dict.fromkeys(("BodyPartExamined", "Modality", "PatientSex", "PatientBirthDate", "StudyDate",
+                                "StudyTime", "SeriesDate", "SeriesTime", "TimezoneOffsetFromUTC", "Laterality"),
+                               odd_ascii)}
+header_values = st.lists(st.sampled_from(sorted(HEADER_TEXT)), max_size=6, unique=True).flatmap(
+    lambda keys: st.fixed_dictionaries({k: HEADER_TEXT[k] for k in keys}))
+
+
+@pytest.mark.filterwarnings("ignore")  # pydicom warns about every odd value, on purpose here
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(values=header_values,
+       procedure=st.none() | st.tuples(odd_ascii, st.sampled_from(["DCM", "SCT", "LN", "99LOCAL", ""]), odd_text))
+def test_whatever_text_a_sender_puts_in_the_header_the_engine_accepts_the_study(fhir_engine_process, template,
+                                                                                values, procedure):
+    ds = Study(template).datasets(1)[0]
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    if procedure is not None:
+        item = pydicom.Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = procedure
+        ds.ProcedureCodeSequence = [item]
+    try:
+        resources = convert_study([reread(ds)], OPTIONS)
+    except MappingError:
+        return  # refused with the project's error (e.g. a UID that is no FHIR id): not sent
+    document = render(resources, "bundle")
+
+    response = requests.post(fhir_engine_process.base_url, json=document, timeout=30,
+                             headers={"Content-Type": "application/fhir+json"})
+
+    assert response.status_code == 200, (response.text[:1000], values, procedure)
+
+
+def reread(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """ds as a Part 10 file read back: raw elements, as the node and the converter see them."""
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return pydicom.dcmread(buffer)
