@@ -605,6 +605,7 @@ header_values = st.lists(st.sampled_from(sorted(HEADER_TEXT)), max_size=6, uniqu
        procedure=st.none() | st.tuples(odd_ascii, st.sampled_from(["DCM", "SCT", "LN", "99LOCAL", ""]), odd_text))
 def test_whatever_text_a_sender_puts_in_the_header_the_engine_accepts_the_study(fhir_engine_process, template,
                                                                                 values, procedure):
+    fhir_engine_process.set_auth("none")  # a session fixture (hypothesis runs many examples per test)
     ds = Study(template).datasets(1)[0]
     ds.SpecificCharacterSet = "ISO_IR 192"
     for keyword, value in values.items():
