@@ -1,6 +1,7 @@
 """Ingest benchmark: the node against a discarding pynetdicom receiver and dcmtk storescp.
 
     .venv/bin/python benchmarks/ingest.py [--n 2000] [--series 4] [--small 500] [--idle-timeout 1]
+                                          [--repeat 2] [--slow-n 400]
 
 One study of --n generated instances (tests.dicomgen: pydicom's real CT_small.dcm header,
 about 39 KB each) is sent by dcmtk storescu over one association to each receiver, once
@@ -167,6 +168,9 @@ def main() -> int:
     parser.add_argument("--series", type=int, default=4)
     parser.add_argument("--small", type=int, default=500, help="instances of the small RSS run")
     parser.add_argument("--idle-timeout", type=float, default=1.0)
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="runs per receiver with the TCP_NODELAY=1 sender, interleaved; the best counts "
+                             "(other processes on the machine slow single runs down)")
     parser.add_argument("--slow-n", type=int, default=400,
                         help="instances sent to the baselines that stall on delayed ACKs with the default "
                              "sender (they run at a steady 10-25 inst/s; 2000 would take minutes)")
@@ -193,23 +197,29 @@ def main() -> int:
         node_runs: dict[bool, dict] = {}
         for nodelay in (True, False):
             label = "TCP_NODELAY=1" if nodelay else "default"
-            for name in ("node", "discard", "storescp"):
-                work = Path(tempfile.mkdtemp(dir=tmp, prefix=name))
-                if name == "node":
-                    node_runs[nodelay] = run_node(study, study.files[0].parent, work, nodelay, args.idle_timeout)
-                    seconds = node_runs[nodelay]["seconds"]
-                    count = args.n
-                else:
-                    folder, count = (study.files[0].parent, args.n) if nodelay else (slow, args.slow_n)
-                    if name == "discard":
-                        seconds = run_discard(folder, nodelay)
+            best: dict[str, tuple[float, int]] = {}
+            for attempt in range(args.repeat if nodelay else 1):
+                for name in ("node", "discard", "storescp"):
+                    work = Path(tempfile.mkdtemp(dir=tmp, prefix=name))
+                    if name == "node":
+                        run = run_node(study, study.files[0].parent, work, nodelay, args.idle_timeout)
+                        if nodelay not in node_runs or run["seconds"] < node_runs[nodelay]["seconds"]:
+                            node_runs[nodelay] = run
+                        seconds, count = run["seconds"], args.n
                     else:
-                        seconds = run_storescp(folder, work, nodelay)
+                        folder, count = (study.files[0].parent, args.n) if nodelay else (slow, args.slow_n)
+                        if name == "discard":
+                            seconds = run_discard(folder, nodelay)
+                        else:
+                            seconds = run_storescp(folder, work, nodelay)
+                    shutil.rmtree(work, ignore_errors=True)
+                    if name not in best or seconds < best[name][0]:
+                        best[name] = (seconds, count)
+            for name, (seconds, count) in best.items():
                 results[(name, nodelay)] = count / seconds
                 mb = megabytes * count / args.n
                 print(f"  sender {label:<14} -> {name:<9} {count / seconds:8.1f} inst/s "
                       f"{mb / seconds:7.1f} MB/s  ({count} in {seconds:.2f} s)", flush=True)
-                shutil.rmtree(work, ignore_errors=True)
 
         small_work = Path(tempfile.mkdtemp(dir=tmp, prefix="small"))
         small_run = run_node(small, small.files[0].parent, small_work, True, args.idle_timeout)

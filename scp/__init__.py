@@ -20,7 +20,8 @@ On-disk layout (shared by the node, `status` and `retry`):
 
     <spool_dir>/<StudyInstanceUID>/<SOPInstanceUID>.dcm
         one header-only DICOM Part 10 file per received instance (pixel data and
-        other bulk data left out), written to a temporary name, fsync'ed, renamed
+        other bulk data left out), written to a temporary name, renamed, fsync'ed
+        (one fsync makes content and name durable on ext4/XFS) before the success status
     <dead_letter_dir>/<StudyInstanceUID>/
         reason.txt, the instance headers (instances/), and the documents that explain
         the reason (bundle.json sent, outcome.json received)

@@ -107,8 +107,28 @@ class DeadLetterBox:
             result.append(SpooledInstance(path.name[:-len(SUFFIX)], path.read_bytes(), (st.st_ino, st.st_mtime_ns)))
         return result
 
+    def remove_delivered(self, study_uid: str, versions: dict[str, tuple[int, int]]) -> bool:
+        """Drop the delivered instances (still at the versions read); the folder goes when none is left.
+
+        Instances set aside meanwhile (the node dead-lettered a further part while `retry`
+        ran) stay, with the reason. Returns True when the study's folder is gone.
+        """
+        folder = self.folder(study_uid) / INSTANCES
+        for sop_uid, version in versions.items():
+            path = folder / f"{sop_uid}{SUFFIX}"
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if (st.st_ino, st.st_mtime_ns) == version:
+                path.unlink()
+        if folder.is_dir() and any(folder.glob(f"*{SUFFIX}")):
+            return False
+        self.remove(study_uid)
+        return True
+
     def remove(self, study_uid: str) -> None:
-        """Drop a set-aside study (after it was delivered)."""
+        """Drop a set-aside study with everything in its folder."""
         folder = self.folder(study_uid)
         # Rename first: a reader never sees half a folder, and a crash leaves a hidden leftover.
         trash = self.root / f".removing-{study_uid}-{os.getpid()}-{time.monotonic_ns()}"

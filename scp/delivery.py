@@ -482,7 +482,8 @@ def redeliver(study_uid: str, sinks: Sequence[Sink], options, *, dead_letters, j
               ) -> DeliveryReport:
     """Deliver a dead-lettered study again (the `retry` command), with the node's pipeline.
 
-    On success the dead-letter folder is removed and a deliveries.jsonl line appended.
+    On success the delivered instances leave the dead-letter folder (the folder goes with
+    the last; instances set aside meanwhile stay) and a deliveries.jsonl line is appended.
     DeliveryRejected: the folder stays; reason.txt and the documents are updated, and the
     exception is raised again. DeliveryRetryable: the folder stays untouched; raised.
     KeyError when the study is not in the dead-letter folder.
@@ -497,7 +498,9 @@ def redeliver(study_uid: str, sinks: Sequence[Sink], options, *, dead_letters, j
             _write_atomically(folder / Path(name).name, data)
         _write_atomically(folder / REASON, (str(exc).replace("\n", " ") + "\n").encode("utf-8"))
         raise
-    dead_letters.remove(study_uid)
+    if not dead_letters.remove_delivered(study_uid, report.versions):
+        log.warning("study %s: more instances were set aside while it was delivered; they stay in %s",
+                    study_uid, dead_letters.folder(study_uid))
     log.info("study %s delivered from the dead-letter folder: %d instance(s) in %d series -> %s", study_uid,
              report.instances, report.series, "; ".join(f"{k}: {v}" for k, v in report.sinks.items()))
     if journal is not None:

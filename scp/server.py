@@ -48,12 +48,6 @@ REJECT_NO_REASON = (0x01, 0x01, 0x01)
 
 OnStored = Callable[[str, str], None]
 
-# pynetdicom's DUL thread polls its socket, sleeping 1 ms between empty polls: up to 1 ms
-# added to every instance. A shorter nap costs a little CPU while an association is open,
-# so only while few are (many busy associations would spend it fighting over the GIL).
-DUL_POLL = 0.0002
-DUL_POLL_MAX_ASSOCIATIONS = 4
-
 
 @dataclass(frozen=True)
 class AccessPolicy:
@@ -416,8 +410,6 @@ def _tune_socket(event, raw: socket.socket, assoc_socket) -> None:
     # Replace this one socket's reader (not pynetdicom's class): re-arm QUICKACK and read
     # straight into one buffer instead of 4 KiB pieces.
     assoc_socket.recv = _QuickAckReader(raw)
-    if len(event.assoc.ae.active_associations) <= DUL_POLL_MAX_ASSOCIATIONS:
-        event.assoc.dul._run_loop_delay = DUL_POLL  # a documented knob, though private
 
 
 class _QuickAckReader:

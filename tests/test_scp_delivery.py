@@ -299,3 +299,25 @@ def test_a_conversion_made_ahead_is_not_used_when_the_part_differs(tmp_path, clo
     worker.submit("1.2.3", {first, second})
     worker.run_once()
     assert sink.delivered == [{first, second}]
+
+
+def test_redeliver_keeps_instances_set_aside_while_it_ran(tmp_path, clock):
+    spool = FileSpool(tmp_path / "spool")
+    first = spool_instance(spool, "1.2.3")
+    worker = make_worker(tmp_path, spool, [RecordingSink(failures=[DeliveryRejected("no")])], clock)
+    worker.submit("1.2.3", {first})
+    worker.run_once()
+    box = DeadLetterBox(tmp_path / "dead")
+
+    class SetAsideMeanwhile(RecordingSink):
+        def deliver(self, resources):
+            later = spool_instance(spool, "1.2.3")  # the node sets a further part aside meanwhile
+            box.put("1.2.3", "study already in the dead-letter folder", spool=spool,
+                    versions={i.sop_uid: i.version for i in spool.read("1.2.3", [later])})
+            self.later = later
+            return super().deliver(resources)
+
+    sink = SetAsideMeanwhile()
+    redeliver("1.2.3", [sink], MappingOptions(), dead_letters=box)
+    assert sink.delivered == [{first}]
+    assert [p.stem for p in box.get("1.2.3").instances] == [sink.later]
