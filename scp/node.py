@@ -59,7 +59,7 @@ class Node:
         self.server = StorageServer(node, config.security, self.handler)
 
     def _completed(self, study_uid: str, sop_uids: frozenset[str]) -> None:
-        log.info("study %s complete: %d instance(s) received since its last completion; delivering",
+        log.debug("study %s complete: %d instance(s) received since its last completion; delivering",
                  study_uid, len(sop_uids))
         if self.metrics is not None:
             self.metrics.inc("studies_completed")
