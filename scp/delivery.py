@@ -454,6 +454,7 @@ class DeliveryWorker:
 
     def _retry_later(self, part: _Part, exc: Exception, retry_after: float | None) -> None:
         self._count("deliveries_failed")
+        self.cache.drop(part.study_uid)  # parsed again on the next attempt: memory stays flat while it waits
         delay = backoff_delay(part.attempts, self.max_backoff, retry_after=retry_after, rand=self._rand,
                               base=self.base_backoff)
         part.due_at = self._clock() + delay

@@ -66,6 +66,7 @@ class Node:
         self.delivery.submit(study_uid, sop_uids)
 
     def start(self) -> tuple[str, int]:
+        self.spool.recover()
         waiting = self.spool.studies()
         if waiting:
             log.info("resuming %d study(ies) found in the spool (%d instance(s)); they complete in %g s",

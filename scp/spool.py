@@ -127,6 +127,25 @@ class FileSpool:
                 _fsync_folder(self.root)
         raise AssertionError("unreachable")
 
+    def recover(self) -> int:
+        """At start: drop temporary files a killed node left (never acknowledged) and empty folders.
+
+        Returns how many temporary files were removed.
+        """
+        removed = 0
+        with os.scandir(self.root) as entries:
+            folders = [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+        for folder in folders:
+            for name in os.listdir(folder):
+                if name.startswith(".") and name.endswith(".tmp"):
+                    (folder / name).unlink(missing_ok=True)
+                    removed += 1
+            self._drop_folder_if_empty(folder)
+        if removed:
+            log.info("removed %d incomplete instance file(s) left by an interrupted node (none was acknowledged)",
+                     removed)
+        return removed
+
     def studies(self) -> dict[str, set[str]]:
         """Every study in the spool with its instances (SOP Instance UIDs); temp files ignored."""
         found: dict[str, set[str]] = {}

@@ -89,6 +89,16 @@ class TestFileSpool(SpoolRules):
             spool.store(STUDY, "1.2.3.4.1", chunks())
         assert os.listdir(tmp_path / "spool" / STUDY) == []
 
+    def test_recover_drops_what_a_killed_node_left_half_written(self, tmp_path):
+        spool = self.make(tmp_path)
+        spool.store(STUDY, "1.2.3.4.1", [b"abc"])
+        (tmp_path / "spool" / STUDY / ".1.2.3.4.2.123.tmp").write_bytes(b"half")
+        (tmp_path / "spool" / "1.2.9").mkdir()
+        (tmp_path / "spool" / "1.2.9" / ".1.2.9.1.5.tmp").write_bytes(b"half")
+        assert spool.recover() == 2
+        assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [STUDY]
+        assert spool.studies() == {STUDY: {"1.2.3.4.1"}}
+
     def test_a_new_spool_object_finds_what_an_earlier_one_stored(self, tmp_path):
         self.make(tmp_path).store(STUDY, "1.2.3.4.1", [b"abc"])
         assert self.make(tmp_path).studies() == {STUDY: {"1.2.3.4.1"}}
