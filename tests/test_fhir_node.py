@@ -233,8 +233,6 @@ def test_a_fhir_server_that_hangs_never_slows_reception(tmp_path, node_factory, 
     assert len(fhir_engine.resources("ImagingStudy")) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="scp.delivery.redeliver removes the whole dead-letter folder after a "
-                                       "retry, including a part the node set aside there during the retry")
 def test_a_part_set_aside_while_retry_runs_is_not_lost(tmp_path):
     from mapping import MappingOptions
     from scp.dead_letter import DeadLetterBox
