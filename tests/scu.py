@@ -25,7 +25,7 @@ def associate(port: int, *, calling: str = "PYSCU", called: str = "FHIRSCP", tim
     ae = AE(ae_title=calling)
     for abstract, syntax in contexts or [(CTImageStorage, ExplicitVRLittleEndian)]:
         ae.add_requested_context(abstract, syntax)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout  # TLS handshake too
     assoc = ae.associate("127.0.0.1", port, ae_title=called,
                          tls_args=(tls, "localhost") if tls is not None else None)
     if assoc.is_established:
