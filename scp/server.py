@@ -310,8 +310,11 @@ class StorageServer:
             (evt.EVT_C_ECHO, _on_echo),
             (evt.EVT_C_STORE, self.handler),
         ]
+        if self.ssl_context is not None:
+            handlers.insert(0, (evt.EVT_CONN_OPEN, self._start_tls))  # before the socket is tuned
+        # No ssl_context for pynetdicom: it would run the TLS handshake in its accepting thread.
         self._server = self.ae.start_server((self.node.bind, self.node.port), block=False,
-                                            ssl_context=self.ssl_context, evt_handlers=handlers)
+                                            evt_handlers=handlers)
         host, port = self._server.server_address[:2]
         log.info("listening on %s:%d as %s%s", host or "*", port, self.node.ae_title,
                  " (DICOM TLS)" if self.ssl_context else "")
@@ -320,6 +323,32 @@ class StorageServer:
     @property
     def port(self) -> int:
         return self._server.server_address[1]
+
+    def _start_tls(self, event) -> None:
+        """EVT_CONN_OPEN with DICOM TLS: the handshake, on this connection's own thread.
+
+        pynetdicom does it where connections are accepted, one at a time and without a
+        timeout: a peer that connects and stays silent kept every other sender out, and a
+        failed handshake left no trace. A failed handshake closes the connection, logged.
+        """
+        assoc_socket = event.assoc.dul.socket
+        raw = assoc_socket.socket
+        peer = "%s:%s" % tuple(event.address[:2])
+        timeout = raw.gettimeout()
+        try:
+            tls = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS with %s not started: %s; connection closed", peer, exc)
+            assoc_socket.close()
+            return
+        assoc_socket.socket = tls
+        try:
+            tls.settimeout(self.ae.acse_timeout)
+            tls.do_handshake()
+            tls.settimeout(timeout)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake with %s failed: %s; connection closed", peer, exc)
+            assoc_socket.close()
 
     def _on_requested(self, event) -> None:
         assoc = event.assoc
