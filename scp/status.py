@@ -99,9 +99,11 @@ def build_report(spool_dir: Path, dead_letter_dir: Path, now: float, recent: int
 def _studies(root: Path, what: str, notes: list[str], instances_under: str = "") -> list[tuple[str, int, float]]:
     """(UID, instance count, newest mtime) of each study folder under root."""
     try:
-        entries = [e for e in os.scandir(root) if not e.name.startswith(".") and e.is_dir()]
+        with os.scandir(root) as it:
+            entries = [e for e in it if not e.name.startswith(".") and e.is_dir()]
     except FileNotFoundError:
-        notes.append(f"{what} folder {root} does not exist (nothing received yet, or another path configured)")
+        if not instances_under:  # no dead-letter folder is the normal case: nothing was ever set aside
+            notes.append(f"{what} folder {root} does not exist (nothing received yet, or another path configured)")
         return []
     except OSError as exc:
         notes.append(f"{what} folder {root}: cannot read: {exc.strerror or exc}")
@@ -111,10 +113,11 @@ def _studies(root: Path, what: str, notes: list[str], instances_under: str = "")
         folder = Path(entry.path) / instances_under if instances_under else Path(entry.path)
         count, newest = 0, 0.0
         try:
-            for f in os.scandir(folder):
-                if f.name.endswith(INSTANCE_SUFFIX) and not f.name.startswith(".") and f.is_file():
-                    count += 1
-                    newest = max(newest, f.stat().st_mtime)
+            with os.scandir(folder) as files:
+                for f in files:
+                    if f.name.endswith(INSTANCE_SUFFIX) and not f.name.startswith(".") and f.is_file():
+                        count += 1
+                        newest = max(newest, f.stat().st_mtime)
         except FileNotFoundError:
             if not instances_under:
                 continue  # delivered and removed while we looked

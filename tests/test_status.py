@@ -162,10 +162,16 @@ def test_a_line_being_written_is_left_out_and_a_broken_line_is_noted(layout):
     assert len(report.notes) == 1 and "not a delivery record" in report.notes[0]
 
 
-def test_missing_folders_give_an_empty_report_with_a_note(tmp_path):
+def test_a_missing_spool_gives_an_empty_report_with_a_note(tmp_path):
     report = build_report(tmp_path / "nope", tmp_path / "nada", NOW)
     assert (report.waiting, report.dead_lettered, report.deliveries) == ((), (), ())
-    assert any("does not exist" in n for n in report.notes)
+    assert report.notes == (f"spool folder {tmp_path / 'nope'} does not exist "
+                            "(nothing received yet, or another path configured)",)
+
+
+def test_no_dead_letter_folder_is_normal_and_not_noted(layout, tmp_path):
+    spool, _ = layout
+    assert build_report(spool, tmp_path / "never-created", NOW).notes == ()
 
 
 @pytest.mark.parametrize("block", [7, 64, 65536])
