@@ -92,8 +92,25 @@ def _merge_instances(existing: list[dict[str, Any]], new: list[dict[str, Any]]) 
     return sorted(by_uid.values(), key=lambda i: sort_key(i.get("number"), i.get("uid") or ""))
 
 
+def _without_moved(series: dict[str, Any], moved: set[Any]) -> dict[str, Any] | None:
+    """series less the instances the new part puts elsewhere; None when nothing is left of it."""
+    instances = series.get("instance")
+    if not instances or not moved.intersection(i.get("uid") for i in instances):
+        return series
+    kept = [i for i in instances if i.get("uid") not in moved]
+    return {**series, "instance": kept} if kept else None
+
+
 def _merge_series(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_uid = {s.get("uid"): s for s in existing}
+    # An instance belongs to one series: resent in another series, the new place wins
+    # (as convert_study keeps the last copy), so it is never counted twice.
+    placed = {i.get("uid"): s.get("uid") for s in new for i in s.get("instance") or []}
+    by_uid = {}
+    for series in existing:
+        moved = {uid for uid, series_uid in placed.items() if series_uid != series.get("uid")}
+        series = _without_moved(series, moved)
+        if series is not None:
+            by_uid[series.get("uid")] = series
     for series in new:
         uid = series.get("uid")
         if uid in by_uid:

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from mapping.endpoint import endpoint_address, endpoint_json
 from mapping.errors import MappingError, MultipleStudiesError, PatientMismatchError
 from mapping.header import InstanceHeader
-from mapping.imaging_study import first, imaging_study_json
+from mapping.imaging_study import MAX_UNSIGNED_INT, first, imaging_study_json
 from mapping.options import MappingOptions
 from mapping.patient import patient_identifier, patient_json
 
@@ -65,6 +65,10 @@ def as_header(instance: InstanceHeader | Dataset) -> InstanceHeader:
 
 def sort_key(number: int | None, uid: str) -> tuple[bool, int, tuple[int, ...] | tuple[()], str]:
     # Numbers first (absent last), then the UID compared numerically component by component.
+    # A number FHIR cannot hold is left out of the output, so it sorts as absent here too:
+    # otherwise merging a study with its own output would reorder it.
+    if number is not None and not 0 <= number <= MAX_UNSIGNED_INT:
+        number = None
     return number is None, number or 0, _uid_key(uid), uid
 
 

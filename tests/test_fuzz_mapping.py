@@ -508,8 +508,6 @@ def _ct(sop_uid: str, **values) -> pydicom.Dataset:
     return ds
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: convert_study orders instances by InstanceNumber as received "
-                                       "(-1 first), merge by the number it emits (-1 is dropped, so last)")
 @FUZZ
 @example(datasets=[_ct("1.2.3.1.1", InstanceNumber="1"), _ct("1.2.3.1.2", InstanceNumber="-1")],
          opts=MappingOptions())
@@ -526,8 +524,6 @@ def test_merging_a_study_into_itself_changes_nothing(datasets, opts):
         assert render(merge_resources(resources, resources), shape) == render(resources, shape)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: merge keeps an instance in both series when it is resent in "
-                                       "another series; convert_study keeps only the last")
 def test_an_instance_resent_in_another_series_is_counted_once_after_merging():
     first = convert_study([_ct("1.2.3.1.1")])
     moved = _ct("1.2.3.1.1", SeriesInstanceUID="1.2.3.2")
