@@ -60,7 +60,9 @@ class DeadLetterBox:
         """Move the given spooled instances here and record why (reason.txt is rewritten)."""
         folder = self.folder(study_uid)
         folder.mkdir(parents=True, exist_ok=True)
-        moved = spool.remove(study_uid, versions, move_to=folder / INSTANCES)
+        # The reason is written before the instances move: a crash in between leaves them in
+        # the spool (delivered or set aside again after the restart), never in a folder that
+        # list() and `retry` would not show.
         for name, data in (documents or {}).items():
             safe = Path(name).name
             if safe in (REASON, INSTANCES) or not safe:
@@ -70,6 +72,7 @@ class DeadLetterBox:
         if details:
             text += details.rstrip() + "\n"
         _write_atomically(folder / REASON, text.encode("utf-8"))
+        moved = spool.remove(study_uid, versions, move_to=folder / INSTANCES)
         log.debug("study %s: %d instance(s) moved to %s", study_uid, moved, folder)
         return folder
 
