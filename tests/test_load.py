@@ -34,8 +34,9 @@ def test_16_concurrent_associations_over_shared_studies_deliver_every_instance_e
             assert study["numberOfInstances"] == len(sops)
             assert study["numberOfSeries"] == sum(f.study_uid == uid for f in feeds)
         wait_for(lambda: not [p for p in node.spool.iterdir() if p.is_dir()], 30, "the spool to empty")
+        # The journal line follows the spool's removal: wait for it.
+        wait_for(lambda: {line["study"] for line in node.deliveries()} == set(expected), 10, "the journal")
         journal = node.deliveries()
-        assert {line["study"] for line in journal} == set(expected)
         assert all(line["result"] == "delivered" for line in journal)
         log = node.log()
         assert log.count("200 instance(s) stored, 0 failed") == 16
