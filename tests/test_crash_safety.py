@@ -227,8 +227,8 @@ def test_temporary_files_a_killed_node_left_behind_are_cleared_at_the_next_start
     node = NodeProcess(tmp_path / "node", idle_timeout=600).start()
     sender = StreamingSender(node.port, study).start()
     sender.join()
-    assert len(sender.acknowledged) == 3
     sigkill(node)
+    assert len(sender.acknowledged) == 3
     (node.spool / study.study_uid / ".1.2.826.0.1.3680043.8.498.12345.140245.tmp").write_bytes(b"\x00" * 200)
     gone = subprocess.Popen(["true"])
     gone.wait()  # a process id no longer in use, as the killed node's
@@ -236,9 +236,11 @@ def test_temporary_files_a_killed_node_left_behind_are_cleared_at_the_next_start
     (node.output / f".{study.study_uid}.json.{gone.pid}.tmp").write_text('{"resourceType": "Bun')
 
     node.start(idle_timeout=IDLE_TIMEOUT)
-    node.wait_for_deliveries(study.study_uid)
-    assert delivered(node, study.study_uid) == set(study.sop_uids)
-    wait_for(lambda: not [p for p in node.spool.iterdir() if p.is_dir()], 10,
-             f"the spool to empty; it holds {sorted(str(p.relative_to(node.spool)) for p in node.spool.rglob('*'))}")
-    assert temporary_files(node.output) == []
-    node.stop()
+    try:
+        node.wait_for_deliveries(study.study_uid)
+        assert delivered(node, study.study_uid) == set(study.sop_uids)
+        wait_for(lambda: not [p for p in node.spool.iterdir() if p.is_dir()], 10,
+                 f"the spool to empty; it holds {sorted(str(p.relative_to(node.spool)) for p in node.spool.rglob('*'))}")
+        assert temporary_files(node.output) == []
+    finally:
+        node.stop()
