@@ -28,6 +28,11 @@ def associate(port: int, *, calling: str = "PYSCU", called: str = "FHIRSCP", tim
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout  # TLS handshake too
     assoc = ae.associate("127.0.0.1", port, ae_title=called,
                          tls_args=(tls, "localhost") if tls is not None else None)
+    return keep_responses(assoc)
+
+
+def keep_responses(assoc: Association) -> Association:
+    """Apply the patch described above to an association (a no-op when it was refused)."""
     if assoc.is_established:
         assoc._serve_request = lambda msg, context_id: assoc.dimse.msg_queue.put((context_id, msg))
     return assoc

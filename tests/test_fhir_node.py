@@ -23,6 +23,7 @@ from scp.metrics import Metrics
 from scp.node import Node
 from tests.conftest import free_port
 from tests.dicomgen import GeneratedStudy, generate_study
+from tests.scu import keep_responses
 from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process, start_or_skip  # noqa: F401
 
 pytestmark = pytest.mark.interop
@@ -55,7 +56,7 @@ max_backoff = 0.5
 def send(port: int, study: GeneratedStudy) -> None:
     ae = AE(ae_title="SENDER")
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="FHIRSCP")
+    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title="FHIRSCP"))
     assert assoc.is_established
     try:
         for path in study.files:

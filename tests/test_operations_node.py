@@ -16,6 +16,7 @@ from pynetdicom.sop_class import CTImageStorage
 from tests.conftest import REPO, free_port
 from tests.dicomgen import generate_study
 from tests.scp_node import NodeProcess, wait_for
+from tests.scu import keep_responses
 
 pytestmark = pytest.mark.interop
 
@@ -25,7 +26,7 @@ PATIENT_NAME, PATIENT_ID = "Doe^Jane", "MRN-4711"
 def send(node: NodeProcess, files) -> list[int]:
     ae = AE(ae_title="PYSCU")
     ae.requested_contexts = [build_context(CTImageStorage)]
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assoc = keep_responses(ae.associate("127.0.0.1", node.port, ae_title=node.ae_title))
     assert assoc.is_established
     try:
         return [assoc.send_c_store(str(path)).Status for path in files]

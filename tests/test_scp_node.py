@@ -23,6 +23,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from tests.conftest import require_tool
 from tests.dicomgen import generate_study
 from tests.scp_node import NodeProcess, imaging_study, instance_uids, wait_for
+from tests.scu import keep_responses
 
 pytestmark = pytest.mark.interop
 
@@ -56,7 +57,7 @@ def pynetdicom_store(node: NodeProcess, items, *, calling: str = "PYSCU", contex
     if contexts is None:
         contexts = [build_context(CTImageStorage), build_context("1.2.840.10008.5.1.4.1.1.4")]
     ae.requested_contexts = contexts
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assoc = keep_responses(ae.associate("127.0.0.1", node.port, ae_title=node.ae_title))
     assert assoc.is_established, "association refused"
     try:
         return [getattr(assoc.send_c_store(item), "Status", None) for item in items]
@@ -128,7 +129,7 @@ def test_c_echo_is_answered(node):
     assert result.returncode == 0, result.stderr
     ae = AE()
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
+    assoc = keep_responses(ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title))
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
 
@@ -244,7 +245,7 @@ def test_an_unknown_sop_class_is_refused_unless_enabled(tmp_path, node):
     strict = node()
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(private_class)
-    assoc = ae.associate("127.0.0.1", strict.port, ae_title=strict.ae_title)
+    assoc = keep_responses(ae.associate("127.0.0.1", strict.port, ae_title=strict.ae_title))
     assert not assoc.is_established or not assoc.accepted_contexts
     if assoc.is_established:
         assoc.release()
