@@ -95,11 +95,16 @@ def _number(value: int | None, tag: str, warnings: list[str]) -> int | None:
 
 
 def instance_title(header: InstanceHeader) -> str | None:
-    """SR: the concept name's meaning; documents: DocumentTitle; else ImageType joined with ``\\``."""
-    if header.concept_name is not None and header.concept_name.meaning:
-        return header.concept_name.meaning
+    """SR: the concept name's meaning; documents: DocumentTitle; else ImageType joined with ``\\``.
+
+    DocumentTitle is looked at first: an encapsulated document also carries a concept name
+    (its title coded), and the contract gives documents their DocumentTitle; SR objects have
+    no DocumentTitle.
+    """
     if header.document_title:
         return header.document_title
+    if header.concept_name is not None and header.concept_name.meaning:
+        return header.concept_name.meaning
     if any(header.image_type):
         return "\\".join(header.image_type)
     return None

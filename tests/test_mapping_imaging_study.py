@@ -163,6 +163,13 @@ def test_document_instance_title_is_the_document_title():
     assert item["title"] == "Referral letter"
 
 
+def test_a_documents_title_is_its_document_title_not_its_coded_concept_name():
+    ds = instance(DocumentTitle="Referral letter", ConceptNameCodeSequence=[code_item("11488-4", "LN", "Consult note")],
+                  SOPClassUID="1.2.840.10008.5.1.4.1.1.104.1", ImageType=None)  # Encapsulated PDF Storage
+    [item] = study_of(reread(ds))["series"][0]["instance"]
+    assert item["title"] == "Referral letter"
+
+
 def test_image_instance_title_is_image_type_joined_with_backslash():
     [item] = study_of(reread(instance(ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])))["series"][0]["instance"]
     assert item["title"] == "ORIGINAL\\PRIMARY\\AXIAL"
