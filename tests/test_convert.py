@@ -186,6 +186,17 @@ def test_second_part_of_a_study_is_merged_into_the_existing_file(tmp_path):
     assert study["numberOfInstances"] == 5 and len(study["series"][0]["instance"]) == 5
 
 
+def test_an_unchanged_study_is_not_written_again(tmp_path):
+    study = generate_study(tmp_path / "in", 2, 1)
+    write_studies(convert_folder(tmp_path / "in"), tmp_path / "out")
+    before = (tmp_path / "out" / f"{study.study_uid}.json").stat()
+    report = convert_folder(tmp_path / "in")
+    write_studies(report, tmp_path / "out")
+    after = (tmp_path / "out" / f"{study.study_uid}.json").stat()
+    assert report.unchanged == {study.study_uid}
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # a rewrite renames a new file
+
+
 def test_write_leaves_no_temporary_files(tmp_path):
     generate_study(tmp_path / "in", 1, 1)
     write_studies(convert_folder(tmp_path / "in"), tmp_path / "out")
