@@ -52,6 +52,12 @@ UNMAPPABLE = "cannot be mapped"
 UNREADABLE = "cannot be opened"
 DICOMDIR = "DICOMDIR (an index, not an instance)"
 
+# Reasons a study is not converted or not written (report.rejected).
+PATIENT_MISMATCH = "instances disagree on PatientID"
+NOT_MAPPED = "cannot be mapped"
+OUTPUT_OTHER_PATIENT = "output file holds another patient"
+OUTPUT_UNREADABLE = "existing output file unreadable"
+
 _ITEM = 0xFFFEE000
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -301,10 +307,10 @@ def convert_files(files: Iterable[Path], options: MappingOptions = MappingOption
             log.warning("study %s not converted: its %d instance(s) disagree on PatientID",
                         study_uid, len(instances))
             log.debug("study %s: %s", study_uid, exc)
-            report.rejected[study_uid] = "instances disagree on PatientID"
+            report.rejected[study_uid] = PATIENT_MISMATCH
         except MappingError as exc:
             log.warning("study %s not converted: %s", study_uid, exc)
-            report.rejected[study_uid] = "cannot be mapped"
+            report.rejected[study_uid] = NOT_MAPPED
         else:
             for warning in resources.warnings:  # values dropped or replaced; never patient values
                 log.warning("study %s: %s", study_uid, warning)
@@ -340,7 +346,7 @@ def process_dicom_2_fhir(directory: str | os.PathLike[str],
         raise MultipleStudiesError(f"{directory}: holds {len(uids)} studies, expected one: {', '.join(uids)}")
     if report.rejected:
         study_uid, reason = next(iter(report.rejected.items()))
-        if reason == "instances disagree on PatientID":
+        if reason == PATIENT_MISMATCH:
             raise PatientMismatchError(f"study {study_uid} in {directory}: {reason}")
         raise MappingError(f"study {study_uid} in {directory}: {reason}")
     if not report.studies:
@@ -366,11 +372,11 @@ def write_studies(report: ConversionReport, out_dir: str | os.PathLike[str], sha
             log.warning("study %s not written: %s already holds another patient's study",
                         study_uid, out_dir / f"{study_uid}.json")
             log.debug("study %s: %s", study_uid, exc)
-            report.rejected[study_uid] = "output file holds another patient"
+            report.rejected[study_uid] = OUTPUT_OTHER_PATIENT
             continue
         except UnusableOutputError as exc:
             log.warning("study %s not written: %s", study_uid, exc)
-            report.rejected[study_uid] = "existing output file unreadable"
+            report.rejected[study_uid] = OUTPUT_UNREADABLE
             continue
         report.written[study_uid] = path
         if not changed:
