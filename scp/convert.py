@@ -91,13 +91,17 @@ class ConversionReport:
     """
 
     files_seen: int = 0
-    instances_read: int = 0
     duplicate_instances: int = 0  # files repeating an SOP Instance UID already read (last one wins)
     studies: dict[str, StudyResources] = field(default_factory=dict)
     skipped: list[SkippedFile] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     written: dict[str, Path] = field(default_factory=dict)
     unchanged: set[str] = field(default_factory=set)
+
+    @property
+    def instances_read(self) -> int:
+        """Files that were usable instances (every file seen is read or skipped)."""
+        return self.files_seen - len(self.skipped)
 
     def skip_reasons(self) -> Counter[str]:
         return Counter(s.reason for s in self.skipped)
@@ -173,8 +177,8 @@ def read_dataset(path: str | os.PathLike[str]) -> Dataset:
         raise UnusableFileError(path, UNREADABLE, exc.strerror or str(exc)) from exc
 
 
-def _read_instance(path: Path) -> tuple[str, str, InstanceHeader]:
-    """(StudyInstanceUID, SOPInstanceUID, InstanceHeader) of one file; the Dataset is dropped here."""
+def _read_instance(path: Path) -> InstanceHeader:
+    """The InstanceHeader of one file; the Dataset is dropped here."""
     ds = read_dataset(path)
     try:
         header = InstanceHeader.from_dataset(ds)
@@ -184,8 +188,7 @@ def _read_instance(path: Path) -> tuple[str, str, InstanceHeader]:
         # The message may quote a value (a name, an ID): only its type goes above DEBUG.
         log.debug("mapping %s failed", path, exc_info=True)
         raise UnusableFileError(path, UNMAPPABLE, f"{type(exc).__name__}; details with -d") from exc
-    # from_dataset checked both UIDs are present and valid.
-    return header.study_uid, header.sop_instance_uid, header
+    return header
 
 
 def _parse(fp: BinaryIO, path: Path) -> Dataset:
@@ -269,12 +272,12 @@ def _check_fragments(fp: BinaryIO, position: int, size: int, endian: str, path: 
 
 
 def read_instances(files: Iterable[Path], report: ConversionReport,
-                   progress: Callable[[Path], None] | None = None) -> Iterator[tuple[str, str, InstanceHeader]]:
-    """Yield (study UID, SOP instance UID, header) per usable file; record the others in report.skipped."""
+                   progress: Callable[[Path], None] | None = None) -> Iterator[InstanceHeader]:
+    """Yield the header of each usable file; record the others in report.skipped."""
     for path in files:
         report.files_seen += 1
         try:
-            instance = _read_instance(path)
+            header = _read_instance(path)
         except UnusableFileError as exc:
             report.skipped.append(SkippedFile(exc.path, exc.reason, exc.detail))
             if exc.reason == DICOMDIR:
@@ -282,8 +285,7 @@ def read_instances(files: Iterable[Path], report: ConversionReport,
             else:
                 log.warning("skipped %s", exc)
         else:
-            report.instances_read += 1
-            yield instance
+            yield header
         finally:
             if progress is not None:
                 progress(path)
@@ -294,11 +296,11 @@ def convert_files(files: Iterable[Path], options: MappingOptions = MappingOption
     """Convert the given files, grouped by StudyInstanceUID (see convert_folder)."""
     report = ConversionReport()
     by_study: dict[str, dict[str, InstanceHeader]] = {}
-    for study_uid, sop_uid, header in read_instances(files, report, progress):
-        instances = by_study.setdefault(study_uid, {})
-        if sop_uid in instances:
+    for header in read_instances(files, report, progress):
+        instances = by_study.setdefault(header.study_uid, {})
+        if header.sop_instance_uid in instances:
             report.duplicate_instances += 1
-        instances[sop_uid] = header
+        instances[header.sop_instance_uid] = header
     for study_uid, instances in by_study.items():
         try:
             resources = report.studies[study_uid] = convert_study(instances.values(), options)
