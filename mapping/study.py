@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from mapping.endpoint import endpoint_address, endpoint_json
 from mapping.errors import MappingError, MultipleStudiesError, PatientMismatchError
 from mapping.header import InstanceHeader
-from mapping.imaging_study import MAX_UNSIGNED_INT, first, imaging_study_json
+from mapping.imaging_study import MAX_UNSIGNED_INT, first, first_number, imaging_study_json
 from mapping.options import MappingOptions
 from mapping.patient import patient_identifier, patient_json
 
@@ -86,14 +86,7 @@ def canonical_series(headers: Iterable[InstanceHeader]) -> list[list[InstanceHea
         by_series.setdefault(header.series_uid, []).append(header)
     series = [sorted(group, key=lambda h: sort_key(h.instance_number, h.sop_instance_uid))
               for group in by_series.values()]
-    return sorted(series, key=lambda s: sort_key(_series_number(s), s[0].series_uid))
-
-
-def _series_number(series: list[InstanceHeader]) -> int | None:
-    for header in series:
-        if header.series_number is not None:
-            return header.series_number
-    return None
+    return sorted(series, key=lambda s: sort_key(first_number(s, lambda h: h.series_number), s[0].series_uid))
 
 
 def _check_one_patient(study_uid: str, headers: list[InstanceHeader], options: MappingOptions) -> None:
