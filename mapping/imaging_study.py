@@ -136,12 +136,14 @@ def series_json(instances: Series, zone: Zone, warnings: list[str]) -> dict[str,
     site = body_site(first(instances, lambda h: h.body_part) or "")
     if site is not None:
         series["bodySite"] = site
-    side_text = first(instances, lambda h: h.laterality) or first(instances, lambda h: h.image_laterality) or ""
-    side = laterality(side_text)
+    side_text, side_tag = first(instances, lambda h: h.laterality), "Laterality (0020,0060)"
+    if not side_text:
+        side_text, side_tag = first(instances, lambda h: h.image_laterality), "ImageLaterality (0020,0062)"
+    side = laterality(side_text or "")
     if side is not None:
         series["laterality"] = side
     elif side_text:
-        warnings.append("Laterality (0020,0060): not one of R, L, B, U, omitted")
+        warnings.append(f"{side_tag}: not one of R, L, B, U, omitted")
     started = combine(first(instances, lambda h: h.series_date), first(instances, lambda h: h.series_time),
                       zone, warnings, date_tag="SeriesDate (0008,0021)", time_tag="SeriesTime (0008,0031)")
     if started is not None:

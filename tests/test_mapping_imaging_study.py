@@ -147,6 +147,13 @@ def test_series_laterality_from_laterality_else_image_laterality(values, code):
     assert (laterality["system"], laterality["code"]) == (SCT, code)
 
 
+@pytest.mark.parametrize("keyword,tag", [("Laterality", "(0020,0060)"), ("ImageLaterality", "(0020,0062)")])
+def test_another_laterality_value_is_omitted_with_a_warning_naming_its_element(keyword, tag):
+    resources = convert(instance(**{keyword: "X"}))
+    assert resources.imaging_study.series[0].laterality is None
+    assert [w for w in resources.warnings if "aterality" in w] == [f"{keyword} {tag}: not one of R, L, B, U, omitted"]
+
+
 def test_instance_uid_number_and_sop_class():
     [item] = study_of(instance(1, 12))["series"][0]["instance"]
     assert (item["uid"], item["number"], item["sopClass"]["code"]) == (f"{STUDY}.1.12", 12,
