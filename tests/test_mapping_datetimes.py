@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mapping.datetimes import Zone, combine, fhir_date, parse_offset
-from tests.mapping_cases import CT_SMALL, instance, read, study_of
+from tests.mapping_cases import CT_SMALL, as_json, convert, instance, read, study_of
 
 # Several cases set invalid values on purpose; pydicom warns about them when they are set.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning",
@@ -86,10 +86,9 @@ def test_an_invalid_time_leaves_the_date_with_a_warning():
 
 @pytest.mark.parametrize("offset", ["0", "+2500", "+0575", "0500", "-1300"])
 def test_an_invalid_offset_is_treated_as_absent_with_a_warning(offset):
-    study = study_of(instance(StudyDate="20050906", StudyTime="1015", TimezoneOffsetFromUTC=offset))
-    assert study["started"] == "2005-09-06"  # date only: no zone left
-    warnings = study_warnings(StudyDate="20050906", StudyTime="1015", TimezoneOffsetFromUTC=offset)
-    assert any("TimezoneOffsetFromUTC (0008,0201)" in w for w in warnings)
+    resources = convert(instance(StudyDate="20050906", StudyTime="1015", TimezoneOffsetFromUTC=offset))
+    assert as_json(resources.imaging_study)["started"] == "2005-09-06"  # date only: no zone left
+    assert any("TimezoneOffsetFromUTC (0008,0201)" in w for w in resources.warnings)
 
 
 def test_an_invalid_offset_falls_back_to_the_configured_zone():
@@ -102,8 +101,3 @@ def test_series_started_uses_the_study_level_offset():
     study = study_of(instance(StudyDate="20050906", StudyTime="1015", SeriesDate="20050906", SeriesTime="1120",
                               TimezoneOffsetFromUTC="+0930"))
     assert study["series"][0]["started"] == "2005-09-06T11:20:00+09:30"
-
-
-def study_warnings(**values) -> tuple[str, ...]:
-    from tests.mapping_cases import convert
-    return convert(instance(**values)).warnings

@@ -40,7 +40,6 @@ def test_ideographic_and_phonetic_groups_become_extra_names_with_the_representat
 
 @pytest.mark.parametrize("name,family", [("chrFren.dcm", "Buc"), ("chrGerm.dcm", "Äneas"),
                                          ("chrH32.dcm", "ﾔﾏﾀﾞ"), ("chrX1.dcm", "Wang")])
-
 def test_names_are_decoded_with_the_specific_character_set(name, family):
     assert patient_of(read(charset_file(name)))["name"][0]["family"] == family
 
