@@ -43,10 +43,13 @@ def search_value(text: str) -> str:
 
 
 def token_search(system: str | None, value: str) -> str:
-    """``identifier=<system>|<value>``, or ``identifier=<value>`` without a system."""
-    if system:
-        return f"identifier={search_value(system)}|{search_value(value)}"
-    return f"identifier={search_value(value)}"
+    """``identifier=<system>|<value>``; without a system ``identifier=|<value>``.
+
+    A bare ``identifier=<value>`` would match the value under ANY system (FHIR token search),
+    so a study could be attached to another issuer's patient who has the same MRN; ``|<value>``
+    matches only identifiers that have no system, as ours has.
+    """
+    return f"identifier={search_value(system) if system else ''}|{search_value(value)}"
 
 
 def _first_identifier(resource: dict[str, Any]) -> dict[str, Any] | None:

@@ -191,6 +191,19 @@ def test_an_existing_patient_record_is_referenced_and_never_overwritten(fhir_eng
     assert only(fhir_engine.resources("ImagingStudy"))["subject"]["reference"] == f"Patient/{created['id']}"
 
 
+def test_without_an_identifier_system_another_issuers_patient_with_the_same_id_is_not_matched(fhir_engine, study):
+    other = {"resourceType": "Patient", "identifier": [{"system": "urn:oid:1.2.3.999", "value": "PAT-0001"}],
+             "name": [{"family": "Other", "given": ["Hospital"]}]}
+    created = requests.post(f"{fhir_engine.base_url}/Patient", json=other, timeout=30,
+                            headers={"Content-Type": "application/fhir+json"}).json()
+
+    sink_for(fhir_engine, MappingOptions()).deliver(study.part(2, options=MappingOptions()))
+
+    ours = [p for p in fhir_engine.resources("Patient") if p["id"] != created["id"]]
+    assert [p["identifier"] for p in ours] == [[{"type": ours[0]["identifier"][0]["type"], "value": "PAT-0001"}]]
+    assert only(fhir_engine.resources("ImagingStudy"))["subject"]["reference"] == f"Patient/{ours[0]['id']}"
+
+
 def test_a_part_from_another_patient_is_rejected_and_not_merged(fhir_engine, study, template):
     sink_for(fhir_engine).deliver(study.part(2))
     other = Study(template, uid=study.uid, series=study.series, patient_id="PAT-9999")

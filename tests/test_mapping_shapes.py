@@ -30,14 +30,15 @@ def test_patient_is_created_only_if_no_patient_has_its_identifier():
     assert patient["request"] == {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:oid:1.2.3|P-1"}
 
 
-def test_patient_condition_without_system_is_the_value_alone():
+def test_patient_condition_without_system_matches_only_identifiers_without_a_system():
+    # identifier=P-1 alone would match P-1 under any issuer's system: another patient.
     patient = entries(render(convert(instance(PatientID="P-1"))))["Patient"]
-    assert patient["request"]["ifNoneExist"] == "identifier=P-1"
+    assert patient["request"]["ifNoneExist"] == "identifier=|P-1"
 
 
 def test_search_special_characters_in_a_patient_id_are_escaped():
     patient = entries(render(convert(instance(PatientID="A|B,C&D"))))["Patient"]
-    assert patient["request"]["ifNoneExist"] == "identifier=A%5C%7CB%5C%2CC%26D"
+    assert patient["request"]["ifNoneExist"] == "identifier=|A%5C%7CB%5C%2CC%26D"
 
 
 def test_imaging_study_is_created_only_if_its_study_uid_is_new():
