@@ -56,7 +56,7 @@ class DeliveryReport:
     instances: int = 0
     series: int = 0
     versions: dict[str, tuple[int, int]] = field(default_factory=dict)  # SOP UID -> spool file version read
-    unreadable: list[str] = field(default_factory=list)  # SOP UIDs whose spooled header could not be used
+    unreadable: dict[str, tuple[int, int]] = field(default_factory=dict)  # SOP UID -> version that could not be used
     sinks: dict[str, str] = field(default_factory=dict)  # sink name -> result text
     warnings: tuple[str, ...] = ()
     parsed_ahead: int = 0  # headers taken from the HeaderCache
@@ -172,7 +172,7 @@ def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: S
             log.error("study %s: spooled instance %s cannot be used (%s); set aside as .corrupt",
                       study_uid, instance.sop_uid, type(exc).__name__)
             log.debug("study %s instance %s", study_uid, instance.sop_uid, exc_info=True)
-            report.unreadable.append(instance.sop_uid)
+            report.unreadable[instance.sop_uid] = instance.version
             continue
         headers.append(header)
         report.versions[instance.sop_uid] = instance.version
@@ -422,8 +422,8 @@ class DeliveryWorker:
                 requeue = True
                 self._retry_later(part, exc, None)
                 return
-            for sop_uid in report.unreadable:
-                self.spool.mark_corrupt(uid, sop_uid)
+            for sop_uid, version in report.unreadable.items():
+                self.spool.mark_corrupt(uid, sop_uid, version)
             if report.instances == 0:
                 log.warning("study %s: nothing left to deliver", uid)
                 return

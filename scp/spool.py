@@ -54,6 +54,7 @@ class Spool(Protocol):
     def read(self, study_uid: str, sop_uids: Iterable[str]) -> Iterable[SpooledInstance]: ...
     def remove(self, study_uid: str, versions: dict[str, tuple[int, int]],
                move_to: Path | None = None) -> int: ...
+    def mark_corrupt(self, study_uid: str, sop_uid: str, version: tuple[int, int]) -> None: ...
     def depth(self) -> int: ...
 
 
@@ -202,12 +203,17 @@ class FileSpool:
         self._drop_folder_if_empty(folder)
         return taken
 
-    def mark_corrupt(self, study_uid: str, sop_uid: str) -> None:
-        """Keep an unreadable spool file aside (<sop>.dcm.corrupt) so it is not delivered again."""
+    def mark_corrupt(self, study_uid: str, sop_uid: str, version: tuple[int, int]) -> None:
+        """Keep an unreadable spool file aside (<sop>.dcm.corrupt) so it is not delivered again.
+
+        Only the version that was read: an instance received again meanwhile is a new file, kept.
+        """
         path = self.path(study_uid, sop_uid)
         with self._lock:
             try:
-                os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
+                st = os.stat(path)
+                if (st.st_ino, st.st_mtime_ns) == version:
+                    os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
             except FileNotFoundError:
                 pass
 
@@ -265,9 +271,11 @@ class MemorySpool:
                 self._files.pop(study_uid, None)
         return taken
 
-    def mark_corrupt(self, study_uid: str, sop_uid: str) -> None:
+    def mark_corrupt(self, study_uid: str, sop_uid: str, version: tuple[int, int]) -> None:
         with self._lock:
-            self._files.get(study_uid, {}).pop(sop_uid, None)
+            files = self._files.get(study_uid, {})
+            if sop_uid in files and files[sop_uid][1] == version:
+                del files[sop_uid]
 
     def depth(self) -> int:
         with self._lock:

@@ -39,6 +39,17 @@ class SpoolRules:
         assert spool.studies() == {STUDY: {"1.2.3.4.1"}}
         assert [i.data for i in spool.read(STUDY, ["1.2.3.4.1"])] == [b"sent again during the delivery"]
 
+    def test_an_unreadable_file_is_set_aside_only_at_the_version_that_was_read(self, tmp_path):
+        spool = self.make(tmp_path)
+        spool.store(STUDY, "1.2.3.4.1", [b"garbled"])
+        (garbled,) = spool.read(STUDY, ["1.2.3.4.1"])
+        spool.store(STUDY, "1.2.3.4.1", [b"sent again during the delivery"])
+        spool.mark_corrupt(STUDY, "1.2.3.4.1", garbled.version)
+        assert [i.data for i in spool.read(STUDY, ["1.2.3.4.1"])] == [b"sent again during the delivery"]
+        (resent,) = spool.read(STUDY, ["1.2.3.4.1"])
+        spool.mark_corrupt(STUDY, "1.2.3.4.1", resent.version)
+        assert spool.studies() == {}
+
     def test_a_study_whose_instances_were_all_removed_is_gone(self, tmp_path):
         spool = self.make(tmp_path)
         spool.store(STUDY, "1.2.3.4.1", [b"a"])
