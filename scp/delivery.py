@@ -63,7 +63,7 @@ class DeliveryReport:
 
 
 def read_header(instance: SpooledInstance):
-    """(InstanceHeader, SeriesInstanceUID) of one spooled header file."""
+    """The InstanceHeader of one spooled header file."""
     from mapping import InstanceHeader
 
     from scp.instance import header_dataset
@@ -73,8 +73,7 @@ def read_header(instance: SpooledInstance):
     except ValueError:  # not written by this node's spool (an older file, a copy): let pydicom read it
         import pydicom
         ds = pydicom.dcmread(io.BytesIO(instance.data))
-    header = InstanceHeader.from_dataset(ds)
-    return header, header.series_uid
+    return InstanceHeader.from_dataset(ds)
 
 
 class HeaderCache:
@@ -166,7 +165,7 @@ def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: S
         ahead += header is not None
         try:
             if header is None:
-                header, _ = read_header(instance)
+                header = read_header(instance)
             series.add(header.series_uid)
         except Exception as exc:  # a spool file is written atomically; this is a bug or a disk fault
             log.error("study %s: spooled instance %s cannot be used (%s); set aside as .corrupt",
@@ -269,7 +268,6 @@ class DeliveryWorker:
         self._waiting = waiting
         self.cache = HeaderCache()
         self._pending: dict[str, _Part] = {}
-        self._busy: str | None = None
         self._changed = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -287,18 +285,6 @@ class DeliveryWorker:
                 part.sop_uids.update(sop_uids)
                 part.done.clear()
             self._changed.notify()
-
-    def pending(self) -> dict[str, int]:
-        """Study UID -> instances waiting for delivery (including the one being delivered)."""
-        with self._changed:
-            waiting = {uid: len(p.sop_uids) for uid, p in self._pending.items()}
-            if self._busy is not None:
-                waiting.setdefault(self._busy, 0)
-            return waiting
-
-    def idle(self) -> bool:
-        with self._changed:
-            return not self._pending and self._busy is None
 
     # --- the worker -------------------------------------------------------------------------
 
@@ -354,7 +340,7 @@ class DeliveryWorker:
         for study_uid, sop_uid in todo[:PREPARE_BATCH]:
             for instance in self.spool.read(study_uid, [sop_uid]):
                 try:
-                    header, _ = read_header(instance)
+                    header = read_header(instance)
                 except Exception:  # reported when the study is delivered
                     header = None
                 self.cache.put(study_uid, sop_uid, instance.version, header)
@@ -386,7 +372,7 @@ class DeliveryWorker:
         return True
 
     def _next_due_locked(self, now: float | None = None) -> _Part | float | None:
-        """The due part (taken out of pending and marked busy), else seconds until one is due (None: nothing)."""
+        """The due part (taken out of pending), else seconds until one is due (None: nothing)."""
         if not self._pending:
             return None
         part = min(self._pending.values(), key=lambda p: p.due_at)
@@ -394,7 +380,6 @@ class DeliveryWorker:
         if wait > 0:
             return wait
         del self._pending[part.study_uid]
-        self._busy = part.study_uid
         return part
 
     def _deliver(self, part: _Part) -> None:
@@ -440,7 +425,6 @@ class DeliveryWorker:
                                     attempts=part.attempts, seconds=round(seconds, 3))
         finally:
             with self._changed:
-                self._busy = None
                 if requeue:
                     again = self._pending.get(uid)
                     if again is None:
