@@ -65,6 +65,7 @@ def load(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from scp.metrics import Metrics
     from scp.node import Node
+    from scp.ops_http import start_ops_server
 
     config = load(args)
     metrics = Metrics()
@@ -82,20 +83,11 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.node.bind or "*", config.node.port, exc)
         return 1
-    ops = _start_operations(config, metrics, node)
+    ops = start_ops_server(config.operations, metrics, node.spool.depth)  # does nothing when disabled
     try:
         while not stop.wait(3600):
             pass
     finally:
-        if ops is not None:
-            ops.stop()
+        ops.stop()
         node.stop()
     return 0
-
-
-def _start_operations(config, metrics, node):
-    if not config.operations.http_enabled:
-        return None
-    from scp.ops_http import start_ops_server
-
-    return start_ops_server(config.operations, metrics, node.spool.depth)
