@@ -58,11 +58,19 @@ class DeadLetterBox:
     def put(self, study_uid: str, reason: str, *, details: str = "", documents: dict[str, bytes] | None = None,
             spool: Spool, versions: dict[str, tuple[int, int]]) -> Path:
         """Move the given spooled instances here and record why (reason.txt is rewritten)."""
-        folder = self.folder(study_uid)
-        folder.mkdir(parents=True, exist_ok=True)
         # The reason is written before the instances move: a crash in between leaves them in
         # the spool (delivered or set aside again after the restart), never in a folder that
         # list() and `retry` would not show.
+        folder = self.record(study_uid, reason, details=details, documents=documents)
+        moved = spool.remove(study_uid, versions, move_to=folder / INSTANCES)
+        log.debug("study %s: %d instance(s) moved to %s", study_uid, moved, folder)
+        return folder
+
+    def record(self, study_uid: str, reason: str, *, details: str = "",
+               documents: dict[str, bytes] | None = None) -> Path:
+        """Write the documents and reason.txt (first line: the reason) into the study's folder."""
+        folder = self.folder(study_uid)
+        folder.mkdir(parents=True, exist_ok=True)
         for name, data in (documents or {}).items():
             safe = Path(name).name
             if safe in (REASON, INSTANCES) or not safe:
@@ -72,8 +80,6 @@ class DeadLetterBox:
         if details:
             text += details.rstrip() + "\n"
         _write_atomically(folder / REASON, text.encode("utf-8"))
-        moved = spool.remove(study_uid, versions, move_to=folder / INSTANCES)
-        log.debug("study %s: %d instance(s) moved to %s", study_uid, moved, folder)
         return folder
 
     def get(self, study_uid: str) -> DeadLetter:

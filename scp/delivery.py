@@ -477,11 +477,7 @@ def redeliver(study_uid: str, sinks: Sequence[Sink], options, *, dead_letters, j
     try:
         report = deliver_study(study_uid, instances, sinks, options)
     except DeliveryRejected as exc:
-        folder = dead_letters.folder(study_uid)
-        from scp.dead_letter import REASON, _write_atomically
-        for name, data in exc.documents.items():
-            _write_atomically(folder / Path(name).name, data)
-        _write_atomically(folder / REASON, (str(exc).replace("\n", " ") + "\n").encode("utf-8"))
+        dead_letters.record(study_uid, str(exc), documents=exc.documents)
         raise
     if not dead_letters.remove_delivered(study_uid, report.versions):
         log.warning("study %s: more instances were set aside while it was delivered; they stay in %s",

@@ -224,6 +224,22 @@ def test_redeliver_sends_a_dead_lettered_study_and_removes_it_from_the_folder(tm
     assert box.list() == [] and not (tmp_path / "dead" / "1.2.3").exists()
 
 
+def test_redeliver_still_refused_keeps_the_study_with_the_new_reason_and_documents(tmp_path, clock):
+    spool = FileSpool(tmp_path / "spool")
+    sops = {spool_instance(spool, "1.2.3") for _ in range(2)}
+    worker = make_worker(tmp_path, spool, [RecordingSink(failures=[DeliveryRejected("no")])], clock)
+    worker.submit("1.2.3", sops)
+    worker.run_once()
+    box = DeadLetterBox(tmp_path / "dead")
+    refusal = DeliveryRejected("HTTP 422: still invalid", documents={"outcome.json": b"{}"})
+    with pytest.raises(DeliveryRejected):
+        redeliver("1.2.3", [RecordingSink(failures=[refusal])], MappingOptions(), dead_letters=box)
+    letter = box.get("1.2.3")
+    assert letter.reason == "HTTP 422: still invalid"
+    assert letter.documents["outcome.json"].read_bytes() == b"{}"
+    assert {p.stem for p in letter.instances} == sops
+
+
 def test_requeue_puts_a_dead_lettered_study_back_into_the_spool(tmp_path, clock):
     spool = FileSpool(tmp_path / "spool")
     sops = {spool_instance(spool, "1.2.3") for _ in range(2)}
