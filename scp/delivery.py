@@ -387,42 +387,14 @@ class DeliveryWorker:
         part.attempts += 1
         requeue = False
         try:
-            report = DeliveryReport(uid)
-            try:
-                if self.dead_letters is not None and self.dead_letters.contains(uid):
-                    # Never deliver half a study whose other half was set aside.
-                    raise DeliveryRejected(f"study already in the dead-letter folder: "
-                                           f"{self.dead_letters.get(uid).reason}")
-                deliver_study(uid, self.spool.read(uid, sorted(part.sop_uids)), self.sinks,
-                              self.options, done=part.done, report=report, cache=self.cache)
-            except DeliveryRetryable as exc:
-                requeue = True
-                self._retry_later(part, exc, exc.retry_after)
-                return
-            except DeliveryRejected as exc:
-                self._dead_letter(part, report, exc)
-                return
-            except Exception as exc:  # a bug or an unexpected fault: keep the study, try again later
-                log.exception("study %s: delivery failed unexpectedly", uid)
-                requeue = True
-                self._retry_later(part, exc, None)
-                return
-            for sop_uid, version in report.unreadable.items():
-                self.spool.mark_corrupt(uid, sop_uid, version)
-            if report.instances == 0:
-                log.warning("study %s: nothing left to deliver", uid)
-                return
-            self.spool.remove(uid, report.versions)
-            self.cache.drop(uid)
-            self._count("deliveries_ok")
-            seconds = self._clock() - part.completed_at
-            where = "; ".join(f"{name}: {result}" for name, result in report.sinks.items()) or "no sink configured"
-            log.info("study %s delivered: %d instance(s) in %d series -> %s (%.1f s after completion)", uid,
-                     report.instances, report.series, where, seconds)
-            log.debug("study %s: %d header(s) parsed ahead, attempt %d", uid, report.parsed_ahead, part.attempts)
-            if self.journal is not None:
-                self.journal.append(uid, report.instances, "delivered", report.sinks, series=report.series,
-                                    attempts=part.attempts, seconds=round(seconds, 3))
+            requeue = not self._attempt(part)
+        except Exception as exc:
+            # A bug or a disk fault, in the delivery or in what follows it (the spool's removal,
+            # the dead-letter folder): keep the study in the spool and try again later, and keep
+            # this thread alive for the other studies.
+            log.exception("study %s: delivery failed unexpectedly", uid)
+            requeue = True
+            self._retry_later(part, exc, None)
         finally:
             with self._changed:
                 if requeue:
@@ -435,6 +407,41 @@ class DeliveryWorker:
                         again.attempts = part.attempts
                         again.due_at = part.due_at
                 self._changed.notify_all()
+
+    def _attempt(self, part: _Part) -> bool:
+        """One delivery attempt: True when the part is finished with, False when it waits for a retry."""
+        uid = part.study_uid
+        report = DeliveryReport(uid)
+        try:
+            if self.dead_letters is not None and self.dead_letters.contains(uid):
+                # Never deliver half a study whose other half was set aside.
+                raise DeliveryRejected(f"study already in the dead-letter folder: "
+                                       f"{self.dead_letters.get(uid).reason}")
+            deliver_study(uid, self.spool.read(uid, sorted(part.sop_uids)), self.sinks,
+                          self.options, done=part.done, report=report, cache=self.cache)
+        except DeliveryRetryable as exc:
+            self._retry_later(part, exc, exc.retry_after)
+            return False
+        except DeliveryRejected as exc:
+            self._dead_letter(part, report, exc)
+            return True
+        for sop_uid, version in report.unreadable.items():
+            self.spool.mark_corrupt(uid, sop_uid, version)
+        if report.instances == 0:
+            log.warning("study %s: nothing left to deliver", uid)
+            return True
+        self.spool.remove(uid, report.versions)
+        self.cache.drop(uid)
+        self._count("deliveries_ok")
+        seconds = self._clock() - part.completed_at
+        where = "; ".join(f"{name}: {result}" for name, result in report.sinks.items()) or "no sink configured"
+        log.info("study %s delivered: %d instance(s) in %d series -> %s (%.1f s after completion)", uid,
+                 report.instances, report.series, where, seconds)
+        log.debug("study %s: %d header(s) parsed ahead, attempt %d", uid, report.parsed_ahead, part.attempts)
+        if self.journal is not None:
+            self.journal.append(uid, report.instances, "delivered", report.sinks, series=report.series,
+                                attempts=part.attempts, seconds=round(seconds, 3))
+        return True
 
     def _retry_later(self, part: _Part, exc: Exception, retry_after: float | None) -> None:
         self._count("deliveries_failed")

@@ -224,6 +224,22 @@ def test_redeliver_sends_a_dead_lettered_study_and_removes_it_from_the_folder(tm
     assert box.list() == [] and not (tmp_path / "dead" / "1.2.3").exists()
 
 
+def test_a_study_that_cannot_be_set_aside_stays_in_the_spool_and_is_tried_again(tmp_path, clock):
+    spool = FileSpool(tmp_path / "spool")
+    sops = {spool_instance(spool, "1.2.3") for _ in range(2)}
+    (tmp_path / "dead").write_text("a file where the dead-letter folder should be")
+    worker = make_worker(tmp_path, spool, [RecordingSink(failures=[DeliveryRejected("no"), DeliveryRejected("no")])],
+                         clock)
+    worker.submit("1.2.3", sops)
+    assert worker.run_once()  # the delivery thread would run this: it must not raise
+    assert spool.studies() == {"1.2.3": sops}
+    (tmp_path / "dead").unlink()
+    clock.now += 1  # the first backoff
+    assert worker.run_once()
+    assert spool.studies() == {}
+    assert {p.stem for p in (tmp_path / "dead" / "1.2.3" / "instances").iterdir()} == sops
+
+
 def test_redeliver_still_refused_keeps_the_study_with_the_new_reason_and_documents(tmp_path, clock):
     spool = FileSpool(tmp_path / "spool")
     sops = {spool_instance(spool, "1.2.3") for _ in range(2)}
