@@ -311,7 +311,11 @@ class DeliveryWorker:
             if isinstance(part, _Part):
                 self._deliver(part)
                 continue
-            prepared = self._prepare_some()
+            try:
+                prepared = self._prepare_some()
+            except Exception:  # only work ahead: the delivery reports what is wrong with the study
+                log.debug("parsing waiting studies ahead failed", exc_info=True)
+                prepared = False
             if prepared:
                 continue
             with self._changed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from io import BytesIO
 
 import pydicom
@@ -353,3 +354,26 @@ def test_redeliver_keeps_instances_set_aside_while_it_ran(tmp_path, clock):
     redeliver("1.2.3", [sink], MappingOptions(), dead_letters=box)
     assert sink.delivered == [{first}]
     assert [p.stem for p in box.get("1.2.3").instances] == [sink.later]
+
+
+def test_a_failure_while_parsing_ahead_does_not_stop_the_delivery_thread(tmp_path):
+    class UnreadableSpool(MemorySpool):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads = 0
+            self.read_twice = threading.Event()
+
+        def read(self, study_uid, sop_uids):
+            self.reads += 1
+            if self.reads >= 2:
+                self.read_twice.set()
+            raise OSError(5, "Input/output error")
+
+    spool = UnreadableSpool()
+    worker = make_worker(tmp_path, spool, [RecordingSink()], FakeClock(),
+                         waiting=lambda: (1.0, {"1.2.3": frozenset({"1.2.3.1"})}))
+    worker.start()
+    try:
+        assert spool.read_twice.wait(10), "the delivery thread ended at the first failed read"
+    finally:
+        worker.stop(timeout=5)
