@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
@@ -218,7 +217,7 @@ class StoreHandler:
         raw = getattr(assoc_socket, "socket", None)
         if raw is None:
             return
-        _tune_socket(event, raw, assoc_socket)
+        _tune_socket(raw, assoc_socket)
         gate = _ResponseGate(raw, assoc_socket)
         assoc_socket.send = gate.send  # this socket only, not pynetdicom's class
         self._gates[id(event.assoc)] = gate
@@ -429,7 +428,7 @@ class _ResponseGate:
         self.assoc_socket.event_queue.put("Evt17")  # transport closed, as pynetdicom's send reports it
 
 
-def _tune_socket(event, raw: socket.socket, assoc_socket) -> None:
+def _tune_socket(raw: socket.socket, assoc_socket) -> None:
     """TCP_NODELAY now; TCP_QUICKACK before each read (Linux clears it after every ACK)."""
     try:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
