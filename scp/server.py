@@ -140,8 +140,9 @@ class StoreHandler:
         try:
             status = self._store(event)
         except Exception:  # the handler never raises: pynetdicom would abort the association
-            log.exception("C-STORE from %s: unexpected error", _calling(event))
             status = PROCESSING_FAILURE
+            log.exception("C-STORE from %s: instance %s: unexpected error (answered 0x%04X)", _calling(event),
+                          _affected_sop(event), status)
         finally:
             with self._idle:
                 self._in_flight -= 1
@@ -267,6 +268,14 @@ class StoreHandler:
 def _calling(event) -> str:
     try:
         return event.assoc.requestor.ae_title.strip() or "?"
+    except AttributeError:
+        return "?"
+
+
+def _affected_sop(event) -> str:
+    """The C-STORE request's Affected SOP Instance UID, for log lines about it."""
+    try:
+        return str(event.request.AffectedSOPInstanceUID or "?")
     except AttributeError:
         return "?"
 
