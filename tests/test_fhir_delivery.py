@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import logging
 import threading
@@ -34,6 +33,7 @@ from tests.conftest import free_port, require_tool
 from tests.dicomgen import template_dataset
 from tests.fhir_engine import FhirEngine, make_tls_files, start_or_skip
 from tests.fhir_engine import fhir_engine, fhir_engine_process  # noqa: F401 (fixtures)
+from tests.mapping_cases import reread
 
 pytestmark = pytest.mark.interop
 
@@ -637,15 +637,3 @@ def test_whatever_text_a_sender_puts_in_the_header_the_engine_accepts_the_study(
                              headers={"Content-Type": "application/fhir+json"})
 
     assert response.status_code == 200, (response.text[:1000], values, procedure)
-
-
-def reread(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """ds as a Part 10 file read back: raw elements, as the node and the converter see them."""
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    return pydicom.dcmread(buffer)
