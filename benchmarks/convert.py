@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import pydicom  # noqa: E402
 
 from mapping.options import MappingOptions  # noqa: E402
-from scp.convert import convert_files, list_files, write_studies  # noqa: E402
+from scp.sources.folder import convert_files, list_files, write_studies  # noqa: E402
 from tests.dicomgen import generate_study  # noqa: E402
 
 TARGET_RATIO = 1.5

@@ -1,4 +1,4 @@
-"""Benchmark: delivering one large study to the validating FHIR engine with scp.fhir_sink.
+"""Benchmark: delivering one large study to the validating FHIR engine with scp.sinks.fhir.sink.
 
     .venv/bin/python benchmarks/deliver.py [--n 2000] [--series 4] [--repeat 3] [--dicomweb URL]
 
@@ -45,7 +45,7 @@ import requests  # noqa: E402
 
 from mapping import MappingOptions, StudyResources, convert_study, render  # noqa: E402
 from scp.config import FhirConfig  # noqa: E402
-from scp.fhir_sink import FhirSink  # noqa: E402
+from scp.sinks.fhir.sink import FhirSink  # noqa: E402
 from tests.dicomgen import GeneratedStudy, generate_study  # noqa: E402
 from tests.fhir_engine import FhirEngine  # noqa: E402
 

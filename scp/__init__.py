@@ -2,19 +2,19 @@
 
 Data flows one way: receive → spool → completed study → mapping → sinks.
 
-    scp.server      pynetdicom AE: association policy (AE titles, addresses, TLS),
+    scp.receive.server      pynetdicom AE: association policy (AE titles, addresses, TLS),
                     C-ECHO and C-STORE handlers that always return a DIMSE status,
                     TCP_NODELAY/TCP_QUICKACK on every accepted socket
-    scp.spool       durable per-study store of instance headers (fsync before the
+    scp.store.spool       durable per-study store of instance headers (fsync before the
                     success status); removal of what was delivered, nothing else
-    scp.completion  per-study idle timers (clock passed in): a study is complete when
+    scp.pipeline.completion  per-study idle timers (clock passed in): a study is complete when
                     no instance arrived for idle_timeout seconds
-    scp.delivery    worker off the receiving path: completed study → mapping → every
+    scp.pipeline.delivery    worker off the receiving path: completed study → mapping → every
                     sink; DeliveryRetryable → backoff, DeliveryRejected → dead letter
-    scp.dead_letter set-aside studies with their reason and documents; `retry`
-    scp.disk_sink   <output_dir>/<StudyInstanceUID>.json, merged, written atomically
-    scp.fhir_sink   FHIR server delivery (scp.fhir_client, scp.auth)
-    scp.convert     the same mapping fed from a folder of files (`convert`)
+    scp.store.dead_letter set-aside studies with their reason and documents; `retry`
+    scp.sinks.disk   <output_dir>/<StudyInstanceUID>.json, merged, written atomically
+    scp.sinks.fhir.sink   FHIR server delivery (scp.sinks.fhir.client, scp.sinks.fhir.auth)
+    scp.sources.folder     the same mapping fed from a folder of files (`convert`)
 
 On-disk layout (shared by the node, `status` and `retry`):
 

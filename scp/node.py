@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from scp.completion import CompletionTracker
+from scp.pipeline.completion import CompletionTracker
 from scp.config import Config
-from scp.dead_letter import DeadLetterBox
-from scp.delivery import DELIVERIES, DeliveryWorker, Journal
-from scp.server import StorageServer, StoreHandler
+from scp.store.dead_letter import DeadLetterBox
+from scp.pipeline.delivery import DELIVERIES, DeliveryWorker, Journal
+from scp.receive.server import StorageServer, StoreHandler
 from scp.sinks import Sink
-from scp.spool import FileSpool
+from scp.store.spool import FileSpool
 
 log = logging.getLogger("scp.node")
 
@@ -31,10 +31,10 @@ def default_sinks(config: Config) -> list[Sink]:
     """The disk sink when node.output_dir is set, the FHIR sink when fhir.url is set (both may be)."""
     sinks: list[Sink] = []
     if config.node.output_dir is not None:
-        from scp.disk_sink import DiskSink
+        from scp.sinks.disk import DiskSink
         sinks.append(DiskSink(config.node.output_dir, config.node.shape))
     if config.fhir.url:
-        from scp.fhir_sink import FhirSink
+        from scp.sinks.fhir.sink import FhirSink
         sinks.append(FhirSink(config.fhir, config.mapping))
     return sinks
 

@@ -1,4 +1,4 @@
-"""scp.convert as a library: reading headers, skipping unusable files, converting, writing."""
+"""scp.sources.folder as a library: reading headers, skipping unusable files, converting, writing."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pydicom.data import get_testdata_file
 
 from mapping.errors import MultipleStudiesError, PatientMismatchError
 from mapping.options import MappingOptions
-from scp import convert
-from scp.convert import (ConversionReport, UnusableFileError, convert_folder, list_files,
+from scp.sources import folder as convert
+from scp.sources.folder import (ConversionReport, UnusableFileError, convert_folder, list_files,
                          process_dicom_2_fhir, read_dataset, write_studies)
 from tests.dicomgen import generate_study
 
@@ -232,7 +232,7 @@ def test_values_dropped_by_the_mapping_are_logged_per_study_without_patient_valu
         ds = pydicom.dcmread(path)
         ds.PatientSex = "XQ"  # non-standard
         ds.save_as(path)
-    with caplog.at_level("WARNING", logger="scp.convert"):
+    with caplog.at_level("WARNING", logger="scp.sources.folder"):
         report = convert_folder(tmp_path)
     assert report.studies[study.study_uid].patient.gender == "unknown"
     lines = [r.getMessage() for r in caplog.records if "PatientSex" in r.getMessage()]

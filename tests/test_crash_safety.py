@@ -220,7 +220,7 @@ def test_sigterm_mid_stream_exits_0_keeps_every_acknowledged_instance_and_a_rest
 
 
 def test_temporary_files_a_killed_node_left_behind_are_cleared_at_the_next_start(tmp_path, chunked_sending):
-    # What a SIGKILL in the middle of writing leaves (names as scp.spool and scp.convert make
+    # What a SIGKILL in the middle of writing leaves (names as scp.store.spool and scp.sources.folder make
     # them): half an instance beside the spooled ones, half an output file. Made by hand: the
     # random trials above rarely land inside a write.
     study = generate_study(tmp_path / "study", 3, 1)

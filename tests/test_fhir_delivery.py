@@ -1,6 +1,6 @@
 """Delivering studies to a real, validating FHIR engine (tests/fhir_server via tests/fhir_engine.py).
 
-scp.fhir_sink.FhirSink is driven directly with StudyResources from the mapping;
+scp.sinks.fhir.sink.FhirSink is driven directly with StudyResources from the mapping;
 every request goes over HTTP to Medplum's engine, which validates each create and
 update. The engine's request counter is the proof of how many requests a delivery costs.
 """
@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
 from mapping import MappingError, MappingOptions, StudyResources, convert_study, render
-from scp.auth import ClientCredentials
+from scp.sinks.fhir.auth import ClientCredentials
 from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
-from scp.fhir_client import FhirClient
-from scp.fhir_sink import FhirSink
+from scp.sinks.fhir.client import FhirClient
+from scp.sinks.fhir.sink import FhirSink
 from tests.conftest import free_port, require_tool
 from tests.dicomgen import template_dataset
 from tests.fhir_engine import FhirEngine, make_tls_files, start_or_skip

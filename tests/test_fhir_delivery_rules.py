@@ -10,10 +10,10 @@ from email.utils import format_datetime
 
 import pytest
 
-from scp.auth import BasicAuth, BearerAuth, ClientCredentials, renewal_delay, tls_verify
+from scp.sinks.fhir.auth import BasicAuth, BearerAuth, ClientCredentials, renewal_delay, tls_verify
 from scp.config import FhirConfig
-from scp.fhir_client import display_url, is_retryable_status, outcome_diagnostics, parse_retry_after
-from scp.fhir_sink import ServerStudy, canonical, keep_server_references, same_identifier, update_request
+from scp.sinks.fhir.client import display_url, is_retryable_status, outcome_diagnostics, parse_retry_after
+from scp.sinks.fhir.sink import ServerStudy, canonical, keep_server_references, same_identifier, update_request
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
 

@@ -19,7 +19,7 @@ from pynetdicom import AE
 
 from scp.cli import main as cli_main
 from scp.config import load_config
-from scp.metrics import Metrics
+from scp.ops.metrics import Metrics
 from scp.node import Node
 from tests.conftest import free_port
 from tests.dicomgen import GeneratedStudy, generate_study
@@ -236,9 +236,9 @@ def test_a_fhir_server_that_hangs_never_slows_reception(tmp_path, node_factory, 
 
 def test_a_part_set_aside_while_retry_runs_is_not_lost(tmp_path):
     from mapping import MappingOptions
-    from scp.dead_letter import DeadLetterBox
-    from scp.delivery import redeliver
-    from scp.spool import FileSpool
+    from scp.store.dead_letter import DeadLetterBox
+    from scp.pipeline.delivery import redeliver
+    from scp.store.spool import FileSpool
 
     study = generate_study(tmp_path / "in", 2, 1)
     first, second = study.files

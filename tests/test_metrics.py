@@ -1,4 +1,4 @@
-"""scp.metrics: the node's counters (fixed names, thread-safe)."""
+"""scp.ops.metrics: the node's counters (fixed names, thread-safe)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from scp.metrics import COUNTERS, Metrics
+from scp.ops.metrics import COUNTERS, Metrics
 
 NAMES = ("instances_received", "instances_failed", "associations", "studies_completed",
          "deliveries_ok", "deliveries_failed")

@@ -1,4 +1,4 @@
-"""scp.ops_http: /healthz and Prometheus /metrics over real HTTP (port 0)."""
+"""scp.ops.http: /healthz and Prometheus /metrics over real HTTP (port 0)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from mapping.errors import ConfigurationError
 from scp.config import OperationsConfig
-from scp.metrics import COUNTERS, Metrics
-from scp.ops_http import start_ops_server
+from scp.ops.metrics import COUNTERS, Metrics
+from scp.ops.http import start_ops_server
 
 ENABLED = OperationsConfig(http_enabled=True, http_bind="127.0.0.1", http_port=0)
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*) (-?[0-9]+(?:\.[0-9]+)?)$")
@@ -109,10 +109,10 @@ def test_a_failing_spool_depth_is_a_failed_scrape_not_a_zero(metrics):
 
 
 def test_requests_are_logged_at_debug_only(ops, caplog):
-    with caplog.at_level(logging.DEBUG, logger="scp.ops_http"):
+    with caplog.at_level(logging.DEBUG, logger="scp.ops.http"):
         get(ops, "/healthz")
         get(ops, "/nope")
-    records = [r for r in caplog.records if r.name == "scp.ops_http"]
+    records = [r for r in caplog.records if r.name == "scp.ops.http"]
     assert records and all(r.levelno == logging.DEBUG for r in records)
 
 

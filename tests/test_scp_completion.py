@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from scp.completion import CompletionTracker
+from scp.pipeline.completion import CompletionTracker
 
 
 class FakeClock:

@@ -17,12 +17,12 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from mapping.options import MappingOptions
-from scp.dead_letter import DeadLetterBox
-from scp.delivery import DeliveryWorker, Journal, backoff_delay, redeliver
-from scp.disk_sink import DiskSink
+from scp.store.dead_letter import DeadLetterBox
+from scp.pipeline.delivery import DeliveryWorker, Journal, backoff_delay, redeliver
+from scp.sinks.disk import DiskSink
 from scp.errors import DeliveryRejected, DeliveryRetryable
-from scp.instance import header_file, parse_received
-from scp.spool import FileSpool, MemorySpool
+from scp.receive.dataset import header_file, parse_received
+from scp.store.spool import FileSpool, MemorySpool
 
 CT = get_testdata_file("CT_small.dcm")
 

@@ -1,4 +1,4 @@
-"""Reading a received data set just enough to spool it (scp.instance), on real files."""
+"""Reading a received data set just enough to spool it (scp.receive.dataset), on real files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from mapping import InstanceHeader
-from scp.instance import (CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH, BadInstance, header_dataset, header_file,
+from scp.receive.dataset import (CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH, BadInstance, header_dataset, header_file,
                           parse_received)
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from scp.spool import FileSpool, MemorySpool, is_safe_uid
+from scp.store.spool import FileSpool, MemorySpool, is_safe_uid
 
 STUDY = "1.2.3.4"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scp.cli import main
-from scp.status import build_report, format_age, format_report, tail_lines
+from scp.ops.status import build_report, format_age, format_report, tail_lines
 
 NOW = 1_800_000_000.0
 STUDY_A = "1.2.826.0.1.3680043.8.498.1"
@@ -90,8 +90,8 @@ def test_a_dead_lettered_study_shows_the_first_line_of_its_reason_and_when(layou
 
 
 def test_a_study_the_node_set_aside_is_read_as_the_node_wrote_it(layout):
-    from scp.dead_letter import DeadLetterBox
-    from scp.spool import FileSpool
+    from scp.store.dead_letter import DeadLetterBox
+    from scp.store.spool import FileSpool
 
     spool_dir, dead = layout
     spool = FileSpool(spool_dir)
@@ -134,7 +134,7 @@ def test_a_delivery_shows_its_result_then_each_sinks_on_one_line(layout):
 
 
 def test_the_nodes_own_journal_lines_are_read(layout):
-    from scp.delivery import DELIVERIES, Journal
+    from scp.pipeline.delivery import DELIVERIES, Journal
 
     spool, dead = layout
     journal = Journal(spool / DELIVERIES, wall_clock=lambda: NOW)

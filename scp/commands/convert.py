@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scp.config import load_config, override
-    from scp.convert import convert_files, list_files, write_studies
+    from scp.sources.folder import convert_files, list_files, write_studies
 
     config = load_config(args.config)
     config = override(config, "mapping", timezone=args.timezone, dicomweb_url=args.dicomweb_url,

@@ -59,11 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mapping.errors import ConfigurationError
     from scp.config import load_config, override
-    from scp.dead_letter import DeadLetterBox
-    from scp.delivery import DELIVERIES, Journal, redeliver
+    from scp.store.dead_letter import DeadLetterBox
+    from scp.pipeline.delivery import DELIVERIES, Journal, redeliver
     from scp.errors import DeliveryRejected, DeliveryRetryable
     from scp.node import default_sinks
-    from scp.spool import FileSpool
+    from scp.store.spool import FileSpool
 
     if bool(args.studies) == bool(args.all):
         raise ConfigurationError("retry: name the studies (StudyInstanceUID ...) or give --all, not both")

@@ -63,9 +63,9 @@ def load(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from scp.metrics import Metrics
+    from scp.ops.metrics import Metrics
     from scp.node import Node
-    from scp.ops_http import start_ops_server
+    from scp.ops.http import start_ops_server
 
     config = load(args)
     metrics = Metrics()

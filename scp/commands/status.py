@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from scp.config import load_config, override
-    from scp.status import build_report, format_report
+    from scp.ops.status import build_report, format_report
 
     config = override(load_config(args.config), "node",
                       spool_dir=args.spool_dir, dead_letter_dir=args.dead_letter_dir)

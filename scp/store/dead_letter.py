@@ -10,7 +10,7 @@ Layout (scp/__init__.py)::
 A study lands here when a sink raises DeliveryRejected or its instances disagree on
 PatientID. Further parts of a study already set aside join it here (never delivered
 half a study). `dicom-fhir-scp retry` delivers a study again with
-scp.delivery.redeliver (which removes the folder once every sink took it), or puts its
+scp.pipeline.delivery.redeliver (which removes the folder once every sink took it), or puts its
 instances back into the spool with `DeadLetterBox.requeue` for the node to pick up on
 its next start.
 """
@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scp.spool import SUFFIX, FileSpool, Spool, SpooledInstance, _fsync_folder, _move, is_safe_uid
+from scp.store.spool import SUFFIX, FileSpool, Spool, SpooledInstance, _fsync_folder, _move, is_safe_uid
 
-log = logging.getLogger("scp.dead_letter")
+log = logging.getLogger("scp.store.dead_letter")
 
 REASON = "reason.txt"
 INSTANCES = "instances"
@@ -109,7 +109,7 @@ class DeadLetterBox:
         return sorted(letters, key=lambda d: d.since)
 
     def read_instances(self, study_uid: str) -> list[SpooledInstance]:
-        """The set-aside instance headers, as scp.delivery.deliver_study takes them."""
+        """The set-aside instance headers, as scp.pipeline.delivery.deliver_study takes them."""
         result = []
         for path in self.get(study_uid).instances:
             st = path.stat()

@@ -27,11 +27,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from scp.auth import Auth, build_auth, tls_verify
+from scp.sinks.fhir.auth import Auth, build_auth, tls_verify
 from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
 
-log = logging.getLogger("scp.fhir_client")
+log = logging.getLogger("scp.sinks.fhir.client")
 
 FHIR_JSON = "application/fhir+json"
 RETRYABLE_STATUSES = frozenset({408, 429})

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
-log = logging.getLogger("scp.spool")
+log = logging.getLogger("scp.store.spool")
 
 SUFFIX = ".dcm"
 CORRUPT_SUFFIX = ".corrupt"
@@ -84,7 +84,7 @@ class FileSpool:
 
         Until that function returned, the instance must not be acknowledged: the C-STORE
         handler runs it while pynetdicom encodes the response, and holds the response
-        back until it is done (scp.server). Errors of the write and rename are raised
+        back until it is done (scp.receive.server). Errors of the write and rename are raised
         here; the returned function raises OSError when the fsync fails.
         """
         if not is_safe_uid(study_uid) or not is_safe_uid(sop_uid):

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-log = logging.getLogger("scp.completion")
+log = logging.getLogger("scp.pipeline.completion")
 
 Clock = Callable[[], float]
 OnComplete = Callable[[str, frozenset[str]], None]

@@ -31,10 +31,10 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from scp.config import NodeConfig, SecurityConfig
-from scp.instance import OUT_OF_RESOURCES, PROCESSING_FAILURE, BadInstance, full_file, header_file, parse_received
-from scp.spool import FileSpool
+from scp.receive.dataset import OUT_OF_RESOURCES, PROCESSING_FAILURE, BadInstance, full_file, header_file, parse_received
+from scp.store.spool import FileSpool
 
-log = logging.getLogger("scp.server")
+log = logging.getLogger("scp.receive.server")
 
 SUCCESS = 0x0000
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only

@@ -13,7 +13,7 @@ one (memory stays flat), converted with mapping.convert_study, and handed to eac
   again after an exponential backoff with jitter, capped at fhir.max_backoff, without
   an attempt limit; sinks that already took this part are not asked again;
 - DeliveryRejected, or instances that disagree on PatientID: the part is set aside in
-  the dead-letter folder (scp.dead_letter) with the reason and the sink's documents.
+  the dead-letter folder (scp.store.dead_letter) with the reason and the sink's documents.
 
 A part completing while an earlier part of the same study waits for a retry joins it.
 
@@ -38,9 +38,9 @@ from typing import Any
 
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.sinks import Sink
-from scp.spool import Spool, SpooledInstance
+from scp.store.spool import Spool, SpooledInstance
 
-log = logging.getLogger("scp.delivery")
+log = logging.getLogger("scp.pipeline.delivery")
 
 DELIVERIES = "deliveries.jsonl"
 BASE_BACKOFF = 1.0  # seconds before the first retry
@@ -66,7 +66,7 @@ def read_header(instance: SpooledInstance):
     """The InstanceHeader of one spooled header file."""
     from mapping import InstanceHeader
 
-    from scp.instance import header_dataset
+    from scp.receive.dataset import header_dataset
 
     try:
         ds = header_dataset(instance.data)

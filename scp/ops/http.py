@@ -25,9 +25,9 @@ from typing import Callable
 
 from mapping.errors import ConfigurationError
 from scp.config import OperationsConfig
-from scp.metrics import COUNTERS, Metrics
+from scp.ops.metrics import COUNTERS, Metrics
 
-log = logging.getLogger("scp.ops_http")
+log = logging.getLogger("scp.ops.http")
 
 PREFIX = "dicom_fhir_scp_"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

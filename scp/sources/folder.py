@@ -9,7 +9,7 @@ folder.
 
 Library use::
 
-    from scp.convert import convert_folder, process_dicom_2_fhir
+    from scp.sources.folder import convert_folder, process_dicom_2_fhir
     report = convert_folder("/data/dicom", MappingOptions(timezone="Europe/Berlin"))
     for study_uid, resources in report.studies.items():
         ...  # resources.patient, resources.imaging_study, resources.endpoint
@@ -38,8 +38,9 @@ from mapping import (InstanceHeader, StudyResources, convert_study, merge_resour
                      parse_resources, render, to_contained)
 from mapping.errors import DicomFhirError, MappingError, MultipleStudiesError, PatientMismatchError
 from mapping.options import MappingOptions
+from scp.sinks.disk import UnusableOutputError, write_study
 
-log = logging.getLogger("scp.convert")
+log = logging.getLogger("scp.sources.folder")
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
 
@@ -383,57 +384,3 @@ def write_studies(report: ConversionReport, out_dir: str | os.PathLike[str], sha
         report.written[study_uid] = path
         if not changed:
             report.unchanged.add(study_uid)
-
-
-class UnusableOutputError(DicomFhirError):
-    """An existing output file cannot be parsed, so it cannot be merged (it is kept as is)."""
-
-
-def write_study(resources: StudyResources, out_dir: Path, shape: str = "bundle") -> tuple[Path, bool]:
-    """Write (or merge into) out_dir/<StudyInstanceUID>.json atomically; return (path, changed)."""
-    path = out_dir / f"{resources.study_uid}.json"
-    existing_doc = _read_json(path)
-    if existing_doc is not None:
-        try:
-            existing = parse_resources(existing_doc)
-        except Exception as exc:  # MappingError, or the models' validation error
-            raise UnusableOutputError(f"{path}: not a study this tool wrote ({type(exc).__name__}: {exc})") from exc
-        resources = merge_resources(existing, resources)
-    doc = render(resources, shape)
-    if doc == existing_doc:
-        return path, False
-    _write_atomically(path, json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
-    return path, True
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        doc = json.loads(data)
-    except ValueError as exc:
-        raise UnusableOutputError(f"{path}: not JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise UnusableOutputError(f"{path}: not a FHIR resource")
-    return doc
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename: a reader (or a crash) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself is durable only once the folder is synced
-    finally:
-        os.close(fd)

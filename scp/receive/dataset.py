@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import generate_uid
 
-from scp.spool import is_safe_uid
+from scp.store.spool import is_safe_uid
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"

@@ -1,4 +1,4 @@
-"""Counters of what the node did since it started (exported by scp.ops_http).
+"""Counters of what the node did since it started (exported by scp.ops.http).
 
 The node's threads (association handlers, the delivery worker) increment them
 concurrently, so every update holds a lock; a snapshot is a consistent copy.

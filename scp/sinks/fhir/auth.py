@@ -23,7 +23,7 @@ import requests
 from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
 
-log = logging.getLogger("scp.auth")
+log = logging.getLogger("scp.sinks.fhir.auth")
 
 # A token is renewed this long before the server says it expires, so a request
 # never leaves with a token that dies on the way (clock skew, slow networks).

@@ -12,7 +12,7 @@ What it reads:
     <dead_letter_dir>/<StudyInstanceUID>/      set-aside study; reason = first line of
         reason.txt, instances/*.dcm            reason.txt, since = its mtime
     <spool_dir>/deliveries.jsonl               the last N lines, each a JSON object
-        (scp.delivery.Journal): {"time": ISO 8601 or epoch seconds, "study": UID,
+        (scp.pipeline.delivery.Journal): {"time": ISO 8601 or epoch seconds, "study": UID,
         "instances": int, "result": "delivered" | "dead-lettered: why" | ...,
         "sinks": {"<sink>": "<what it did>", ...}, ...}
 

@@ -36,9 +36,9 @@ from mapping.errors import PatientMismatchError
 from mapping.options import MappingOptions
 from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
-from scp.fhir_client import FhirClient, Reply, RequestStats
+from scp.sinks.fhir.client import FhirClient, Reply, RequestStats
 
-log = logging.getLogger("scp.fhir_sink")
+log = logging.getLogger("scp.sinks.fhir.sink")
 
 STUDY_UID_SYSTEM = "urn:dicom:uid"
 MAX_CONFLICTS = 10  # 412s in a row before the delivery is retried later instead
