@@ -1,4 +1,19 @@
-"""Errors raised by the node's delivery path.
+"""The project's exceptions: one root, `DicomFhirError`, for everything raised on purpose.
+
+The root lives in mapping.errors because mapping/ is the bottom layer and imports
+nothing from scp/; it is re-exported here so the node's modules and callers of the
+node import their errors from one place. Anything else escaping is a bug.
+
+    DicomFhirError
+        ConfigurationError      a configuration value is missing or invalid (start-up)
+        MappingError            a DICOM data set cannot be mapped (mapping.errors)
+            PatientMismatchError, MultipleStudiesError
+        BadInstance             a received data set cannot be spooled (scp.receive.dataset)
+        UnusableFileError       a file of a folder cannot be converted (scp.sources.folder)
+        UnusableOutputError     an existing output file cannot be merged (scp.sinks.disk)
+        DeliveryError           a completed study could not be delivered by a sink
+            DeliveryRetryable   a fault that may go away: the study stays in the spool, retried
+            DeliveryRejected    a fault that will not: the study goes to the dead letter
 
 A sink raises `DeliveryRetryable` for a fault that may go away (network down,
 timeout, 408, 429, 5xx): the study stays in the spool and is tried again with
@@ -9,7 +24,10 @@ folder with the reason and whatever documents explain it.
 
 from __future__ import annotations
 
-from mapping.errors import DicomFhirError
+from mapping.errors import ConfigurationError, DicomFhirError, MappingError, PatientMismatchError
+
+__all__ = ["DicomFhirError", "ConfigurationError", "MappingError", "PatientMismatchError", "DeliveryError",
+           "DeliveryRetryable", "DeliveryRejected"]
 
 
 class DeliveryError(DicomFhirError):

@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from scp.pipeline.completion import CompletionTracker
 from scp.config import Config
-from scp.store.dead_letter import DeadLetterBox
-from scp.pipeline.delivery import DELIVERIES, DeliveryWorker, Journal
-from scp.receive.server import StorageServer, StoreHandler
+from scp.pipeline.completion import CompletionTracker
+from scp.pipeline.retry import RetryPolicy
+from scp.pipeline.worker import DeliveryWorker
+from scp.receive.handlers import StoreHandler
+from scp.receive.server import StorageServer
 from scp.sinks import Sink
+from scp.store.dead_letter import DeadLetterBox
+from scp.store.journal import Journal
 from scp.store.spool import FileSpool
 
 log = logging.getLogger("scp.node")
@@ -52,11 +54,16 @@ class Node:
         self.sinks = list(default_sinks(config) if sinks is None else sinks)
         self.tracker = CompletionTracker(node.idle_timeout, on_complete or self._completed, clock=clock)
         self.delivery = DeliveryWorker(self.spool, self.sinks, config.mapping, dead_letters=self.dead_letters,
-                                       journal=Journal(Path(node.spool_dir) / DELIVERIES),
-                                       max_backoff=config.fhir.max_backoff, clock=clock, metrics=metrics,
-                                       waiting=lambda: (self.tracker.quiet_for(), self.tracker.waiting_parts()))
-        self.handler = StoreHandler(self.spool, self.tracker.arrived, archive=self.archive, metrics=metrics)
+                                       journal=Journal.in_spool(node.spool_dir),
+                                       retry=RetryPolicy(max_backoff=config.fhir.max_backoff), clock=clock,
+                                       metrics=metrics)
+        self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics)
         self.server = StorageServer(node, config.security, self.handler)
+
+    def _arrived(self, study_uid: str, sop_uid: str) -> None:
+        """An instance is in the spool: its study's idle timer restarts; it may be parsed ahead."""
+        self.tracker.arrived(study_uid, sop_uid)
+        self.delivery.arrived(study_uid, sop_uid)
 
     def _completed(self, study_uid: str, sop_uids: frozenset[str]) -> None:
         log.debug("study %s complete: %d instance(s) received since its last completion; delivering",
@@ -71,7 +78,10 @@ class Node:
         if waiting:
             log.info("resuming %d study(ies) found in the spool (%d instance(s)); they complete in %g s",
                      len(waiting), sum(map(len, waiting.values())), self.config.node.idle_timeout)
-        self.tracker.resume(waiting)
+        self.tracker.resume(waiting)  # each completes idle_timeout from now
+        for study_uid, sop_uids in waiting.items():
+            for sop_uid in sop_uids:
+                self.delivery.arrived(study_uid, sop_uid)
         self.delivery.start()
         self.tracker.start()
         where = self.server.start()

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from scp.pipeline.cache import ParseAheadCache
 from scp.pipeline.completion import CompletionTracker
 
 
@@ -82,13 +83,6 @@ def test_studies_resumed_from_the_spool_complete_idle_timeout_after_the_start(cl
     assert tracker.poll()[0].sop_uids == {"1.1.1", "1.1.2"}
 
 
-def test_quiet_for_measures_time_since_the_last_arrival_of_any_study(clock):
-    tracker = CompletionTracker(10, clock=clock)
-    tracker.arrived("1.1", "1.1.1")
-    clock.now += 3
-    assert tracker.quiet_for() == 3
-
-
 def test_idle_timeout_must_be_positive():
     with pytest.raises(ValueError, match="idle_timeout"):
         CompletionTracker(0)
@@ -132,3 +126,23 @@ def test_an_error_in_the_callback_is_logged_and_the_timer_keeps_running(caplog):
         tracker.stop()
     assert calls == ["1.1", "1.2"]
     assert "study 1.1" in caplog.text
+
+
+def test_the_parse_ahead_cache_measures_quiet_since_the_last_arrival_of_any_study(clock):
+    cache = ParseAheadCache(clock)
+    cache.arrived("1.1", "1.1.1")
+    clock.now += 2
+    cache.arrived("1.2", "1.2.1")
+    clock.now += 3
+    assert cache.quiet_for() == 3
+    assert cache.waiting() == {"1.1": {"1.1.1"}, "1.2": {"1.2.1"}}
+
+
+def test_the_parse_ahead_cache_forgets_instances_of_a_completed_part(clock):
+    cache = ParseAheadCache(clock)
+    cache.arrived("1.1", "1.1.1")
+    cache.arrived("1.1", "1.1.2")
+    cache.completed("1.1", {"1.1.1"})
+    assert cache.waiting() == {"1.1": {"1.1.2"}}
+    cache.completed("1.1", {"1.1.2"})
+    assert cache.waiting() == {}

@@ -18,7 +18,10 @@ from pydicom.uid import generate_uid
 
 from mapping.options import MappingOptions
 from scp.store.dead_letter import DeadLetterBox
-from scp.pipeline.delivery import DeliveryWorker, Journal, backoff_delay, redeliver
+from scp.pipeline.delivery import redeliver
+from scp.pipeline.retry import RetryPolicy
+from scp.pipeline.worker import DeliveryWorker
+from scp.store.journal import Journal
 from scp.sinks.disk import DiskSink
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.receive.dataset import header_file, parse_received
@@ -75,7 +78,7 @@ def clock():
 def make_worker(tmp_path, spool, sinks, clock, **kwargs):
     return DeliveryWorker(spool, sinks, MappingOptions(), dead_letters=DeadLetterBox(tmp_path / "dead"),
                           journal=Journal(tmp_path / "deliveries.jsonl", wall_clock=lambda: 0.0),
-                          clock=clock, rand=lambda: 1.0, max_backoff=60, **kwargs)
+                          clock=clock, rand=lambda: 1.0, retry=RetryPolicy(max_backoff=60), **kwargs)
 
 
 def test_a_completed_study_goes_to_every_sink_and_leaves_the_spool(tmp_path, clock):
@@ -157,12 +160,23 @@ def test_a_part_completing_while_an_earlier_part_waits_for_a_retry_is_delivered_
 
 
 def test_backoff_is_exponential_with_jitter_capped_and_honours_retry_after():
-    assert backoff_delay(1, 300, rand=lambda: 1.0) == 1.0
-    assert backoff_delay(4, 300, rand=lambda: 1.0) == 8.0
-    assert backoff_delay(4, 300, rand=lambda: 0.0) == 4.0  # jitter: 50-100 %
-    assert backoff_delay(30, 300, rand=lambda: 1.0) == 300  # the cap
-    assert backoff_delay(1, 300, retry_after=20, rand=lambda: 1.0) == 20
-    assert backoff_delay(1, 300, retry_after=1000, rand=lambda: 1.0) == 300
+    policy = RetryPolicy(max_backoff=300)
+    assert policy.delay(1, rand=lambda: 1.0) == 1.0
+    assert policy.delay(4, rand=lambda: 1.0) == 8.0
+    assert policy.delay(4, rand=lambda: 0.0) == 4.0  # jitter: 50-100 %
+    assert policy.delay(30, rand=lambda: 1.0) == 300  # the cap
+    assert policy.delay(1, retry_after=20, rand=lambda: 1.0) == 20
+    assert policy.delay(1, retry_after=1000, rand=lambda: 1.0) == 300
+
+
+def test_a_cap_below_the_first_delay_caps_it_too():
+    assert RetryPolicy(max_backoff=0.5).delay(1, rand=lambda: 1.0) == 0.5
+
+
+@pytest.mark.parametrize("settings", [{"base": 0}, {"max_backoff": -1}])
+def test_a_retry_policy_needs_positive_delays(settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        RetryPolicy(**settings)
 
 
 def test_a_rejected_delivery_moves_the_study_to_the_dead_letter_folder_with_its_reason(tmp_path, clock):
@@ -295,15 +309,21 @@ def test_an_unexpected_error_in_a_sink_keeps_the_study_for_a_retry(tmp_path, clo
     assert sink.delivered == [{sop}]
 
 
+def arrive(worker, study_uid: str, sops) -> None:
+    for sop in sops:
+        worker.arrived(study_uid, sop)
+
+
 def test_headers_parsed_ahead_while_the_node_is_quiet_are_used_at_completion(tmp_path, clock):
     spool = MemorySpool()
     sops = {spool_instance(spool, "1.2.3") for _ in range(3)}
-    worker = make_worker(tmp_path, spool, [RecordingSink()], clock,
-                         waiting=lambda: (1.0, {"1.2.3": frozenset(sops)}))
-    assert worker._prepare_some() is True  # the headers
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock)
+    arrive(worker, "1.2.3", sops)
+    clock.now += 1  # quiet
+    assert worker.work_ahead() is True  # the headers
     assert len(worker.cache) == 3
-    assert worker._prepare_some() is True  # the conversion
-    assert worker._prepare_some() is False  # nothing left to do until more arrives
+    assert worker.work_ahead() is True  # the conversion
+    assert worker.work_ahead() is False  # nothing left to do until more arrives
     assert worker.cache.is_converted("1.2.3", sops)
     worker.submit("1.2.3", sops)
     worker.run_once()
@@ -314,18 +334,38 @@ def test_headers_parsed_ahead_while_the_node_is_quiet_are_used_at_completion(tmp
 def test_nothing_is_parsed_ahead_while_instances_arrive(tmp_path, clock):
     spool = MemorySpool()
     sops = {spool_instance(spool, "1.2.3")}
-    worker = make_worker(tmp_path, spool, [RecordingSink()], clock,
-                         waiting=lambda: (0.01, {"1.2.3": frozenset(sops)}))
-    assert worker._prepare_some() is False
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock)
+    arrive(worker, "1.2.3", sops)
+    clock.now += 0.01  # the last instance arrived a moment ago
+    assert worker.work_ahead() is False
+    assert len(worker.cache) == 0
+
+
+def test_nothing_is_parsed_ahead_when_no_instance_waits(tmp_path, clock):
+    worker = make_worker(tmp_path, MemorySpool(), [RecordingSink()], clock)
+    assert worker.work_ahead() is None
+
+
+def test_a_completed_part_is_no_longer_parsed_ahead(tmp_path, clock):
+    # Its instances are the delivery's business: a study waiting for a retry holds no headers.
+    spool = MemorySpool()
+    sops = {spool_instance(spool, "1.2.3")}
+    worker = make_worker(tmp_path, spool, [RecordingSink(failures=[DeliveryRetryable("down")])], clock)
+    arrive(worker, "1.2.3", sops)
+    worker.submit("1.2.3", sops)
+    worker.run_once()  # fails: waits for a retry
+    clock.now += 0.5
+    assert worker.work_ahead() is None
     assert len(worker.cache) == 0
 
 
 def test_a_conversion_made_ahead_is_not_used_when_the_part_differs(tmp_path, clock):
     spool = MemorySpool()
     first = spool_instance(spool, "1.2.3")
-    worker = make_worker(tmp_path, spool, [RecordingSink()], clock,
-                         waiting=lambda: (1.0, {"1.2.3": frozenset({first})}))
-    worker._prepare_some(), worker._prepare_some()
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock)
+    arrive(worker, "1.2.3", [first])
+    clock.now += 1
+    worker.work_ahead(), worker.work_ahead()
     second = spool_instance(spool, "1.2.3")
     sink = RecordingSink()
     worker.sinks = [sink]
@@ -370,8 +410,10 @@ def test_a_failure_while_parsing_ahead_does_not_stop_the_delivery_thread(tmp_pat
             raise OSError(5, "Input/output error")
 
     spool = UnreadableSpool()
-    worker = make_worker(tmp_path, spool, [RecordingSink()], FakeClock(),
-                         waiting=lambda: (1.0, {"1.2.3": frozenset({"1.2.3.1"})}))
+    clock = FakeClock()
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock)
+    worker.arrived("1.2.3", "1.2.3.1")
+    clock.now += 1
     worker.start()
     try:
         assert spool.read_twice.wait(10), "the delivery thread ended at the first failed read"

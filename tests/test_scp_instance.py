@@ -12,8 +12,9 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from mapping import InstanceHeader
-from scp.receive.dataset import (CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH, BadInstance, header_dataset, header_file,
-                          parse_received)
+from scp.receive.dataset import BadInstance, header_file, parse_received
+from scp.receive.status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH
+from scp.store.part10 import header_dataset
 
 
 def dataset_bytes(path) -> tuple[bytes, str]:

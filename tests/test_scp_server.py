@@ -1,4 +1,4 @@
-"""The C-STORE handler's rules that need no network (scp.receive.server.StoreHandler with a stand-in event)."""
+"""The C-STORE handler's rules that need no network (scp.receive.handlers.StoreHandler with a stand-in event)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pydicom
 from pydicom.data import get_testdata_file
 
-from scp.receive.dataset import PROCESSING_FAILURE
-from scp.receive.server import StoreHandler
+from scp.receive.status import PROCESSING_FAILURE
+from scp.receive.handlers import StoreHandler
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
@@ -37,7 +37,7 @@ def test_an_unexpected_error_is_answered_with_a_failure_status_and_logged_with_t
     event, ds = store_event(get_testdata_file("CT_small.dcm"))
     handler = StoreHandler(BrokenSpool(), on_stored=lambda study, sop: None)
     try:
-        with caplog.at_level(logging.ERROR, logger="scp.receive.server"):
+        with caplog.at_level(logging.ERROR, logger="scp.receive.handlers"):
             assert handler(event) == PROCESSING_FAILURE
     finally:
         handler.shutdown()

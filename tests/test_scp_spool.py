@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from scp.store.spool import FileSpool, MemorySpool, is_safe_uid
+from scp.store.layout import is_safe_uid
+from scp.store.spool import FileSpool, MemorySpool
 
 STUDY = "1.2.3.4"
 

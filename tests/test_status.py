@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from scp.cli import main
-from scp.ops.status import build_report, format_age, format_report, tail_lines
+from scp.ops.status import build_report, format_age, format_report
+from scp.store.journal import tail_lines
 
 NOW = 1_800_000_000.0
 STUDY_A = "1.2.826.0.1.3680043.8.498.1"
@@ -134,7 +135,8 @@ def test_a_delivery_shows_its_result_then_each_sinks_on_one_line(layout):
 
 
 def test_the_nodes_own_journal_lines_are_read(layout):
-    from scp.pipeline.delivery import DELIVERIES, Journal
+    from scp.store.journal import Journal
+    from scp.store.layout import JOURNAL as DELIVERIES
 
     spool, dead = layout
     journal = Journal(spool / DELIVERIES, wall_clock=lambda: NOW)
@@ -146,11 +148,16 @@ def test_the_nodes_own_journal_lines_are_read(layout):
     assert deliveries[0].time.startswith("2027-01-15T")
 
 
-def test_a_delivery_time_in_epoch_seconds_is_shown_as_a_date(layout):
+def test_a_line_not_in_the_journals_format_is_noted_not_guessed(layout):
+    # status reads what Journal.append writes; other shapes (an epoch time, another key) are noted.
     spool, dead = layout
-    (spool / "deliveries.jsonl").write_text(delivery_line(STUDY_A, time=NOW))
-    [d] = build_report(spool, dead, NOW).deliveries
-    assert d.time.startswith("2027-01-15T")
+    (spool / "deliveries.jsonl").write_text(delivery_line(STUDY_A, time=NOW) + delivery_line(STUDY_B)
+                                            + json.dumps({"study_uid": STUDY_A, "ok": True}) + "\n")
+    report = build_report(spool, dead, NOW)
+    assert [d.study for d in report.deliveries] == [STUDY_B]
+    assert len(report.notes) == 2
+    assert "line 1 of the last 3" in report.notes[0] and "time: expected str, got float" in report.notes[0]
+    assert "line 3 of the last 3" in report.notes[1]
 
 
 def test_a_line_being_written_is_left_out_and_a_broken_line_is_noted(layout):

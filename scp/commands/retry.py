@@ -59,10 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mapping.errors import ConfigurationError
     from scp.config import load_config, override
-    from scp.store.dead_letter import DeadLetterBox
-    from scp.pipeline.delivery import DELIVERIES, Journal, redeliver
     from scp.errors import DeliveryRejected, DeliveryRetryable
     from scp.node import default_sinks
+    from scp.pipeline.delivery import redeliver
+    from scp.store.dead_letter import DeadLetterBox
+    from scp.store.journal import Journal
     from scp.store.spool import FileSpool
 
     if bool(args.studies) == bool(args.all):
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if not sinks:
         raise ConfigurationError("retry: no sink configured (set node.output_dir or fhir.url, or --fhir-url)")
     spool_dir.mkdir(parents=True, exist_ok=True)
-    journal = Journal(spool_dir / DELIVERIES)
+    journal = Journal.in_spool(spool_dir)
     failed = 0
     for uid in uids:
         try:

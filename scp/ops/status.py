@@ -1,4 +1,4 @@
-"""What the node holds right now, read from its on-disk layout (see scp/__init__.py).
+"""What the node holds right now, read from its on-disk layout (scp.store.layout).
 
 `build_report(spool_dir, dead_letter_dir, now)` is a pure read of the folders: it
 never opens a DICOM file (no patient data reaches the report: studies are named
@@ -11,10 +11,8 @@ What it reads:
                                                .dcm files, last instance = newest mtime
     <dead_letter_dir>/<StudyInstanceUID>/      set-aside study; reason = first line of
         reason.txt, instances/*.dcm            reason.txt, since = its mtime
-    <spool_dir>/deliveries.jsonl               the last N lines, each a JSON object
-        (scp.pipeline.delivery.Journal): {"time": ISO 8601 or epoch seconds, "study": UID,
-        "instances": int, "result": "delivered" | "dead-lettered: why" | ...,
-        "sinks": {"<sink>": "<what it did>", ...}, ...}
+    <spool_dir>/deliveries.jsonl               the last N lines, read with
+                                               scp.store.journal (the format it writes)
 
 Hidden entries (names starting with ".") are the node's temporary files and are
 left out.
@@ -22,16 +20,15 @@ left out.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-DELIVERIES = "deliveries.jsonl"
-REASON = "reason.txt"
-INSTANCE_SUFFIX = ".dcm"
+from scp.store import journal
+from scp.store.layout import INSTANCES, JOURNAL, REASON, instance_uid, is_hidden
+
 MAX_REASON = 300  # characters of a reason's first line shown
 
 
@@ -55,7 +52,7 @@ class DeadLetteredStudy:
 class Delivery:
     time: str
     study: str
-    instances: int | None
+    instances: int
     result: str
 
 
@@ -88,10 +85,10 @@ def build_report(spool_dir: Path, dead_letter_dir: Path, now: float, recent: int
     waiting = [WaitingStudy(uid, count, newest, max(0.0, now - newest))
                for uid, count, newest in _studies(Path(spool_dir), "spool", notes)]
     waiting.sort(key=lambda w: w.last_instance)
-    dead = [d for uid, count, _ in _studies(Path(dead_letter_dir), "dead-letter", notes, instances_under="instances")
+    dead = [d for uid, count, _ in _studies(Path(dead_letter_dir), "dead-letter", notes, instances_under=INSTANCES)
             if (d := _dead_lettered(Path(dead_letter_dir) / uid, uid, count)) is not None]
     dead.sort(key=lambda d: d.since)
-    deliveries = _recent_deliveries(Path(spool_dir) / DELIVERIES, recent, notes)
+    deliveries = _recent_deliveries(Path(spool_dir) / JOURNAL, recent, notes)
     return StatusReport(str(spool_dir), str(dead_letter_dir), now, tuple(waiting), tuple(dead),
                         tuple(deliveries), tuple(notes))
 
@@ -100,7 +97,7 @@ def _studies(root: Path, what: str, notes: list[str], instances_under: str = "")
     """(UID, instance count, newest mtime) of each study folder under root."""
     try:
         with os.scandir(root) as it:
-            entries = [e for e in it if not e.name.startswith(".") and e.is_dir()]
+            entries = [e for e in it if not is_hidden(e.name) and e.is_dir()]
     except FileNotFoundError:
         if not instances_under:  # no dead-letter folder is the normal case: nothing was ever set aside
             notes.append(f"{what} folder {root} does not exist (nothing received yet, or another path configured)")
@@ -115,7 +112,7 @@ def _studies(root: Path, what: str, notes: list[str], instances_under: str = "")
         try:
             with os.scandir(folder) as files:
                 for f in files:
-                    if f.name.endswith(INSTANCE_SUFFIX) and not f.name.startswith(".") and f.is_file():
+                    if instance_uid(f.name) is not None and f.is_file():
                         count += 1
                         newest = max(newest, f.stat().st_mtime)
         except FileNotFoundError:
@@ -149,83 +146,27 @@ def _recent_deliveries(log: Path, recent: int, notes: list[str]) -> list[Deliver
     if recent <= 0:
         return []
     try:
-        lines = tail_lines(log, recent)
+        entries, problems = journal.recent(log, recent)
     except FileNotFoundError:
         return []
     except OSError as exc:
         notes.append(f"{log}: cannot read: {exc.strerror or exc}")
         return []
-    deliveries = []
-    for number, line in enumerate(lines, 1):
-        try:
-            deliveries.append(_delivery(json.loads(line)))
-        except (ValueError, TypeError, KeyError) as exc:
-            notes.append(f"{log}: line {number} of the last {len(lines)} is not a delivery record ({exc})")
-    return deliveries
+    notes.extend(problems)
+    return [Delivery(e.time, e.study, e.instances, _result_text(e)) for e in entries]
 
 
-def _delivery(record: Any) -> Delivery:
-    if not isinstance(record, dict):
-        raise TypeError("not a JSON object")
-    study = record.get("study", record.get("study_uid"))
-    if not isinstance(study, str) or not study:
-        raise KeyError("study")
-    when = record.get("time")
-    time_text = iso(when) if isinstance(when, (int, float)) and not isinstance(when, bool) else str(when or "?")
-    instances = record.get("instances")
-    if isinstance(instances, list):
-        instances = len(instances)
-    if not isinstance(instances, int) or isinstance(instances, bool):
-        instances = None
-    return Delivery(time_text, study, instances, _result_text(record))
-
-
-def _result_text(record: dict[str, Any]) -> str:
+def _result_text(entry: journal.JournalEntry) -> str:
     """One line: the result ("delivered", "dead-lettered: why"), then what each sink said."""
-    parts = []
-    if "result" in record:
-        parts.append(_one_line(record["result"]))
-    elif isinstance(record.get("ok"), bool):
-        parts.append("ok" if record["ok"] else "failed")
-    sinks = record.get("sinks", record.get("results"))
-    if isinstance(sinks, dict) and sinks:
-        parts.append("; ".join(f"{name}: {_one_line(value)}" for name, value in sinks.items()))
-    elif isinstance(sinks, list) and sinks:
-        parts.append("; ".join(_one_line(value) for value in sinks))
-    if not parts:
-        return "?"
-    return parts[0] if len(parts) == 1 else f"{parts[0]} ({parts[1]})"
+    result = _one_line(entry.result) or "?"
+    if not entry.sinks:
+        return result
+    return f"{result} ({'; '.join(f'{name}: {_one_line(value)}' for name, value in entry.sinks.items())})"
 
 
-def _one_line(value: Any) -> str:
-    if isinstance(value, dict):
-        value = value.get("result", value.get("status", value))
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+def _one_line(text: str) -> str:
     text = text.splitlines()[0] if text else ""
     return text if len(text) <= MAX_REASON else text[:MAX_REASON - 1] + "…"
-
-
-def tail_lines(path: Path, n: int, block: int = 64 * 1024) -> list[str]:
-    """The last n non-empty complete lines of a text file, read from the end.
-
-    The log grows for the node's whole life, so only its end is read. A final
-    line without its newline is a record being written right now: left out.
-    """
-    with open(path, "rb") as fh:
-        pos = fh.seek(0, os.SEEK_END)
-        data = b""
-        while True:
-            complete = data[:data.rfind(b"\n") + 1]
-            if pos > 0:  # the first piece may start mid-line
-                complete = complete[complete.find(b"\n") + 1:] if b"\n" in complete else b""
-            lines = [line for line in complete.split(b"\n") if line.strip()]
-            if pos == 0 or len(lines) >= n:
-                break
-            step = min(block, pos)
-            pos -= step
-            fh.seek(pos)
-            data = fh.read(step) + data
-    return [line.decode("utf-8", errors="replace") for line in lines[-n:]]
 
 
 def iso(epoch: float) -> str:
@@ -259,9 +200,9 @@ def format_report(report: StatusReport) -> list[str]:
     out += _table(("STUDY", "INSTANCES", "SINCE", "REASON"),
                   [(d.study, str(d.instances), iso(d.since), d.reason) for d in report.dead_lettered])
     out.append("")
-    out.append(f"Recent deliveries ({Path(report.spool_dir) / DELIVERIES}): {len(report.deliveries)} shown")
+    out.append(f"Recent deliveries ({Path(report.spool_dir) / JOURNAL}): {len(report.deliveries)} shown")
     out += _table(("TIME", "STUDY", "INSTANCES", "RESULT"),
-                  [(d.time, d.study, "?" if d.instances is None else str(d.instances), d.result)
+                  [(d.time, d.study, str(d.instances), d.result)
                    for d in report.deliveries])
     if report.notes:
         out.append("")

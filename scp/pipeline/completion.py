@@ -45,7 +45,6 @@ class CompletionTracker:
         self._on_complete = on_complete
         self._clock = clock
         self._parts: dict[str, _Part] = {}
-        self._last_arrival = float("-inf")
         self._changed = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -54,7 +53,6 @@ class CompletionTracker:
         """An instance of study_uid was stored: (re)start the study's timer. Cheap: the hot path calls it."""
         now = self._clock()
         with self._changed:
-            self._last_arrival = now
             part = self._parts.get(study_uid)
             if part is None:
                 self._parts[study_uid] = _Part(now, {sop_uid})
@@ -82,17 +80,6 @@ class CompletionTracker:
         """Clock time at which the next study completes (None when nothing is waiting)."""
         with self._changed:
             return self._next_due_locked()
-
-    def quiet_for(self, now: float | None = None) -> float:
-        """Seconds since the last instance of any study arrived."""
-        now = self._clock() if now is None else now
-        with self._changed:
-            return now - self._last_arrival
-
-    def waiting_parts(self) -> dict[str, frozenset[str]]:
-        """Study UID -> SOP Instance UIDs received since its last completion."""
-        with self._changed:
-            return {uid: frozenset(p.sop_uids) for uid, p in self._parts.items()}
 
     def waiting(self) -> dict[str, int]:
         """Study UID -> instances received since its last completion."""

@@ -16,6 +16,8 @@ from pathlib import Path
 from mapping import StudyResources, merge_resources, parse_resources, render
 from mapping.errors import DicomFhirError, PatientMismatchError
 from scp.errors import DeliveryRejected, DeliveryRetryable
+from scp.store.files import write_atomically
+from scp.store.layout import output_file, temp_file_writer
 
 log = logging.getLogger("scp.sinks.disk")
 
@@ -30,7 +32,7 @@ class DiskSink:
         remove_orphaned_temp_files(self.output_dir)
 
     def deliver(self, resources) -> str:
-        path = self.output_dir / f"{resources.study_uid}.json"
+        path = self.output_dir / output_file(resources.study_uid)
         try:
             path, changed = write_study(resources, self.output_dir, self.shape)
         except PatientMismatchError as exc:
@@ -45,14 +47,11 @@ class DiskSink:
 
 
 def remove_orphaned_temp_files(folder: Path) -> int:
-    """Remove .<name>.<pid>.tmp files (scp.sources.folder's) whose writing process is gone; returns how many."""
+    """Remove temp files (scp.store.files.write_atomically's) whose writing process is gone; returns how many."""
     removed = 0
-    for path in folder.glob(".*.tmp"):
-        try:
-            pid = int(path.name.rsplit(".", 2)[-2])
-        except (ValueError, IndexError):
-            continue
-        if _running(pid):
+    for path in folder.glob(".*"):
+        pid = temp_file_writer(path.name)
+        if pid is None or _running(pid):
             continue  # a live writer (another node, `convert`, `retry`): its file, its rename
         path.unlink(missing_ok=True)
         removed += 1
@@ -76,7 +75,7 @@ class UnusableOutputError(DicomFhirError):
 
 def write_study(resources: StudyResources, out_dir: Path, shape: str = "bundle") -> tuple[Path, bool]:
     """Write (or merge into) out_dir/<StudyInstanceUID>.json atomically; return (path, changed)."""
-    path = out_dir / f"{resources.study_uid}.json"
+    path = out_dir / output_file(resources.study_uid)
     existing_doc = _read_json(path)
     if existing_doc is not None:
         try:
@@ -87,7 +86,7 @@ def write_study(resources: StudyResources, out_dir: Path, shape: str = "bundle")
     doc = render(resources, shape)
     if doc == existing_doc:
         return path, False
-    _write_atomically(path, json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
+    write_atomically(path, json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
     return path, True
 
 
@@ -103,22 +102,3 @@ def _read_json(path: Path) -> dict | None:
     if not isinstance(doc, dict):
         raise UnusableOutputError(f"{path}: not a FHIR resource")
     return doc
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename: a reader (or a crash) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself is durable only once the folder is synced
-    finally:
-        os.close(fd)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
+import mmap
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ from mapping import (InstanceHeader, StudyResources, convert_study, merge_resour
                      parse_resources, render, to_contained)
 from mapping.errors import DicomFhirError, MappingError, MultipleStudiesError, PatientMismatchError
 from mapping.options import MappingOptions
+from scp.dicom.elements import CutShort, Malformed, element_head, encoding, value_end
 from scp.sinks.disk import UnusableOutputError, write_study
 
 log = logging.getLogger("scp.sources.folder")
@@ -59,9 +60,6 @@ NOT_MAPPED = "cannot be mapped"
 OUTPUT_OTHER_PATIENT = "output file holds another patient"
 OUTPUT_UNREADABLE = "existing output file unreadable"
 
-_ITEM = 0xFFFEE000
-_SEQUENCE_DELIMITER = 0xFFFEE0DD
-_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
 class UnusableFileError(DicomFhirError):
@@ -218,7 +216,8 @@ def _check_complete(fp: BinaryIO, ds: Dataset, path: Path) -> None:
     """Detect files cut short (an interrupted copy) without reading pixel data.
 
     pydicom reads a short value silently; stop_before_pixels leaves fp at the Pixel Data
-    element, whose declared length (or fragment items) must fit in the file.
+    element, whose declared length (or fragment items) must fit in the file. The file is
+    mapped, not read: only the pages holding element and item headers are touched.
     """
     size = os.fstat(fp.fileno()).st_size
     position = fp.tell()
@@ -231,42 +230,15 @@ def _check_complete(fp: BinaryIO, ds: Dataset, path: Path) -> None:
             raise UnusableFileError(path, TRUNCATED, f"element {last.tag} is cut short")
         return  # a header-only object (no Pixel Data)
     implicit, little = ds.original_encoding
-    endian = "<" if little is not False else ">"
-    head = fp.read(12)
-    if len(head) < 8:
-        raise UnusableFileError(path, TRUNCATED, "Pixel Data element cut short")
-    if implicit or head[4:6] in _LONG_LENGTH_VRS:
-        header_length = 8 if implicit else 12
-        if len(head) < header_length:
-            raise UnusableFileError(path, TRUNCATED, "Pixel Data element cut short")
-        (length,) = struct.unpack(endian + "L", head[header_length - 4:header_length])
-    else:
-        header_length = 8
-        (length,) = struct.unpack(endian + "H", head[6:8])
-    start = position + header_length
-    if length == 0xFFFFFFFF:
-        _check_fragments(fp, start, size, endian, path)
-    elif start + length > size:
-        raise UnusableFileError(path, TRUNCATED, f"Pixel Data declares {length} bytes, the file holds {size - start}")
-
-
-def _check_fragments(fp: BinaryIO, position: int, size: int, endian: str, path: Path) -> None:
-    """Walk the items of encapsulated Pixel Data up to the sequence delimiter (headers only)."""
-    item = struct.Struct(endian + "HHL")
-    while True:
-        fp.seek(position)
-        head = fp.read(8)
-        if len(head) < 8:
-            raise UnusableFileError(path, TRUNCATED, "encapsulated Pixel Data ends without a delimiter")
-        group, element, length = item.unpack(head)
-        tag = group << 16 | element
-        if tag == _SEQUENCE_DELIMITER:
-            return
-        if tag != _ITEM:
-            raise UnusableFileError(path, CORRUPT, f"unexpected tag ({group:04X},{element:04X}) in encapsulated Pixel Data")
-        position += 8 + length
-        if position > size:
-            raise UnusableFileError(path, TRUNCATED, "a Pixel Data fragment extends past the end of the file")
+    enc = encoding(bool(implicit), little is not False)
+    with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            tag, vr, length, start = element_head(data, position, size, enc)
+            value_end(data, tag, vr, length, start, size, enc)
+        except CutShort as exc:
+            raise UnusableFileError(path, TRUNCATED, f"Pixel Data: {exc}") from None
+        except Malformed as exc:
+            raise UnusableFileError(path, CORRUPT, f"Pixel Data: {exc}") from None
 
 
 # --- converting ---------------------------------------------------------------------------

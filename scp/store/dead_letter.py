@@ -1,6 +1,6 @@
 """Studies set aside because they cannot be delivered as they are.
 
-Layout (scp/__init__.py)::
+Layout (scp.store.layout)::
 
     <dead_letter_dir>/<StudyInstanceUID>/
         reason.txt          first line: the reason (no patient names or IDs); then details
@@ -11,8 +11,8 @@ A study lands here when a sink raises DeliveryRejected or its instances disagree
 PatientID. Further parts of a study already set aside join it here (never delivered
 half a study). `dicom-fhir-scp retry` delivers a study again with
 scp.pipeline.delivery.redeliver (which removes the folder once every sink took it), or puts its
-instances back into the spool with `DeadLetterBox.requeue` for the node to pick up on
-its next start.
+instances back into a spool with `DeadLetterBox.requeue` (through the spool's own
+`adopt`) for the node to pick up on its next start.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scp.store.spool import SUFFIX, FileSpool, Spool, SpooledInstance, _fsync_folder, _move, is_safe_uid
+from scp.store.files import write_atomically
+from scp.store.layout import (INSTANCES, INSTANCE_SUFFIX, REASON, instance_file, instance_uid, is_hidden,
+                              is_safe_uid, removing_folder)
+from scp.store.spool import Spool, SpooledInstance, Version
 
 log = logging.getLogger("scp.store.dead_letter")
-
-REASON = "reason.txt"
-INSTANCES = "instances"
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class DeadLetterBox:
         return (self.folder(study_uid) / REASON).exists()
 
     def put(self, study_uid: str, reason: str, *, details: str = "", documents: dict[str, bytes] | None = None,
-            spool: Spool, versions: dict[str, tuple[int, int]]) -> Path:
+            spool: Spool, versions: dict[str, Version]) -> Path:
         """Move the given spooled instances here and record why (reason.txt is rewritten)."""
         # The reason is written before the instances move: a crash in between leaves them in
         # the spool (delivered or set aside again after the restart), never in a folder that
@@ -75,11 +75,11 @@ class DeadLetterBox:
             safe = Path(name).name
             if safe in (REASON, INSTANCES) or not safe:
                 safe = f"document-{safe or 'unnamed'}"
-            _write_atomically(folder / safe, data)
+            write_atomically(folder / safe, data)
         text = reason.strip().replace("\n", " ") + "\n"
         if details:
             text += details.rstrip() + "\n"
-        _write_atomically(folder / REASON, text.encode("utf-8"))
+        write_atomically(folder / REASON, text.encode("utf-8"))
         return folder
 
     def get(self, study_uid: str) -> DeadLetter:
@@ -90,9 +90,10 @@ class DeadLetterBox:
         except FileNotFoundError:
             raise KeyError(f"study {study_uid} is not in the dead-letter folder {self.root}") from None
         first, _, rest = text.partition("\n")
-        instances = tuple(sorted((folder / INSTANCES).glob(f"*{SUFFIX}"))) if (folder / INSTANCES).is_dir() else ()
+        instances = tuple(sorted(p for p in (folder / INSTANCES).glob(f"*{INSTANCE_SUFFIX}")
+                                 if instance_uid(p.name) is not None)) if (folder / INSTANCES).is_dir() else ()
         documents = {p.name: p for p in sorted(folder.iterdir())
-                     if p.is_file() and p.name != REASON and not p.name.startswith(".")}
+                     if p.is_file() and p.name != REASON and not is_hidden(p.name)}
         return DeadLetter(study_uid, folder, first, rest.strip(), since, instances, documents)
 
     def list(self) -> list[DeadLetter]:
@@ -101,7 +102,7 @@ class DeadLetterBox:
             return []
         letters = []
         for entry in sorted(self.root.iterdir()):
-            if entry.is_dir() and not entry.name.startswith(".") and (entry / REASON).exists():
+            if entry.is_dir() and not is_hidden(entry.name) and (entry / REASON).exists():
                 try:
                     letters.append(self.get(entry.name))
                 except (KeyError, ValueError):
@@ -113,10 +114,10 @@ class DeadLetterBox:
         result = []
         for path in self.get(study_uid).instances:
             st = path.stat()
-            result.append(SpooledInstance(path.name[:-len(SUFFIX)], path.read_bytes(), (st.st_ino, st.st_mtime_ns)))
+            result.append(SpooledInstance(instance_uid(path.name), path.read_bytes(), (st.st_ino, st.st_mtime_ns)))
         return result
 
-    def remove_delivered(self, study_uid: str, versions: dict[str, tuple[int, int]]) -> bool:
+    def remove_delivered(self, study_uid: str, versions: dict[str, Version]) -> bool:
         """Drop the delivered instances (still at the versions read); the folder goes when none is left.
 
         Instances set aside meanwhile (the node dead-lettered a further part while `retry`
@@ -124,14 +125,14 @@ class DeadLetterBox:
         """
         folder = self.folder(study_uid) / INSTANCES
         for sop_uid, version in versions.items():
-            path = folder / f"{sop_uid}{SUFFIX}"
+            path = folder / instance_file(sop_uid)
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue
             if (st.st_ino, st.st_mtime_ns) == version:
                 path.unlink()
-        if folder.is_dir() and any(folder.glob(f"*{SUFFIX}")):
+        if folder.is_dir() and any(instance_uid(p.name) is not None for p in folder.iterdir()):
             return False
         self.remove(study_uid)
         return True
@@ -140,37 +141,21 @@ class DeadLetterBox:
         """Drop a set-aside study with everything in its folder."""
         folder = self.folder(study_uid)
         # Rename first: a reader never sees half a folder, and a crash leaves a hidden leftover.
-        trash = self.root / f".removing-{study_uid}-{os.getpid()}-{time.monotonic_ns()}"
+        trash = self.root / removing_folder(study_uid, os.getpid(), time.monotonic_ns())
         try:
             os.replace(folder, trash)
         except FileNotFoundError:
             return
         shutil.rmtree(trash, ignore_errors=True)
 
-    def requeue(self, study_uid: str, spool: FileSpool) -> int:
-        """Move the study's instances back into the spool (delivered when the node next starts).
+    def requeue(self, study_uid: str, spool: Spool) -> int:
+        """Move the study's instances back into a spool (delivered when the node next starts).
 
-        An instance already waiting in the spool (sent again meanwhile) is kept, the
-        set-aside copy dropped. Returns how many were moved.
+        The spool takes them (Spool.adopt); an instance it already holds (sent again
+        meanwhile) is kept there and the set-aside copy dropped with the folder.
+        Returns how many were moved.
         """
         letter = self.get(study_uid)
-        target = spool.root / study_uid
-        target.mkdir(parents=True, exist_ok=True)
-        moved = 0
-        for path in letter.instances:
-            if not (target / path.name).exists():
-                _move(path, target / path.name)
-                moved += 1
-        _fsync_folder(target)
+        moved = spool.adopt(study_uid, letter.instances)
         self.remove(study_uid)
         return moved
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_folder(path.parent)

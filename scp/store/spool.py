@@ -1,11 +1,11 @@
 """Durable per-study store of received instance headers.
 
-Layout (the contract in scp/__init__.py, read by `status` and `retry` too)::
+Layout (scp.store.layout, read by `status` and `retry` too)::
 
     <root>/<StudyInstanceUID>/<SOPInstanceUID>.dcm
 
-One header-only DICOM Part 10 file per instance, written to a hidden temporary
-name, renamed into place, fsync'ed. `store` returns only when the file and the
+One header-only DICOM Part 10 file per instance (scp.store.part10), written to a
+hidden temporary name, renamed into place, fsync'ed. `store` returns only when the file and the
 rename are on disk, so the C-STORE success status can follow.
 
 Removal is exact: `remove` deletes a file only when it is still the version
@@ -20,23 +20,19 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
+from scp.store.files import fsync_folder, move_durably
+from scp.store.layout import (corrupt_file, instance_file, instance_uid, is_hidden, is_safe_uid, is_temp_file,
+                              spool_temp_file)
+
 log = logging.getLogger("scp.store.spool")
 
-SUFFIX = ".dcm"
-CORRUPT_SUFFIX = ".corrupt"
-_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
-
-
-def is_safe_uid(uid: str) -> bool:
-    """A UID usable as a file name: digits and dots, at most 64 characters (PS3.5 9.1)."""
-    return bool(_UID.match(uid)) and ".." not in uid
+Version = tuple[int, int]  # (st_ino, st_mtime_ns) of a spool file: which version of an instance was read
+MakeDurable = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -45,17 +41,41 @@ class SpooledInstance:
 
     sop_uid: str
     data: bytes
-    version: tuple[int, int]  # (st_ino, st_mtime_ns) of the file read
+    version: Version  # of the file read
 
 
 class Spool(Protocol):
-    def store(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> None: ...
-    def studies(self) -> dict[str, set[str]]: ...
-    def read(self, study_uid: str, sop_uids: Iterable[str]) -> Iterable[SpooledInstance]: ...
-    def remove(self, study_uid: str, versions: dict[str, tuple[int, int]],
-               move_to: Path | None = None) -> int: ...
-    def mark_corrupt(self, study_uid: str, sop_uid: str, version: tuple[int, int]) -> None: ...
-    def depth(self) -> int: ...
+    """What the receiver, the delivery worker and the dead letter need of a spool.
+
+    Every method is safe to call from several threads at once.
+    """
+
+    def store(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> None:
+        """Store one instance durably before returning (ValueError: unsafe UID; OSError: disk)."""
+
+    def store_deferred(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> MakeDurable:
+        """Store now, durable once the returned function returned (it raises OSError when it fails)."""
+
+    def recover(self) -> int:
+        """At start: drop what a killed node left half-written; returns how many."""
+
+    def studies(self) -> dict[str, set[str]]:
+        """Every waiting study with its SOP Instance UIDs."""
+
+    def read(self, study_uid: str, sop_uids: Iterable[str]) -> Iterable[SpooledInstance]:
+        """The current version of each instance (missing ones left out)."""
+
+    def remove(self, study_uid: str, versions: dict[str, Version], move_to: Path | None = None) -> int:
+        """Delete (or move into move_to) the instances still at these versions; returns how many."""
+
+    def adopt(self, study_uid: str, files: Iterable[Path]) -> int:
+        """Move instance files (named <SOPInstanceUID>.dcm) in, unless the spool holds that instance."""
+
+    def mark_corrupt(self, study_uid: str, sop_uid: str, version: Version) -> None:
+        """Set an unreadable instance aside (at that version only) so it is not delivered again."""
+
+    def depth(self) -> int:
+        """Studies waiting."""
 
 
 class FileSpool:
@@ -69,7 +89,7 @@ class FileSpool:
         self._lock = threading.Lock()
 
     def path(self, study_uid: str, sop_uid: str) -> Path:
-        return self.root / study_uid / f"{sop_uid}{SUFFIX}"
+        return self.root / study_uid / instance_file(sop_uid)
 
     def store(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> None:
         """Write one instance's file durably (temp file, rename, fsync) before returning.
@@ -79,18 +99,18 @@ class FileSpool:
         """
         self.store_deferred(study_uid, sop_uid, chunks)()
 
-    def store_deferred(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> Callable[[], None]:
+    def store_deferred(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> MakeDurable:
         """Write and rename now; return the function that makes it durable (fsync, close).
 
         Until that function returned, the instance must not be acknowledged: the C-STORE
         handler runs it while pynetdicom encodes the response, and holds the response
-        back until it is done (scp.receive.server). Errors of the write and rename are raised
+        back until it is done (scp.receive.handlers). Errors of the write and rename are raised
         here; the returned function raises OSError when the fsync fails.
         """
         if not is_safe_uid(study_uid) or not is_safe_uid(sop_uid):
             raise ValueError(f"not a valid UID for a spool file name: study {study_uid!r}, instance {sop_uid!r}")
         folder = self.root / study_uid
-        tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"
+        tmp = folder / spool_temp_file(sop_uid, threading.get_ident())
         fd = self._open_temp(folder, tmp)
         try:
             for chunk in chunks:
@@ -98,7 +118,7 @@ class FileSpool:
                 while view:
                     view = view[os.write(fd, view):]
             with self._lock:
-                os.replace(tmp, folder / f"{sop_uid}{SUFFIX}")
+                os.replace(tmp, folder / instance_file(sop_uid))
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -125,7 +145,7 @@ class FileSpool:
                     raise
                 # New study, or its emptied folder was just removed after a delivery.
                 folder.mkdir(parents=True, exist_ok=True)
-                _fsync_folder(self.root)
+                fsync_folder(self.root)
         raise AssertionError("unreachable")
 
     def recover(self) -> int:
@@ -135,10 +155,10 @@ class FileSpool:
         """
         removed = 0
         with os.scandir(self.root) as entries:
-            folders = [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+            folders = [Path(e.path) for e in entries if not is_hidden(e.name) and e.is_dir(follow_symlinks=False)]
         for folder in folders:
             for name in os.listdir(folder):
-                if name.startswith(".") and name.endswith(".tmp"):
+                if is_temp_file(name):
                     (folder / name).unlink(missing_ok=True)
                     removed += 1
             self._drop_folder_if_empty(folder)
@@ -152,10 +172,9 @@ class FileSpool:
         found: dict[str, set[str]] = {}
         with os.scandir(self.root) as entries:
             for entry in entries:
-                if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                if is_hidden(entry.name) or not entry.is_dir(follow_symlinks=False):
                     continue
-                sops = {name[:-len(SUFFIX)] for name in os.listdir(entry.path)
-                        if name.endswith(SUFFIX) and not name.startswith(".")}
+                sops = {uid for uid in map(instance_uid, os.listdir(entry.path)) if uid is not None}
                 if sops:
                     found[entry.name] = sops
         return found
@@ -173,7 +192,7 @@ class FileSpool:
                 continue
             yield SpooledInstance(sop_uid, data, (st.st_ino, st.st_mtime_ns))
 
-    def remove(self, study_uid: str, versions: dict[str, tuple[int, int]], move_to: Path | None = None) -> int:
+    def remove(self, study_uid: str, versions: dict[str, Version], move_to: Path | None = None) -> int:
         """Delete (or move into folder move_to) the files still at the given versions.
 
         A file replaced since it was read (the instance was sent again) is kept.
@@ -184,7 +203,7 @@ class FileSpool:
             move_to.mkdir(parents=True, exist_ok=True)
         taken = 0
         for sop_uid, version in versions.items():
-            path = folder / f"{sop_uid}{SUFFIX}"
+            path = folder / instance_file(sop_uid)
             with self._lock:
                 try:
                     st = os.stat(path)
@@ -196,14 +215,14 @@ class FileSpool:
                 if move_to is None:
                     os.unlink(path)
                 else:
-                    _move(path, move_to / path.name)
+                    move_durably(path, move_to / path.name)
             taken += 1
         if move_to is not None:
-            _fsync_folder(move_to)
+            fsync_folder(move_to)
         self._drop_folder_if_empty(folder)
         return taken
 
-    def mark_corrupt(self, study_uid: str, sop_uid: str, version: tuple[int, int]) -> None:
+    def mark_corrupt(self, study_uid: str, sop_uid: str, version: Version) -> None:
         """Keep an unreadable spool file aside (<sop>.dcm.corrupt) so it is not delivered again.
 
         Only the version that was read: an instance received again meanwhile is a new file, kept.
@@ -213,7 +232,7 @@ class FileSpool:
             try:
                 st = os.stat(path)
                 if (st.st_ino, st.st_mtime_ns) == version:
-                    os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
+                    os.replace(path, path.with_name(corrupt_file(sop_uid)))
             except FileNotFoundError:
                 pass
 
@@ -223,19 +242,43 @@ class FileSpool:
                 folder.rmdir()  # fails while anything (a temp file of an arriving instance) is inside
             except OSError:
                 return
-        _fsync_folder(self.root)
+        fsync_folder(self.root)
+
+    def adopt(self, study_uid: str, files: Iterable[Path]) -> int:
+        """Move instance files in (`retry --requeue`); an instance the spool holds already is kept.
+
+        The files are moved durably (the study's folder is fsync'ed once); the ones not
+        taken are left where they are. Returns how many were taken.
+        """
+        if not is_safe_uid(study_uid):
+            raise ValueError(f"study_uid: not a valid UID for a spool folder: {study_uid!r}")
+        folder = self.root / study_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        taken = 0
+        for path in files:
+            sop_uid = instance_uid(path.name)
+            if sop_uid is None or not is_safe_uid(sop_uid):
+                continue
+            target = folder / instance_file(sop_uid)
+            with self._lock:
+                if target.exists():
+                    continue
+                move_durably(path, target)
+            taken += 1
+        fsync_folder(folder)
+        return taken
 
     def depth(self) -> int:
         """Studies waiting in the spool."""
         with os.scandir(self.root) as entries:
-            return sum(1 for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+            return sum(1 for e in entries if not is_hidden(e.name) and e.is_dir(follow_symlinks=False))
 
 
 class MemorySpool:
     """The spool's interface in memory, for tests of completion and delivery."""
 
     def __init__(self) -> None:
-        self._files: dict[str, dict[str, tuple[bytes, tuple[int, int]]]] = {}
+        self._files: dict[str, dict[str, tuple[bytes, Version]]] = {}
         self._lock = threading.Lock()
         self._counter = 0
 
@@ -247,6 +290,24 @@ class MemorySpool:
             self._counter += 1
             self._files.setdefault(study_uid, {})[sop_uid] = (data, (self._counter, 0))
 
+    def store_deferred(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> MakeDurable:
+        self.store(study_uid, sop_uid, chunks)
+        return lambda: None
+
+    def recover(self) -> int:
+        return 0
+
+    def adopt(self, study_uid: str, files: Iterable[Path]) -> int:
+        taken = 0
+        for path in files:
+            sop_uid = instance_uid(path.name)
+            if sop_uid is None or sop_uid in self._files.get(study_uid, {}):
+                continue
+            self.store(study_uid, sop_uid, [path.read_bytes()])
+            path.unlink()
+            taken += 1
+        return taken
+
     def studies(self) -> dict[str, set[str]]:
         with self._lock:
             return {uid: set(files) for uid, files in self._files.items() if files}
@@ -256,7 +317,7 @@ class MemorySpool:
             files = self._files.get(study_uid, {})
             return [SpooledInstance(sop, *files[sop]) for sop in sop_uids if sop in files]
 
-    def remove(self, study_uid: str, versions: dict[str, tuple[int, int]], move_to: Path | None = None) -> int:
+    def remove(self, study_uid: str, versions: dict[str, Version], move_to: Path | None = None) -> int:
         taken = 0
         with self._lock:
             files = self._files.get(study_uid, {})
@@ -265,13 +326,13 @@ class MemorySpool:
                     data, _ = files.pop(sop_uid)
                     if move_to is not None:
                         move_to.mkdir(parents=True, exist_ok=True)
-                        (move_to / f"{sop_uid}{SUFFIX}").write_bytes(data)
+                        (move_to / instance_file(sop_uid)).write_bytes(data)
                     taken += 1
             if not files:
                 self._files.pop(study_uid, None)
         return taken
 
-    def mark_corrupt(self, study_uid: str, sop_uid: str, version: tuple[int, int]) -> None:
+    def mark_corrupt(self, study_uid: str, sop_uid: str, version: Version) -> None:
         with self._lock:
             files = self._files.get(study_uid, {})
             if sop_uid in files and files[sop_uid][1] == version:
@@ -280,21 +341,3 @@ class MemorySpool:
     def depth(self) -> int:
         with self._lock:
             return sum(1 for files in self._files.values() if files)
-
-
-def _move(src: Path, dst: Path) -> None:
-    try:
-        os.replace(src, dst)
-    except OSError:  # another file system: copy durably, then drop the original
-        shutil.copyfile(src, dst)
-        with open(dst, "rb+") as f:
-            os.fsync(f.fileno())
-        os.unlink(src)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

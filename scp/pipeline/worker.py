@@ -1,0 +1,287 @@
+"""The delivery thread: completed parts → scp.pipeline.delivery, off the receiving path.
+
+One worker thread takes completed parts (`submit`, called by the completion timer) and
+delivers them one at a time, so reception never waits for conversion or a FHIR server.
+
+- every sink took it: the delivered spool files are removed (only the versions that
+  were read: an instance received again meanwhile stays for the next completion), and
+  one line is appended to the journal;
+- DeliveryRetryable (or an unexpected error): the part stays in the spool and is tried
+  again later (scp.pipeline.retry), without an attempt limit; sinks that already took
+  this part are not asked again;
+- DeliveryRejected, or instances that disagree on PatientID: the part is set aside in
+  the dead-letter folder (scp.store.dead_letter) with the reason and the sink's documents.
+
+A part completing while an earlier part of the same study waits for a retry joins it.
+While nothing is due, the worker parses and converts ahead (`work_ahead`, with the
+ParseAheadCache the node feeds with arrivals).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from mapping import MappingOptions, convert_study
+from scp.errors import DeliveryRejected, DeliveryRetryable
+from scp.pipeline.cache import ParseAheadCache
+from scp.pipeline.delivery import DeliveryReport, deliver_study, read_header
+from scp.pipeline.retry import RetryPolicy
+from scp.sinks import Sink
+from scp.store.dead_letter import DeadLetterBox
+from scp.store.journal import Journal
+from scp.store.spool import Spool
+
+log = logging.getLogger("scp.pipeline.worker")
+
+QUIET = 0.1  # seconds without any arrival before headers of waiting studies are parsed ahead
+PREPARE_BATCH = 100  # instances parsed ahead before checking again for due parts and arrivals
+
+
+@dataclass
+class _Part:
+    study_uid: str
+    sop_uids: set[str]
+    due_at: float
+    completed_at: float
+    attempts: int = 0
+    done: dict[str, str] = field(default_factory=dict)
+
+
+class DeliveryWorker:
+    """The delivery thread (see the module docstring). `run_once(now)` drives it in tests."""
+
+    def __init__(self, spool: Spool, sinks: Sequence[Sink], options: MappingOptions, *,
+                 dead_letters: DeadLetterBox | None, journal: Journal | None,
+                 retry: RetryPolicy = RetryPolicy(), clock: Callable[[], float] = time.monotonic,
+                 rand: Callable[[], float] = random.random, metrics=None) -> None:
+        self.spool = spool
+        self.sinks = list(sinks)
+        self.options = options
+        self.dead_letters = dead_letters
+        self.journal = journal
+        self.retry = retry
+        self._clock = clock
+        self._rand = rand
+        self._metrics = metrics
+        self.cache = ParseAheadCache(clock)
+        self._pending: dict[str, _Part] = {}
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- input ------------------------------------------------------------------------------
+
+    def arrived(self, study_uid: str, sop_uid: str) -> None:
+        """An instance was stored: worth parsing ahead once the node is quiet (the receiver's hot path)."""
+        if self.cache.arrived(study_uid, sop_uid):
+            with self._changed:  # a new study: the thread may be asleep until the next due part
+                self._changed.notify()
+
+    def submit(self, study_uid: str, sop_uids: Iterable[str]) -> None:
+        """A completed part: deliver it as soon as the worker is free (never blocks on delivery)."""
+        sop_uids = set(sop_uids)
+        self.cache.completed(study_uid, sop_uids)
+        now = self._clock()
+        with self._changed:
+            part = self._pending.get(study_uid)
+            if part is None:
+                self._pending[study_uid] = _Part(study_uid, set(sop_uids), now, now)
+            else:  # an earlier part waits for a retry: deliver both together, to every sink
+                part.sop_uids.update(sop_uids)
+                part.done.clear()
+            self._changed.notify()
+
+    # --- the worker -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the delivery in progress (parts not delivered stay in the spool)."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("a delivery is still in progress; its study stays in the spool")
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                if self._stopping:
+                    return
+                part = self._next_due_locked()
+            if isinstance(part, _Part):
+                self._deliver(part)
+                continue
+            try:
+                worked = self.work_ahead()
+            except Exception:  # only work ahead: the delivery reports what is wrong with the study
+                log.debug("parsing waiting studies ahead failed", exc_info=True)
+                worked = False
+            if worked:
+                continue
+            with self._changed:
+                if self._stopping:
+                    return
+                if worked is False:  # studies wait while instances arrive: look again soon
+                    part = QUIET / 2 if part is None else min(part, QUIET / 2)
+                self._changed.wait(part)
+
+    def work_ahead(self) -> bool | None:
+        """One step of the work done while nothing is due: parse a batch of waiting instances'
+        headers, or convert a waiting study whose headers are all parsed (see ParseAheadCache).
+
+        Done only when no instance arrived for QUIET seconds. True: did some; False: studies
+        are waiting (instances arriving, or all done for now): look again soon; None: no study
+        is waiting.
+        """
+        waiting = self.cache.waiting()
+        if not waiting:
+            return None
+        quiet_for = self.cache.quiet_for()
+        todo = []
+        for study_uid, sop_uids in waiting.items():
+            todo += [(study_uid, sop) for sop in self.cache.unparsed(study_uid, sop_uids)]
+            if len(todo) >= PREPARE_BATCH:
+                break
+        if todo and quiet_for < QUIET:
+            return False
+        for study_uid, sop_uid in todo[:PREPARE_BATCH]:
+            for instance in self.spool.read(study_uid, [sop_uid]):
+                try:
+                    header = read_header(instance)
+                except Exception:  # reported when the study is delivered
+                    header = None
+                self.cache.put(study_uid, sop_uid, instance.version, header)
+        if todo:
+            return True
+        # Every header is parsed: convert the waiting studies too, so that completion only
+        # leaves the sinks to run (the conversion is used only if no instance came meanwhile).
+        for study_uid, sop_uids in waiting.items():
+            if self.cache.is_converted(study_uid, sop_uids) is False:
+                if quiet_for < QUIET:
+                    return False
+                versions, headers = self.cache.parsed(study_uid, sop_uids)
+                try:
+                    resources = convert_study(headers, self.options)
+                except Exception:  # PatientMismatchError and the like: reported when it is delivered
+                    resources = None
+                self.cache.put_converted(study_uid, versions, resources)
+                return True
+        return False  # more may arrive: look again
+
+    def run_once(self, now: float | None = None) -> bool:
+        """Deliver the next part due at `now`; False when none is due."""
+        with self._changed:
+            part = self._next_due_locked(now)
+        if not isinstance(part, _Part):
+            return False
+        self._deliver(part)
+        return True
+
+    def _next_due_locked(self, now: float | None = None) -> _Part | float | None:
+        """The due part (taken out of pending), else seconds until one is due (None: nothing)."""
+        if not self._pending:
+            return None
+        part = min(self._pending.values(), key=lambda p: p.due_at)
+        wait = part.due_at - (self._clock() if now is None else now)
+        if wait > 0:
+            return wait
+        del self._pending[part.study_uid]
+        return part
+
+    def _deliver(self, part: _Part) -> None:
+        uid = part.study_uid
+        part.attempts += 1
+        requeue = False
+        try:
+            requeue = not self._attempt(part)
+        except Exception as exc:
+            # A bug or a disk fault, in the delivery or in what follows it (the spool's removal,
+            # the dead-letter folder): keep the study in the spool and try again later, and keep
+            # this thread alive for the other studies.
+            log.exception("study %s: delivery failed unexpectedly", uid)
+            requeue = True
+            self._retry_later(part, exc, None)
+        finally:
+            with self._changed:
+                if requeue:
+                    again = self._pending.get(uid)
+                    if again is None:
+                        self._pending[uid] = part
+                    else:  # a new part completed meanwhile: one delivery of both, to every sink
+                        again.sop_uids.update(part.sop_uids)
+                        again.done.clear()
+                        again.attempts = part.attempts
+                        again.due_at = part.due_at
+                self._changed.notify_all()
+
+    def _attempt(self, part: _Part) -> bool:
+        """One delivery attempt: True when the part is finished with, False when it waits for a retry."""
+        uid = part.study_uid
+        report = DeliveryReport(uid)
+        try:
+            if self.dead_letters is not None and self.dead_letters.contains(uid):
+                # Never deliver half a study whose other half was set aside.
+                raise DeliveryRejected(f"study already in the dead-letter folder: "
+                                       f"{self.dead_letters.get(uid).reason}")
+            deliver_study(uid, self.spool.read(uid, sorted(part.sop_uids)), self.sinks,
+                          self.options, done=part.done, report=report, cache=self.cache)
+        except DeliveryRetryable as exc:
+            self._retry_later(part, exc, exc.retry_after)
+            return False
+        except DeliveryRejected as exc:
+            self._dead_letter(part, report, exc)
+            return True
+        for sop_uid, version in report.unreadable.items():
+            self.spool.mark_corrupt(uid, sop_uid, version)
+        if report.instances == 0:
+            log.warning("study %s: nothing left to deliver", uid)
+            return True
+        self.spool.remove(uid, report.versions)
+        self.cache.drop(uid)
+        self._count("deliveries_ok")
+        seconds = self._clock() - part.completed_at
+        where = "; ".join(f"{name}: {result}" for name, result in report.sinks.items()) or "no sink configured"
+        log.info("study %s delivered: %d instance(s) in %d series -> %s (%.1f s after completion)", uid,
+                 report.instances, report.series, where, seconds)
+        log.debug("study %s: %d header(s) parsed ahead, attempt %d", uid, report.parsed_ahead, part.attempts)
+        if self.journal is not None:
+            self.journal.append(uid, report.instances, "delivered", report.sinks, series=report.series,
+                                attempts=part.attempts, seconds=round(seconds, 3))
+        return True
+
+    def _retry_later(self, part: _Part, exc: Exception, retry_after: float | None) -> None:
+        self._count("deliveries_failed")
+        self.cache.drop(part.study_uid)  # parsed again on the next attempt: memory stays flat while it waits
+        delay = self.retry.delay(part.attempts, retry_after=retry_after, rand=self._rand)
+        part.due_at = self._clock() + delay
+        log.warning("study %s: delivery attempt %d failed, next in %.1f s (the study stays in the spool): %s",
+                    part.study_uid, part.attempts, delay, exc)
+
+    def _dead_letter(self, part: _Part, report: DeliveryReport, exc: DeliveryRejected) -> None:
+        uid = part.study_uid
+        self._count("deliveries_failed")
+        versions = report.versions or {i.sop_uid: i.version for i in self.spool.read(uid, sorted(part.sop_uids))}
+        folder = self.dead_letters.put(uid, str(exc), documents=exc.documents, spool=self.spool,
+                                       versions=versions,
+                                       details=f"instances: {len(versions)}\nattempts: {part.attempts}\n"
+                                               f"sinks that took it: {', '.join(part.done) or 'none'}")
+        self.cache.drop(uid)
+        log.error("study %s set aside in %s: %s", uid, folder, exc)
+        if self.journal is not None:
+            self.journal.append(uid, len(versions), f"dead-lettered: {exc}", part.done, attempts=part.attempts)
+
+    def _count(self, name: str) -> None:
+        if self._metrics is not None:
+            self._metrics.inc(name)
+
+

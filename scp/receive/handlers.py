@@ -1,0 +1,198 @@
+"""The DIMSE handlers: C-STORE (spool the header, tell completion, answer) and C-ECHO.
+
+The C-STORE handler always returns a status from scp.receive.status, never raises
+(pynetdicom would abort the association). Success is answered only for an instance
+whose header is durable in the spool: the fsync runs while pynetdicom encodes the
+response, and the connection's response gate (scp.receive.transport) holds the
+response until it is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from scp.receive import transport
+from scp.receive.dataset import BadInstance, full_file, header_file, parse_received
+from scp.receive.status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
+from scp.store.spool import Spool
+
+log = logging.getLogger("scp.receive.handlers")
+
+OnStored = Callable[[str, str], None]  # (study UID, SOP instance UID), called after each stored instance
+
+
+@dataclass
+class _AssociationStats:
+    calling_aet: str
+    address: str
+    started: float
+    stored: int = 0
+    failed: int = 0
+
+
+class StoreHandler:
+    """The C-STORE handler (EVT_C_STORE) and the association bookkeeping around it.
+
+    Dependencies are explicit: the spool, an optional archive of full instances, and
+    on_stored(study_uid, sop_uid) (the completion tracker's `arrived`).
+    """
+
+    def __init__(self, spool: Spool, on_stored: OnStored, *, archive: Spool | None = None,
+                 metrics=None) -> None:
+        self.spool = spool
+        self.archive = archive
+        self.on_stored = on_stored
+        self.metrics = metrics
+        self._stats: dict[int, _AssociationStats] = {}
+        self._gates: dict[int, transport.ResponseGate] = {}
+        self._syncer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    def __call__(self, event) -> int:
+        with self._idle:
+            self._in_flight += 1
+        try:
+            status = self._store(event)
+        except Exception:  # the handler never raises: pynetdicom would abort the association
+            status = PROCESSING_FAILURE
+            log.exception("C-STORE from %s: instance %s: unexpected error (answered 0x%04X)", calling_aet(event),
+                          affected_sop(event), status)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+        stats = self._stats.get(id(event.assoc))
+        if stats is not None:
+            if status == SUCCESS:
+                stats.stored += 1
+            else:
+                stats.failed += 1
+        if self.metrics is not None:
+            self.metrics.inc("instances_received" if status == SUCCESS else "instances_failed")
+        return status
+
+    def _store(self, event) -> int:
+        request = event.request
+        command_sop = str(request.AffectedSOPInstanceUID or "?")
+        stream = request.DataSet
+        if stream is None:
+            return self._fail(event, command_sop, BadInstance(0xA900, "no data set"))
+        view = stream.getbuffer()  # no copy of the (possibly large) data set
+        try:
+            try:
+                instance = parse_received(view, str(event.context.transfer_syntax))
+            except BadInstance as exc:
+                return self._fail(event, command_sop, exc)
+            calling = calling_aet(event)
+            try:
+                if self.archive is not None:
+                    self.archive.store(instance.study_uid, instance.sop_uid, full_file(instance, calling))
+                make_durable = self.spool.store_deferred(instance.study_uid, instance.sop_uid,
+                                                         header_file(instance, calling))
+            except OSError as exc:
+                log.error("C-STORE from %s: instance %s of study %s not stored: %s (answered 0x%04X "
+                          "out of resources)", calling, instance.sop_uid, instance.study_uid, exc, OUT_OF_RESOURCES)
+                return OUT_OF_RESOURCES
+            study_uid, sop_uid = instance.study_uid, instance.sop_uid
+            del instance  # it holds a view of the buffer, which must go before release()
+        finally:
+            view.release()
+        gate = self._gates.get(id(event.assoc))
+        if gate is None:
+            try:
+                make_durable()
+            except OSError as exc:
+                log.error("C-STORE from %s: instance %s of study %s not stored: fsync failed: %s", calling_aet(event),
+                          sop_uid, study_uid, exc)
+                return OUT_OF_RESOURCES
+        else:
+            gate.hold(self._syncer.submit(make_durable), f"instance {sop_uid} of study {study_uid}")
+        self.on_stored(study_uid, sop_uid)
+        return SUCCESS
+
+    def _fail(self, event, sop_uid: str, exc: BadInstance) -> int:
+        log.warning("C-STORE from %s: instance %s refused with 0x%04X: %s", calling_aet(event), sop_uid,
+                    exc.status, exc.problem)
+        return exc.status
+
+    # --- association bookkeeping ---------------------------------------------------------------
+
+    def opened(self, event) -> None:
+        """EVT_ACCEPTED: start this association's statistics."""
+        requestor = event.assoc.requestor
+        self._stats[id(event.assoc)] = _AssociationStats(requestor.ae_title.strip(),
+                                                         f"{requestor.address}:{requestor.port}", time.monotonic())
+        if self.metrics is not None:
+            self.metrics.inc("associations")
+
+    def connected(self, event) -> None:
+        """EVT_CONN_OPEN: tune the socket; gate this association's responses on durability."""
+        gate = transport.tune(event)
+        if gate is not None:
+            self._gates[id(event.assoc)] = gate
+
+    def closed(self, event) -> None:
+        """EVT_CONN_CLOSE: finish the pending fsyncs, log what the association did."""
+        assoc = event.assoc
+        gate = self._gates.pop(id(assoc), None)
+        if gate is not None:
+            gate.drain()
+        stats = self._stats.pop(id(assoc), None)
+        if stats is None:
+            if not assoc.is_rejected and transport.bytes_received(assoc):  # a bare TCP probe sends nothing
+                log.warning("connection from %s:%s closed without an association: it sent no valid "
+                            "A-ASSOCIATE-RQ, or left before the answer", assoc.requestor.address,
+                            assoc.requestor.port)
+            return
+        sop_uid = transport.instance_in_progress(assoc)
+        if sop_uid is not None:
+            log.warning("association from %s at %s: the connection ended in the middle of instance %s; "
+                        "nothing of it was stored and no success was sent for it", stats.calling_aet,
+                        stats.address, sop_uid)
+        how = "released" if assoc.is_released else "aborted" if assoc.is_aborted else "closed"
+        # Ending without A-RELEASE (an A-ABORT, or the connection dropped) deserves a look.
+        log.log(logging.INFO if assoc.is_released else logging.WARNING,
+                "association from %s at %s %s after %.1f s: %d instance(s) stored, %d failed", stats.calling_aet,
+                stats.address, how, time.monotonic() - stats.started, stats.stored, stats.failed)
+
+    def shutdown(self) -> None:
+        """Finish the pending fsyncs (graceful shutdown)."""
+        self._syncer.shutdown(wait=True)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no C-STORE is being handled (graceful shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+
+def handle_echo(event) -> int:
+    """EVT_C_ECHO: always success (the node is up)."""
+    log.debug("C-ECHO from %s", calling_aet(event))
+    return SUCCESS
+
+
+def calling_aet(event) -> str:
+    try:
+        return event.assoc.requestor.ae_title.strip() or "?"
+    except AttributeError:
+        return "?"
+
+
+def affected_sop(event) -> str:
+    """The C-STORE request's Affected SOP Instance UID, for log lines about it."""
+    try:
+        return str(event.request.AffectedSOPInstanceUID or "?")
+    except AttributeError:
+        return "?"

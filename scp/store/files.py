@@ -1,0 +1,54 @@
+"""Durable file operations, written once: atomic writes, folder fsyncs, moves across file systems.
+
+A file is durable when its content and its name are on disk: the content by fsync of
+the file, the name (a create or rename) by fsync of the folder holding it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from scp.store.layout import temp_file
+
+
+def fsync_folder(folder: Path | str) -> None:
+    """Make the names in folder (creates, renames, unlinks) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename, fsync of the folder: a reader (or a crash) never sees half a file.
+
+    The temp file (layout.temp_file: named after this process) is removed when anything fails.
+    """
+    tmp = path.with_name(temp_file(path.name, os.getpid()))
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def move_durably(src: Path, dst: Path) -> None:
+    """Rename src to dst; across file systems copy, fsync, then drop the original.
+
+    The caller fsyncs dst's folder once after a batch of moves.
+    """
+    try:
+        os.replace(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+        os.unlink(src)

@@ -1,0 +1,104 @@
+"""The node's on-disk layout: every folder, file name and suffix, in one place.
+
+The node writes it; `status` and `retry` read it, also while a node runs. Changing a
+name here changes the format that existing spools, dead letters and outputs are in:
+don't, without reading the old names too.
+
+    <spool_dir>/<StudyInstanceUID>/<SOPInstanceUID>.dcm
+        one header-only DICOM Part 10 file per received instance (scp.store.part10),
+        fsync'ed before the success status
+    <spool_dir>/<StudyInstanceUID>/.<SOPInstanceUID>.<thread>.tmp
+        an instance being written (never acknowledged; removed at the next start)
+    <spool_dir>/<StudyInstanceUID>/<SOPInstanceUID>.dcm.corrupt
+        a spooled file that could not be read, kept aside (never delivered)
+    <spool_dir>/deliveries.jsonl
+        the journal: one JSON line per finished delivery (scp.store.journal)
+    <archive_dir>/<StudyInstanceUID>/<SOPInstanceUID>.dcm
+        the complete instances as received (node.archive_dir), same naming as the spool
+    <dead_letter_dir>/<StudyInstanceUID>/reason.txt
+        first line: why the study is set aside (no patient names or IDs); then details
+    <dead_letter_dir>/<StudyInstanceUID>/instances/<SOPInstanceUID>.dcm
+        its spooled instance headers, moved here
+    <dead_letter_dir>/<StudyInstanceUID>/<document>
+        what explains the reason (bundle.json sent, outcome.json received, ...)
+    <dead_letter_dir>/.removing-<StudyInstanceUID>-<pid>-<ns>
+        a set-aside study being removed (renamed first, so no reader sees half of it)
+    <output_dir>/<StudyInstanceUID>.json
+        the disk sink's output (and `convert`'s)
+    <any folder>/.<name>.<pid>.tmp
+        a file being written atomically by process <pid> (scp.store.files)
+
+Names starting with "." are the node's temporary files: every reader leaves them out.
+"""
+
+from __future__ import annotations
+
+import re
+
+INSTANCE_SUFFIX = ".dcm"
+CORRUPT_SUFFIX = ".corrupt"
+TEMP_SUFFIX = ".tmp"
+JOURNAL = "deliveries.jsonl"
+REASON = "reason.txt"
+INSTANCES = "instances"
+OUTPUT_SUFFIX = ".json"
+REMOVING_PREFIX = ".removing-"
+
+_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
+
+
+def is_safe_uid(uid: str) -> bool:
+    """A UID usable as a file name: digits and dots, at most 64 characters (PS3.5 9.1)."""
+    return bool(_UID.match(uid)) and ".." not in uid
+
+
+def is_hidden(name: str) -> bool:
+    """A temporary or internal entry (readers skip it)."""
+    return name.startswith(".")
+
+
+def instance_file(sop_uid: str) -> str:
+    return f"{sop_uid}{INSTANCE_SUFFIX}"
+
+
+def instance_uid(name: str) -> str | None:
+    """The SOP Instance UID an instance file name stands for; None for any other entry."""
+    if is_hidden(name) or not name.endswith(INSTANCE_SUFFIX):
+        return None
+    return name[:-len(INSTANCE_SUFFIX)]
+
+
+def corrupt_file(sop_uid: str) -> str:
+    return instance_file(sop_uid) + CORRUPT_SUFFIX
+
+
+def spool_temp_file(sop_uid: str, writer: int) -> str:
+    """The name an instance is written under before its rename (writer: the thread's ident)."""
+    return f".{sop_uid}.{writer}{TEMP_SUFFIX}"
+
+
+def is_temp_file(name: str) -> bool:
+    return is_hidden(name) and name.endswith(TEMP_SUFFIX)
+
+
+def temp_file(name: str, pid: int) -> str:
+    """The name a file is written under, by process pid, before it is renamed to name."""
+    return f".{name}.{pid}{TEMP_SUFFIX}"
+
+
+def temp_file_writer(name: str) -> int | None:
+    """The pid in a temp_file name; None when name is not one."""
+    if not is_temp_file(name):
+        return None
+    try:
+        return int(name.rsplit(".", 2)[-2])
+    except (ValueError, IndexError):
+        return None
+
+
+def output_file(study_uid: str) -> str:
+    return f"{study_uid}{OUTPUT_SUFFIX}"
+
+
+def removing_folder(study_uid: str, pid: int, ns: int) -> str:
+    return f"{REMOVING_PREFIX}{study_uid}-{pid}-{ns}"

@@ -1,0 +1,117 @@
+"""The spool file format: header-only DICOM Part 10 files (PS3.10 7.1), written and read here.
+
+A spool file is the 128-byte preamble, "DICM", the File Meta Information group
+(Explicit VR Little Endian) and the instance's data set up to its bulk data, in
+the transfer syntax named by the file meta (deflated data sets are spooled inflated,
+as Explicit VR Little Endian). The file meta's Source Application Entity Title
+(0002,0016) records the calling AE title. Archive files (node.archive_dir) have the
+same file meta before the complete data set as received.
+
+Writing: `file_meta` (the bytes before the data set). Reading: `header_dataset`, a
+pydicom Dataset of raw, unconverted elements — much cheaper than pydicom.dcmread, since
+pydicom converts an element only when it is read and the mapping reads a few dozen.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import generate_uid
+
+from scp.dicom.elements import LONG_VRS, PIXEL_DATA_GROUP, UNDEFINED_LENGTH, encoding, top_level
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+
+# Under pydicom's UID root, derived from the name (stable): identifies the writer of spool files.
+IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["dicom-fhir-scp"])
+IMPLEMENTATION_VERSION = "DICOMFHIRSCP_01"
+
+_PREAMBLE = 128
+_META_START = 144  # preamble, "DICM", the group length element (12 bytes)
+_TRANSFER_SYNTAX = 0x00020010
+_VR_NAMES = {vr.encode(): vr for vr in (
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV", "OW",
+    "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV")}
+
+
+def file_meta(sop_class_uid: str, sop_uid: str, transfer_syntax: str, source_ae: str = "") -> bytes:
+    """Preamble, DICM prefix and File Meta Information group for a Part 10 file."""
+    body = b"".join([
+        _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, 0x0002, b"UI", _uid_bytes(sop_class_uid)),
+        _element(0x0002, 0x0003, b"UI", _uid_bytes(sop_uid)),
+        _element(0x0002, 0x0010, b"UI", _uid_bytes(transfer_syntax)),
+        _element(0x0002, 0x0012, b"UI", _uid_bytes(IMPLEMENTATION_CLASS_UID)),
+        _element(0x0002, 0x0013, b"SH", _text_bytes(IMPLEMENTATION_VERSION)),
+    ])
+    ae = source_ae.strip().encode("ascii", "replace")[:16]
+    if ae:
+        body += _element(0x0002, 0x0016, b"AE", _text_bytes(ae.decode("ascii")))
+    return b"\x00" * _PREAMBLE + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
+def header_dataset(data: bytes) -> Dataset:
+    """A spool file as a pydicom Dataset of raw, unconverted elements (private elements left out).
+
+    ValueError when the file is not one this module wrote (the caller falls back to pydicom).
+    """
+    if len(data) < _META_START or data[_PREAMBLE:_PREAMBLE + 4] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
+        raise ValueError("not a spool file (no DICM prefix and group length)")
+    (group_length,) = struct.unpack_from("<L", data, 140)
+    start = _META_START + group_length
+    meta = raw_elements(data, implicit=False, little=True, pos=_META_START, size=start)
+    syntax_element = meta.get(_TRANSFER_SYNTAX)
+    if syntax_element is None:
+        raise ValueError("no TransferSyntaxUID in the file meta")
+    syntax = syntax_element.value.decode("ascii").strip("\x00 ")
+    implicit, little = syntax == IMPLICIT_LE, syntax != EXPLICIT_BE
+    ds = Dataset(raw_elements(data, implicit=implicit, little=little, pos=start))
+    ds.set_original_encoding(implicit, little)
+    return ds
+
+
+def raw_elements(data: Any, *, implicit: bool, little: bool, pos: int = 0,
+                 size: int | None = None) -> dict[BaseTag, RawDataElement]:
+    """The top-level standard elements (even groups) before bulk data, as pydicom RawDataElements."""
+    enc = encoding(implicit, little)
+    elements: dict[BaseTag, RawDataElement] = {}
+    new = tuple.__new__  # RawDataElement without its keyword-default wrapper (this loop is hot)
+    for tag, vr, length, start, end in top_level(data, enc, pos, size):
+        if tag >= PIXEL_DATA_GROUP:
+            break
+        if tag >> 16 & 1:  # private elements: the mapping never reads them
+            continue
+        if length == UNDEFINED_LENGTH:
+            # A sequence (or UN of undefined length, implicit VR little endian inside): pydicom
+            # reads the items back from the value; the sequence delimiter is left out.
+            un = vr == b"UN"
+            value = bytes(data[start:end - 8])
+            elements[tag] = new(RawDataElement, (BaseTag(tag), "SQ" if un or vr == b"SQ" else None, len(value),
+                                                 value, start, implicit or un, little or un, True, True))
+        else:
+            elements[tag] = new(RawDataElement, (BaseTag(tag), _VR_NAMES.get(vr) if vr else None, length,
+                                                 data[start:end], start, implicit, little, True, False))
+    return elements
+
+
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr in LONG_VRS:
+        return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _uid_bytes(uid: str) -> bytes:
+    raw = uid.encode("ascii", "replace")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text_bytes(text: str) -> bytes:
+    raw = text.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
