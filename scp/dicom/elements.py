@@ -131,9 +131,31 @@ def top_level(data: Any, enc: Encoding, pos: int = 0, size: int | None = None
     Every element is checked to be whole before it is yielded, sequences included; the
     caller may stop at any element (the receiver stops at Pixel Data).
     """
+    # The receiver's hot path (~100 elements per instance): element_head and value_end
+    # inlined for the common case, with the structs bound to locals.
     size = len(data) if size is None else size
+    unpack_head, unpack_u32, implicit = enc.head.unpack_from, enc.u32.unpack_from, enc.implicit
     while pos < size:
-        tag, vr, length, start = element_head(data, pos, size, enc)
-        end = value_end(data, tag, vr, length, start, size, enc)
+        if pos + 8 > size:
+            raise CutShort(f"element header cut short at byte {pos}")
+        if implicit:
+            group, elem, length = unpack_head(data, pos)
+            vr, start = b"", pos + 8
+        else:
+            group, elem, vr, length = unpack_head(data, pos)
+            if vr in LONG_VRS:
+                if pos + 12 > size:
+                    raise CutShort(f"element ({group:04X},{elem:04X}) header cut short")
+                (length,) = unpack_u32(data, pos + 8)
+                start = pos + 12
+            else:
+                start = pos + 8
+        tag = group << 16 | elem
+        if length == UNDEFINED_LENGTH:
+            end = skip_items(data, start, size, UN_CONTENT if vr == b"UN" else enc)
+        else:
+            end = start + length
+            if end > size:
+                raise CutShort(f"element ({group:04X},{elem:04X}) declares {length} bytes, {size - start} remain")
         yield tag, vr, length, start, end
         pos = end
