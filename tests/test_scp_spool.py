@@ -74,6 +74,26 @@ class SpoolRules:
         assert spool.studies() == {}
 
 
+    def test_adopt_takes_instance_files_in_and_keeps_an_instance_it_already_holds(self, tmp_path):
+        spool = self.make(tmp_path)
+        spool.store(STUDY, "1.2.3.4.1", [b"sent again meanwhile"])
+        elsewhere = tmp_path / "set-aside"
+        elsewhere.mkdir()
+        for sop, data in (("1.2.3.4.1", b"older copy"), ("1.2.3.4.2", b"kept aside")):
+            (elsewhere / f"{sop}.dcm").write_bytes(data)
+        assert spool.adopt(STUDY, sorted(elsewhere.iterdir())) == 1
+        assert spool.studies() == {STUDY: {"1.2.3.4.1", "1.2.3.4.2"}}
+        assert [i.data for i in spool.read(STUDY, ["1.2.3.4.1", "1.2.3.4.2"])] == [b"sent again meanwhile",
+                                                                                  b"kept aside"]
+        assert [p.name for p in elsewhere.iterdir()] == ["1.2.3.4.1.dcm"]  # not taken: left where it was
+
+    def test_a_deferred_store_is_listed_at_once(self, tmp_path):
+        spool = self.make(tmp_path)
+        make_durable = spool.store_deferred(STUDY, "1.2.3.4.1", [b"abc"])
+        make_durable()
+        assert spool.studies() == {STUDY: {"1.2.3.4.1"}}
+
+
 class TestFileSpool(SpoolRules):
     def make(self, tmp_path):
         return FileSpool(tmp_path / "spool")
