@@ -7,14 +7,7 @@ import threading
 import pytest
 
 from scp.pipeline.completion import CompletionTracker
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clocks import FakeClock
 
 
 @pytest.fixture
