@@ -30,10 +30,27 @@ def require_tool(name: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class RefusingPort:
+    """A loopback port (bound with port 0) whose socket never listens.
+
+    Connections to it are refused, and no other process can take the port while the
+    socket is held; release() frees it for a server the test starts there later.
+    """
+
+    def __init__(self) -> None:
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.port: int = self._socket.getsockname()[1]
+
+    def release(self) -> None:
+        self._socket.close()
+
+
+@pytest.fixture
+def refusing_port():
+    reserved = RefusingPort()
+    yield reserved
+    reserved.release()
 
 
 @pytest.fixture

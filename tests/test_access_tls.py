@@ -18,10 +18,11 @@ import time
 
 import pytest
 
+from tests.clocks import wait_for
 from tests.conftest import require_tool
 from tests.dicom_wire import WireClient, associate_rq
 from tests.dicomgen import GeneratedStudy, generate_study
-from tests.scp_node import NodeProcess, instance_uids, wait_for
+from tests.scp_node import NodeProcess, instance_uids
 from tests.scu import associate
 from tests.tls_certs import Certificates, make_certificates
 

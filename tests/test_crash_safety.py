@@ -30,9 +30,10 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from pynetdicom import _config as pynetdicom_config
 
+from tests.clocks import wait_for
 from tests.dicomgen import GeneratedStudy, generate_study
 from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process  # noqa: F401
-from tests.scp_node import NodeProcess, instance_uids, wait_for
+from tests.scp_node import NodeProcess, instance_uids
 from tests.scu import associate
 
 pytestmark = pytest.mark.interop

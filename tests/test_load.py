@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.clocks import wait_for
 from tests.load_scenario import expected_per_study, make_feeds, send_all
-from tests.scp_node import NodeProcess, imaging_study, instance_uids, wait_for
+from tests.scp_node import NodeProcess, imaging_study, instance_uids
 
 pytestmark = pytest.mark.interop
 

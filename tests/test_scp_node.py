@@ -20,9 +20,10 @@ from pynetdicom import AE, build_context
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from tests.clocks import wait_for
 from tests.conftest import require_tool
 from tests.dicomgen import generate_study
-from tests.scp_node import NodeProcess, imaging_study, instance_uids, wait_for
+from tests.scp_node import NodeProcess, imaging_study, instance_uids
 from tests.scu import keep_responses
 
 pytestmark = pytest.mark.interop

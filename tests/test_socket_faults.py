@@ -24,9 +24,10 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
+from tests.clocks import wait_for
 from tests.dicom_wire import WireClient, associate_rq, command_set, p_data
 from tests.dicomgen import generate_study, template_dataset
-from tests.scp_node import NodeProcess, instance_uids, wait_for
+from tests.scp_node import NodeProcess, instance_uids
 
 pytestmark = pytest.mark.interop
 
