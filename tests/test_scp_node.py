@@ -87,8 +87,8 @@ def test_spool_files_are_removed_once_the_study_was_delivered(tmp_path, node):
     scp = node()
     storescu(scp, *study.files)
     scp.wait_for_deliveries(study.study_uid)
-    wait_for(lambda: not (scp.store.spool / study.study_uid).exists(), 5, "the study's spool folder to go")
-    assert [p.name for p in scp.store.spool.iterdir()] == ["deliveries.jsonl"]
+    wait_for(lambda: not (scp.spool / study.study_uid).exists(), 5, "the study's spool folder to go")
+    assert [p.name for p in scp.spool.iterdir()] == ["deliveries.jsonl"]
 
 
 def test_compressed_files_sent_with_dcmsend_are_stored_in_their_own_transfer_syntax(tmp_path, node):
@@ -195,7 +195,7 @@ def test_the_spooled_header_leaves_out_pixel_data(tmp_path, node):
     study = generate_study(tmp_path / "study", n_instances=1, n_series=1)
     scp = node(idle_timeout=600)
     storescu(scp, *study.files)
-    [spooled] = (scp.store.spool / study.study_uid).glob("*.dcm")
+    [spooled] = (scp.spool / study.study_uid).glob("*.dcm")
     ds = pydicom.dcmread(spooled)
     assert "PixelData" not in ds
     assert ds.SOPInstanceUID == study.sop_uids[0]
