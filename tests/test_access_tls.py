@@ -180,7 +180,7 @@ def test_with_peer_verification_a_client_without_a_valid_certificate_is_refused(
     reason = "did not return a certificate" if pair is None else "certificate verify failed"
     wait_for(lambda: re.search(rf"WARNING .*TLS handshake with 127\.0\.0\.1:\d+ failed: .*{reason}", scp.log()),
              10, f"the refusal in the log:\n{scp.log()}")
-    assert not list(scp.store.spool.glob("*/*.dcm"))
+    assert not list(scp.spool.glob("*/*.dcm"))
     study = generate_study(tmp_path / "study", 2, 1)
     send_study(scp, study, calling="MODALITY", tls=certificates.client_context(certificates.client))
     assert_delivered(scp, study)

@@ -8,6 +8,7 @@ delivers with its own worker; the engine is tests/fhir_server.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
