@@ -55,8 +55,15 @@ def refusing_port():
 
 @pytest.fixture
 def strict_pydicom():
-    """pydicom raises on invalid values written: for tests whose datasets must be valid DICOM."""
-    old = pydicom.config.settings.writing_validation_mode
-    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    """pydicom raises on invalid values: for test modules whose datasets must be valid DICOM.
+
+    Used by the modules that generate studies to send or convert (pytestmark). pydicom 3
+    checks a value set on a data set with reading_validation_mode (writing_validation_mode
+    only covers encoding, unknown tags and PN lengths), so both are RAISE. The modules
+    that feed the mapping deliberately invalid values do not use it.
+    """
+    settings = pydicom.config.settings
+    old = settings.writing_validation_mode, settings.reading_validation_mode
+    settings.writing_validation_mode = settings.reading_validation_mode = pydicom.config.RAISE
     yield
-    pydicom.config.settings.writing_validation_mode = old
+    settings.writing_validation_mode, settings.reading_validation_mode = old

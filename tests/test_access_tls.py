@@ -26,7 +26,7 @@ from tests.scp_node import NodeProcess, instance_uids
 from tests.scu import associate
 from tests.tls_certs import Certificates, make_certificates
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 # A-ASSOCIATE-RJ: result 1 (rejected-permanent), source 1 (service user), diagnostic (PS3.8 9.3.4)
 NO_REASON, CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 1, 3, 7

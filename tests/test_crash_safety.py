@@ -36,7 +36,7 @@ from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process  # no
 from tests.scp_node import NodeProcess, instance_uids
 from tests.scu import associate
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 SEED = 20261124
 TRIALS = 10

@@ -25,7 +25,7 @@ from tests.dicomgen import GeneratedStudy, generate_study
 from tests.scu import keep_responses
 from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process, start_or_skip  # noqa: F401
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 MRN = "http://hospital.example/mrn"
 

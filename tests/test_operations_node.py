@@ -19,7 +19,7 @@ from tests.dicomgen import generate_study
 from tests.scp_node import NodeProcess
 from tests.scu import keep_responses
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 PATIENT_NAME, PATIENT_ID = "Doe^Jane", "MRN-4711"
 

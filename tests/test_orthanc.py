@@ -19,6 +19,8 @@ from pydicom.data import get_testdata_file
 from tests.conftest import IN_CI, require_tool
 from tests.dicomgen import generate_study
 
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
+
 HERE = Path(__file__).resolve().parent
 
 

@@ -26,7 +26,7 @@ from tests.dicomgen import generate_study
 from tests.scp_node import NodeProcess, imaging_study, instance_uids
 from tests.scu import keep_responses
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 COMPRESSED = ["693_J2KI.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_jpeg_gdcm.dcm",
               "SC_rgb_rle.dcm", "image_dfl.dcm"]
