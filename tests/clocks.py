@@ -1,8 +1,8 @@
 """Time in the tests: a fake clock for code that takes one, and `wait_for` for real peers.
 
 Code under test that takes a clock (CompletionTracker, DeliveryWorker) gets a FakeClock
-and the test moves time by hand: no sleeps. `wait_for` is only for what runs elsewhere
-(a node subprocess, Orthanc, the FHIR engine): it polls until a condition holds.
+and the test moves time by hand: no sleeps. `wait_for` is only for what runs on its own
+(a node subprocess, Orthanc, the FHIR engine, a node's threads): it polls until a condition holds.
 """
 
 from __future__ import annotations
@@ -35,5 +35,5 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20, what: str = "
             result = None
         if result:
             return result
-        time.sleep(interval)  # polling a peer in another process: real time is what passes there
+        time.sleep(interval)  # polling what runs on its own: real time is what passes there
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")

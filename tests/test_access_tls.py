@@ -165,7 +165,7 @@ def test_a_silent_connection_on_the_tls_port_does_not_hold_up_other_senders(node
     # otherwise keep every other sender out.
     scp = node(tls_config(certificates))
     with socket.create_connection(("127.0.0.1", scp.port)):
-        time.sleep(0.2)
+        time.sleep(0.2)  # real time for the node to accept the silent connection before the sender comes
         study = generate_study(tmp_path / "study", 2, 1)
         send_study(scp, study, timeout=10, tls=certificates.client_context())
     assert_delivered(scp, study)

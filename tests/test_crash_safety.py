@@ -169,7 +169,7 @@ def test_every_acknowledged_instance_survives_sigkill_at_a_random_moment(
     try:
         sender = StreamingSender(node.port, study).start()
         sender.wait_acknowledged(plan["after"])
-        time.sleep(plan["delay"])
+        time.sleep(plan["delay"])  # the random moment of the kill is under test: real time in the node
         sigkill(node)
         sender.join()
         acknowledged = set(sender.acknowledged)
