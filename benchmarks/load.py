@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,10 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import free_port  # noqa: E402
 from tests.load_scenario import (ASSOCIATIONS_PER_STUDY, expected_per_study, make_feeds,  # noqa: E402
                                  send_all)
-from tests.scp_node import NodeProcess, instance_uids, wait_for  # noqa: E402
+from tests.clocks import wait_for  # noqa: E402
+from tests.scp_node import NodeProcess, instance_uids  # noqa: E402
 
 DISCARD = textwrap.dedent("""
     import sys
@@ -78,6 +79,13 @@ def run_node(feeds, work: Path, idle_timeout: float) -> tuple[float, float, list
     finally:
         node.stop()
     return result.throughput, result.instances / delivered, problems
+
+
+def free_port() -> int:
+    """A port for the discard receiver (a script that takes its port on the command line)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_discard(feeds) -> tuple[float, list[str]]:

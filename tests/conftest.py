@@ -30,16 +30,40 @@ def require_tool(name: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class RefusingPort:
+    """A loopback port (bound with port 0) whose socket never listens.
+
+    Connections to it are refused, and no other process can take the port while the
+    socket is held; release() frees it for a server the test starts there later.
+    """
+
+    def __init__(self) -> None:
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.port: int = self._socket.getsockname()[1]
+
+    def release(self) -> None:
+        self._socket.close()
+
+
+@pytest.fixture
+def refusing_port():
+    reserved = RefusingPort()
+    yield reserved
+    reserved.release()
 
 
 @pytest.fixture
 def strict_pydicom():
-    """pydicom raises on invalid values written: for tests whose datasets must be valid DICOM."""
-    old = pydicom.config.settings.writing_validation_mode
-    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    """pydicom raises on invalid values: for test modules whose datasets must be valid DICOM.
+
+    Used by the modules that generate studies to send or convert (pytestmark). pydicom 3
+    checks a value set on a data set with reading_validation_mode (writing_validation_mode
+    only covers encoding, unknown tags and PN lengths), so both are RAISE. The modules
+    that feed the mapping deliberately invalid values do not use it.
+    """
+    settings = pydicom.config.settings
+    old = settings.writing_validation_mode, settings.reading_validation_mode
+    settings.writing_validation_mode = settings.reading_validation_mode = pydicom.config.RAISE
     yield
-    pydicom.config.settings.writing_validation_mode = old
+    settings.writing_validation_mode, settings.reading_validation_mode = old

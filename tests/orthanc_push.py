@@ -1,6 +1,6 @@
 """Drive a real Orthanc pushing a study to the node, inside a private network namespace.
 
-Run as `unshare -n python tests/orthanc_push.py WORKDIR FILE...` (root): Orthanc cannot
+Run as `unshare -n python -m tests.orthanc_push WORKDIR FILE...` from the repository (root): Orthanc cannot
 bind a single address, so it gets a network namespace of its own, shared with the node,
 where only loopback exists. Prints one JSON line: what Orthanc reported and where the
 node's output went. The pytest test (tests/test_orthanc.py) checks the result.
@@ -13,9 +13,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from tests.clocks import wait_for
 
 NODE_PORT = 11112
 ORTHANC_HTTP = 18042
@@ -26,18 +27,6 @@ def http(method: str, path: str, body: bytes | None = None) -> object:
     request = urllib.request.Request(f"http://127.0.0.1:{ORTHANC_HTTP}{path}", data=body, method=method)
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read() or b"null")
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
 def main(workdir: Path, files: list[Path]) -> dict:
@@ -58,11 +47,12 @@ def main(workdir: Path, files: list[Path]) -> dict:
     orthanc = subprocess.Popen(["Orthanc", str(workdir / "orthanc.json")],
                                stdout=open(workdir / "orthanc.log", "wb"), stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: http("GET", "/system"), 30, "Orthanc's REST API")
+        wait_for(lambda: http("GET", "/system"), 30, "Orthanc's REST API", ignore=(OSError,))
         uploaded = [http("POST", "/instances", path.read_bytes()) for path in files]
         studies = sorted({item["ParentStudy"] for item in uploaded})
         # Orthanc opens its own associations (one per SOP class / transfer syntax) to the node.
-        wait_for(lambda: http("POST", "/modalities/scp/echo", b"{}") is not None, 30, "the node's C-ECHO")
+        wait_for(lambda: http("POST", "/modalities/scp/echo", b"{}") is not None, 30, "the node's C-ECHO",
+                 ignore=(OSError,))
         push = http("POST", "/modalities/scp/store",
                     json.dumps({"Resources": studies, "Synchronous": True}).encode())
         study_uids = [http("GET", f"/studies/{s}")["MainDicomTags"]["StudyInstanceUID"] for s in studies]

@@ -1,27 +1,20 @@
-"""The node as the tests see it: `python -m scp serve` in a subprocess on a free port."""
+"""The node as the tests see it: `python -m scp serve` in a subprocess, on port 0 (the port it bound is read from its log)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import REPO, free_port
+from tests.clocks import wait_for
+from tests.conftest import REPO
 
-
-def wait_for(predicate: Callable[[], object], timeout: float = 20, what: str = "a condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+LISTENING = re.compile(r"listening on (\S+):(\d+) as ")
+OPS_LISTENING = re.compile(r"operations endpoint on http://(\S+):(\d+) ")
 
 
 def imaging_study(document: dict) -> dict:
@@ -54,23 +47,33 @@ class NodeProcess:
             self.config.write_text(config)
         self.port = 0
         self.process: subprocess.Popen | None = None
+        self._started_at = 0  # offset in the log of the current process's first line
 
     def start(self, idle_timeout: float | None = None) -> "NodeProcess":
-        self.port = free_port()
-        command = [sys.executable, "-m", "scp", "serve", "--port", str(self.port), "--bind", "127.0.0.1",
+        """Start the node on port 0; `port` is then the one it bound (a restart gets a new one)."""
+        command = [sys.executable, "-m", "scp", "serve", "--port", "0", "--bind", "127.0.0.1",
                    "-aet", self.ae_title, "--spool-dir", str(self.spool), "--output-dir", str(self.output),
                    "--dead-letter-dir", str(self.dead_letter),
                    "--idle-timeout", str(idle_timeout or self.idle_timeout), *self.args]
         if self.config is not None:
             command += ["--config", str(self.config)]
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        offset = self._started_at = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                         stderr=open(self.log_path, "ab"))
         wait_for(lambda: "ready" in self.log()[offset:] or self.process.poll() is not None, 30, "the node to start")
         if self.process.poll() is not None:
             raise AssertionError(f"the node exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+        listening = LISTENING.search(self.log()[offset:])
+        assert listening, f"no 'listening on HOST:PORT' line in the node's log:\n{self.log()[offset:][-3000:]}"
+        self.port = int(listening[2])
         return self
+
+    def ops_port(self, timeout: float = 10) -> int:
+        """The operations HTTP port this process bound (operations.http_port = 0), from its log."""
+        found = wait_for(lambda: OPS_LISTENING.search(self.log()[self._started_at:]), timeout,
+                         f"the operations endpoint's log line; node log:\n{self.log()[-2000:]}")
+        return int(found[2])
 
     def stop(self) -> int:
         if self.process is None:

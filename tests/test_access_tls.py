@@ -18,14 +18,15 @@ import time
 
 import pytest
 
+from tests.clocks import wait_for
 from tests.conftest import require_tool
 from tests.dicom_wire import WireClient, associate_rq
 from tests.dicomgen import GeneratedStudy, generate_study
-from tests.scp_node import NodeProcess, instance_uids, wait_for
+from tests.scp_node import NodeProcess, instance_uids
 from tests.scu import associate
 from tests.tls_certs import Certificates, make_certificates
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 # A-ASSOCIATE-RJ: result 1 (rejected-permanent), source 1 (service user), diagnostic (PS3.8 9.3.4)
 NO_REASON, CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 1, 3, 7
@@ -164,7 +165,7 @@ def test_a_silent_connection_on_the_tls_port_does_not_hold_up_other_senders(node
     # otherwise keep every other sender out.
     scp = node(tls_config(certificates))
     with socket.create_connection(("127.0.0.1", scp.port)):
-        time.sleep(0.2)
+        time.sleep(0.2)  # real time for the node to accept the silent connection before the sender comes
         study = generate_study(tmp_path / "study", 2, 1)
         send_study(scp, study, timeout=10, tls=certificates.client_context())
     assert_delivered(scp, study)

@@ -18,6 +18,8 @@ from scp.sources.folder import (ConversionReport, UnusableFileError, convert_fol
                          process_dicom_2_fhir, read_dataset, write_studies)
 from tests.dicomgen import generate_study
 
+pytestmark = pytest.mark.usefixtures("strict_pydicom")
+
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 DICOMDIR_TESTS = Path(get_testdata_file("DICOMDIR")).parent
 CT_STUDY = "1.3.6.1.4.1.5962.1.1.0.0.0.1194734704.16302.0.1"

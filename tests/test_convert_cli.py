@@ -21,6 +21,8 @@ from pydicom.data import get_testdata_file
 from tests.conftest import REPO
 from tests.dicomgen import generate_study
 
+pytestmark = pytest.mark.usefixtures("strict_pydicom")
+
 DICOMDIR_TESTS = Path(get_testdata_file("DICOMDIR")).parent
 CT_STUDY = "1.3.6.1.4.1.5962.1.1.0.0.0.1194734704.16302.0.1"  # 2 series: 5 + 2 instances
 MR_STUDY = "1.3.6.1.4.1.5962.1.1.0.0.0.1196533885.18148.0.1"  # 3 series: 7 + 3 + 1 instances

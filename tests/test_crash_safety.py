@@ -30,12 +30,13 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from pynetdicom import _config as pynetdicom_config
 
+from tests.clocks import wait_for
 from tests.dicomgen import GeneratedStudy, generate_study
 from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process  # noqa: F401
-from tests.scp_node import NodeProcess, instance_uids, wait_for
+from tests.scp_node import NodeProcess, instance_uids
 from tests.scu import associate
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 SEED = 20261124
 TRIALS = 10
@@ -168,7 +169,7 @@ def test_every_acknowledged_instance_survives_sigkill_at_a_random_moment(
     try:
         sender = StreamingSender(node.port, study).start()
         sender.wait_acknowledged(plan["after"])
-        time.sleep(plan["delay"])
+        time.sleep(plan["delay"])  # the random moment of the kill is under test: real time in the node
         sigkill(node)
         sender.join()
         acknowledged = set(sender.acknowledged)

@@ -29,7 +29,7 @@ from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.sinks.fhir.client import FhirClient
 from scp.sinks.fhir.sink import FhirSink
-from tests.conftest import free_port, require_tool
+from tests.conftest import require_tool
 from tests.dicomgen import template_dataset
 from tests.fhir_engine import FhirEngine, make_tls_files, start_or_skip
 from tests.fhir_engine import fhir_engine, fhir_engine_process  # noqa: F401 (fixtures)
@@ -344,8 +344,8 @@ def test_a_reply_lost_after_the_server_stored_the_study_creates_no_duplicate_on_
     assert len(fhir_engine.resources("Patient")) == 1
 
 
-def test_a_server_that_is_down_means_retry_later(study):
-    sink = FhirSink(FhirConfig(url=f"http://127.0.0.1:{free_port()}", timeout=5), OPTIONS)
+def test_a_server_that_is_down_means_retry_later(study, refusing_port):
+    sink = FhirSink(FhirConfig(url=f"http://127.0.0.1:{refusing_port.port}", timeout=5), OPTIONS)
 
     with pytest.raises(DeliveryRetryable, match="unreachable"):
         sink.deliver(study.part(1))

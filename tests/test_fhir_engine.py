@@ -6,9 +6,12 @@ here (say, validation silently off) would make every delivery test meaningless.
 
 from __future__ import annotations
 
+import pytest
 import requests
 
 from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.interop
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,12 @@ from scp.cli import main as cli_main
 from scp.config import load_config
 from scp.ops.metrics import Metrics
 from scp.node import Node
-from tests.conftest import free_port
+from tests.clocks import wait_for
 from tests.dicomgen import GeneratedStudy, generate_study
 from tests.scu import keep_responses
 from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process, start_or_skip  # noqa: F401
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 MRN = "http://hospital.example/mrn"
 
@@ -66,16 +65,6 @@ def send(port: int, study: GeneratedStudy) -> None:
         assoc.release()
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 def journal(tmp_path: Path) -> list[dict]:
     path = tmp_path / "spool" / "deliveries.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -105,16 +94,18 @@ def only(resources: list[dict]) -> dict:
     return resources[0]
 
 
-def test_a_study_received_while_the_fhir_server_is_down_is_delivered_once_when_it_is_back(tmp_path, node_factory):
-    port = free_port()
+def test_a_study_received_while_the_fhir_server_is_down_is_delivered_once_when_it_is_back(
+        tmp_path, node_factory, refusing_port):
+    port = refusing_port.port
     node = node_factory(write_config(tmp_path, f"http://127.0.0.1:{port}"))
     study = generate_study(tmp_path / "in", 6, 2)
 
     send(node.port, study)
-    wait_until(lambda: node.metrics.snapshot().get("deliveries_failed", 0) >= 3, what="failed attempts")
+    wait_for(lambda: node.metrics.snapshot().get("deliveries_failed", 0) >= 3, 30, "failed attempts")
     assert node.spool.depth() == 1 and not delivered(tmp_path)  # the study waits in the spool
+    refusing_port.release()  # the engine takes the port the node has been refused on
     with start_or_skip(port=port) as engine:
-        wait_until(lambda: delivered(tmp_path), what="the delivery")
+        wait_for(lambda: delivered(tmp_path), 30, "the delivery")
         imaging = only(engine.resources("ImagingStudy"))
         patients = engine.resources("Patient")
 
@@ -129,7 +120,7 @@ def test_a_server_answering_503_for_a_while_gets_the_study_once(tmp_path, node_f
     study = generate_study(tmp_path / "in", 4, 1)
 
     send(node.port, study)
-    wait_until(lambda: delivered(tmp_path), what="the delivery")
+    wait_for(lambda: delivered(tmp_path), 30, "the delivery")
 
     statuses = [status for _, _, status in fhir_engine.request_log()]
     assert statuses[:3] == [503, 503, 503] and statuses[3:] == [200, 200]
@@ -154,7 +145,7 @@ def test_a_study_the_server_refuses_is_set_aside_and_retry_delivers_it_once_the_
 
     send(node.port, study)
     folder = tmp_path / "dead-letter" / study.study_uid
-    wait_until(lambda: (folder / "reason.txt").exists(), what="the study in the dead-letter folder")
+    wait_for(lambda: (folder / "reason.txt").exists(), 30, "the study in the dead-letter folder")
 
     assert "412" in (folder / "reason.txt").read_text()
     assert json.loads((folder / "outcome.json").read_text())["issue"][0]["code"] == "multiple-matches"
@@ -182,7 +173,7 @@ def test_retry_all_delivers_every_dead_lettered_study(tmp_path, node_factory, fh
     studies = [generate_study(tmp_path / f"in{i}", 2, 1, patient_id=f"MRN-{i}") for i in range(2)]
     for study in studies:
         send(node.port, study)
-    wait_until(lambda: len(list((tmp_path / "dead-letter").glob("*/reason.txt"))) == 2, what="two dead letters")
+    wait_for(lambda: len(list((tmp_path / "dead-letter").glob("*/reason.txt"))) == 2, 30, "two dead letters")
 
     config.write_text(config.read_text().replace('"old-token"', '"new-token"'), encoding="utf-8")
     assert cli_main(["retry", "-c", str(config), "--all"]) == 0
@@ -207,7 +198,7 @@ def test_retry_requeue_puts_the_instances_back_into_the_spool_for_the_next_start
     node = node_factory(config)
     send(node.port, study)
     folder = tmp_path / "dead-letter" / study.study_uid
-    wait_until(lambda: (folder / "reason.txt").exists(), what="the study in the dead-letter folder")
+    wait_for(lambda: (folder / "reason.txt").exists(), 30, "the study in the dead-letter folder")
     node.stop(grace=2)
 
     assert cli_main(["retry", "-c", str(config), "--requeue", study.study_uid]) == 0
@@ -222,7 +213,7 @@ def test_a_fhir_server_that_hangs_never_slows_reception(tmp_path, node_factory, 
     node = node_factory(write_config(tmp_path, fhir_engine.base_url))
     first, second = (generate_study(tmp_path / f"in{i}", 5, 1) for i in range(2))
     send(node.port, first)
-    wait_until(lambda: fhir_engine.stats()["requests"] >= 1, what="a delivery stuck on the server")
+    wait_for(lambda: fhir_engine.stats()["requests"] >= 1, 30, "a delivery stuck on the server")
 
     started = time.monotonic()
     send(node.port, second)  # received while the delivery worker waits on the server
@@ -230,7 +221,7 @@ def test_a_fhir_server_that_hangs_never_slows_reception(tmp_path, node_factory, 
     assert time.monotonic() - started < 3.0
     assert node.metrics.snapshot()["instances_received"] == 10
     fhir_engine.reset()  # the server answers again: both studies get delivered
-    wait_until(lambda: len(delivered(tmp_path)) == 2, timeout=60, what="both deliveries")
+    wait_for(lambda: len(delivered(tmp_path)) == 2, 60, "both deliveries")
     assert len(fhir_engine.resources("ImagingStudy")) == 2
 
 

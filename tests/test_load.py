@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+from tests.clocks import wait_for
 from tests.load_scenario import expected_per_study, make_feeds, send_all
-from tests.scp_node import NodeProcess, imaging_study, instance_uids, wait_for
+from tests.scp_node import NodeProcess, imaging_study, instance_uids
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 
 def test_16_concurrent_associations_over_shared_studies_deliver_every_instance_exactly_once(tmp_path):

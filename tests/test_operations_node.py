@@ -13,12 +13,13 @@ import pytest
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage
 
-from tests.conftest import REPO, free_port
+from tests.clocks import wait_for
+from tests.conftest import REPO
 from tests.dicomgen import generate_study
-from tests.scp_node import NodeProcess, wait_for
+from tests.scp_node import NodeProcess
 from tests.scu import keep_responses
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 PATIENT_NAME, PATIENT_ID = "Doe^Jane", "MRN-4711"
 
@@ -50,10 +51,10 @@ def status(node: NodeProcess, *extra: str) -> str:
 
 def test_status_and_metrics_follow_a_study_from_the_spool_to_its_delivery(tmp_path):
     study = generate_study(tmp_path / "in", 3, 1, patient_name=PATIENT_NAME, patient_id=PATIENT_ID)
-    port = free_port()
     node = NodeProcess(tmp_path / "node", idle_timeout=120,
-                       config=f"[operations]\nhttp_enabled = true\nhttp_port = {port}\n").start()
+                       config="[operations]\nhttp_enabled = true\nhttp_port = 0\n").start()
     try:
+        port = node.ops_port()
         assert send(node, study.files) == [0, 0, 0]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
             assert r.status == 200
@@ -74,6 +75,7 @@ def test_status_and_metrics_follow_a_study_from_the_spool_to_its_delivery(tmp_pa
         assert json.loads(status(node, "--json"))["waiting"][0]["study"] == study.study_uid
 
         node.start(idle_timeout=0.5)
+        port = node.ops_port()  # port 0 again: the restarted node bound another one
         node.wait_for_deliveries(study.study_uid)
         done = wait_for(lambda: (m := metrics(port))["dicom_fhir_scp_spool_studies"] == 0 and m,
                         what="the spool to empty")

@@ -19,6 +19,8 @@ from pydicom.data import get_testdata_file
 from tests.conftest import IN_CI, require_tool
 from tests.dicomgen import generate_study
 
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -46,7 +48,7 @@ def test_orthanc_pushes_a_multi_series_study_and_every_instance_arrives(tmp_path
     assert len(mr_files) > 0
 
     result = subprocess.run(
-        ["unshare", "-n", sys.executable, str(HERE / "orthanc_push.py"), str(tmp_path), *map(str, files)],
+        ["unshare", "-n", sys.executable, "-m", "tests.orthanc_push", str(tmp_path), *map(str, files)],
         capture_output=True, text=True, timeout=180, cwd=HERE.parent)
     if result.returncode != 0:
         logs = "\n".join(f"--- {name}\n{(tmp_path / name).read_text(errors='replace')[-3000:]}"

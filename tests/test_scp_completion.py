@@ -8,14 +8,7 @@ import pytest
 
 from scp.pipeline.cache import ParseAheadCache
 from scp.pipeline.completion import CompletionTracker
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clocks import FakeClock
 
 
 @pytest.fixture
@@ -43,6 +36,21 @@ def test_each_instance_restarts_the_timer_whichever_association_sent_it(clock):
     clock.now += 10
     [part] = tracker.poll()
     assert part.sop_uids == {"1.1.1", "1.1.2"}
+
+
+def test_a_study_split_over_two_associations_with_a_short_pause_completes_once(clock):
+    tracker = CompletionTracker(2, clock=clock)
+    for sop in ("1.1.1", "1.1.2", "1.1.3"):  # the first association
+        tracker.arrived("1.1", sop)
+    clock.now += 0.5  # the pause, shorter than the idle timeout
+    assert tracker.poll() == []
+    for sop in ("1.1.4", "1.1.5", "1.1.6"):  # the second association
+        tracker.arrived("1.1", sop)
+    clock.now += 2
+    [part] = tracker.poll()
+    assert part.sop_uids == {"1.1.1", "1.1.2", "1.1.3", "1.1.4", "1.1.5", "1.1.6"}
+    clock.now += 10  # many idle timeouts later: no second completion
+    assert tracker.poll() == [] and tracker.waiting() == {}
 
 
 def test_studies_complete_independently(clock):

@@ -26,16 +26,9 @@ from scp.sinks.disk import DiskSink
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.receive.dataset import header_file, parse_received
 from scp.store.spool import FileSpool, MemorySpool
+from tests.clocks import FakeClock
 
 CT = get_testdata_file("CT_small.dcm")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class RecordingSink:

@@ -8,10 +8,13 @@ from io import BytesIO
 from types import SimpleNamespace
 
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 
 from scp.receive.status import PROCESSING_FAILURE
 from scp.receive.handlers import StoreHandler
+
+pytestmark = pytest.mark.usefixtures("strict_pydicom")
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 

@@ -24,9 +24,10 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
+from tests.clocks import wait_for
 from tests.dicom_wire import WireClient, associate_rq, command_set, p_data
 from tests.dicomgen import generate_study, template_dataset
-from tests.scp_node import NodeProcess, instance_uids, wait_for
+from tests.scp_node import NodeProcess, instance_uids
 
 pytestmark = pytest.mark.interop
 
@@ -134,7 +135,7 @@ def test_a_disconnect_in_the_middle_of_a_data_set_spools_nothing_of_it(node, tmp
     assert client.associate(calling="HALFSCU") == "accepted"
     client.send(p_data(1, [(True, True, command_set(0x0001, 1, ds.SOPClassUID, ds.SOPInstanceUID))]))
     client.send(p_data(1, [(False, False, data[:len(data) // 2])]))  # more fragments announced, never sent
-    time.sleep(0.2)  # let the node take in the first half before the connection drops
+    time.sleep(0.2)  # real time for the node to take in the first half before the connection drops
     client.close()
     assert_still_serving(node, tmp_path, offset, f"HALFSCU .* ended in the middle of instance {ds.SOPInstanceUID}")
     assert not (node.spool / ds.StudyInstanceUID).exists()
@@ -149,7 +150,7 @@ def test_a_disconnect_in_the_middle_of_a_pdu_spools_nothing_of_it(node, tmp_path
     client.send(p_data(1, [(True, True, command_set(0x0001, 1, ds.SOPClassUID, ds.SOPInstanceUID))]))
     pdu = p_data(1, [(False, True, encode(ds))])
     client.send(pdu[:len(pdu) - 1000])  # the PDU's last 1000 bytes never come
-    time.sleep(0.2)
+    time.sleep(0.2)  # real time for the node to take in the partial PDU before the connection drops
     client.close()
     assert_still_serving(node, tmp_path, offset, f"CUTSCU .* ended in the middle of instance {ds.SOPInstanceUID}")
     assert not (node.spool / ds.StudyInstanceUID).exists()
@@ -168,7 +169,7 @@ def test_an_oversized_pdu_length_costs_no_memory_and_leaves_the_node_serving(nod
     else:
         header = struct.pack(">BBL", 0x01, 0, 1 << 30)
     client.send(header + bytes(1000))
-    time.sleep(0.5)
+    time.sleep(0.5)  # real time for the node to read the header (and set memory aside, if it trusted it)
     client.close()
     assert_still_serving(node, tmp_path, offset, "shorter than expected")
     assert rss_peak_mb(node) - before < 100
