@@ -16,7 +16,8 @@ import os
 import pytest
 
 from scp.config import NodeConfig, SecurityConfig
-from scp.receive.server import StorageServer, StoreHandler
+from scp.receive.handlers import StoreHandler
+from scp.receive.server import StorageServer
 from scp.store.spool import FileSpool
 from tests.dicomgen import generate_study
 from tests.scu import associate
