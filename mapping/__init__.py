@@ -53,10 +53,11 @@ from mapping.header import InstanceHeader
 from mapping.merge import merge_imaging_study, merge_resources
 from mapping.options import SHAPES, MappingOptions
 from mapping.shapes import parse_resources, render, to_bundle, to_contained
-from mapping.study import StudyResources, convert_datasets, convert_study
+from mapping.study import StudyResources, convert_datasets, convert_study, validate_resources
 
 __all__ = [
     "ConfigurationError", "DicomFhirError", "MappingError", "MultipleStudiesError", "PatientMismatchError",
     "SHAPES", "MappingOptions", "InstanceHeader", "StudyResources", "convert_datasets", "convert_study",
     "parse_resources", "render", "to_bundle", "to_contained", "merge_imaging_study", "merge_resources",
+    "validate_resources",
 ]

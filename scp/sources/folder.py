@@ -381,6 +381,10 @@ def write_studies(report: ConversionReport, out_dir: str | os.PathLike[str], sha
             log.warning("study %s not written: %s", study_uid, exc)
             report.rejected[study_uid] = OUTPUT_UNREADABLE
             continue
+        except MappingError as exc:  # not valid R4 (names the study and elements, never values)
+            log.warning("study %s not written: %s", study_uid, exc)
+            report.rejected[study_uid] = NOT_MAPPED
+            continue
         report.written[study_uid] = path
         if not changed:
             report.unchanged.add(study_uid)
