@@ -83,7 +83,10 @@ def _merge_instances(existing: list[dict[str, Any]], new: list[dict[str, Any]]) 
     by_uid = {i.get("uid"): i for i in existing}
     for instance in new:
         uid = instance.get("uid")
-        by_uid[uid] = merge_elements(by_uid[uid], instance, order=INSTANCE_ORDER) if uid in by_uid else instance
+        if uid not in by_uid:
+            by_uid[uid] = instance
+        elif by_uid[uid] != instance:  # an instance merged with an equal one is that instance: skip the work
+            by_uid[uid] = merge_elements(by_uid[uid], instance, order=INSTANCE_ORDER)
     return sorted(by_uid.values(), key=lambda i: sort_key(i.get("number"), i.get("uid") or ""))
 
 

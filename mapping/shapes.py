@@ -207,13 +207,15 @@ def _check_structure(uid: str, study: dict[str, Any], patient: dict[str, Any],
              "system", "value")
     for i, series in enumerate(_objects(study, "series", where)):
         place = f"{where}'s series[{i}]"
-        _typed(series, place, uid=str, number=int, numberOfInstances=int, started=str)
+        _typed(series, place, number=int, numberOfInstances=int, started=str)
         _strings(_objects(series, "endpoint", place), f"{place}.endpoint", "reference")
+        if not isinstance(series.get("uid"), str):
+            raise MappingError(f"{place} has no uid")
         for j, instance in enumerate(_objects(series, "instance", place)):
-            _typed(instance, f"{place}.instance[{j}]", uid=str, number=int)
-        if not isinstance(series.get("uid"), str) or any(not isinstance(i.get("uid"), str)
-                                                         for i in series.get("instance") or []):
-            raise MappingError(f"{place}: a series or instance without uid")
+            # Inline rather than _typed: this runs for every instance of every merge.
+            number = instance.get("number")
+            if not isinstance(instance.get("uid"), str) or not (number is None or type(number) is int):
+                raise MappingError(f"{place}.instance[{j}]: uid is not a JSON string or number not an integer")
     if endpoint is not None:
         _typed(endpoint, f"study {uid}: the Endpoint", address=str)
         if "address" not in endpoint:

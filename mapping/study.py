@@ -81,7 +81,7 @@ def sort_key(number: int | None, uid: str) -> tuple[bool, int, tuple[int, ...] |
 
 def _uid_key(uid: str) -> tuple[int, ...] | tuple[()]:
     try:
-        return tuple(int(part) for part in uid.split("."))
+        return tuple(map(int, uid.split(".")))
     except ValueError:
         return ()
 
