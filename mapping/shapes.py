@@ -198,13 +198,22 @@ def _check_structure(uid: str, study: dict[str, Any], patient: dict[str, Any],
                      endpoint: dict[str, Any] | None) -> None:
     """MappingError unless what merging and rendering read has the JSON types FHIR gives it
     (the values themselves are validated where the study leaves again)."""
-    where = f"study {uid}: the ImagingStudy"
+    check_study_structure(study, f"study {uid}: the ImagingStudy")
+    _strings(_objects(patient, "identifier", f"study {uid}: the Patient"), f"study {uid}: the Patient's identifier",
+             "system", "value")
+    if endpoint is not None:
+        _typed(endpoint, f"study {uid}: the Endpoint", address=str)
+        if "address" not in endpoint:
+            raise MappingError(f"study {uid}: the Endpoint has no address")
+
+
+def check_study_structure(study: dict[str, Any], where: str) -> None:
+    """MappingError unless the ImagingStudy dict has the JSON types merge_imaging_study relies on."""
     _typed(study, where, started=str, numberOfSeries=int, numberOfInstances=int)
     _strings(_objects(study, "identifier", where), f"{where}'s identifier", "system", "value")
     _strings(_objects(study, "modality", where), f"{where}'s modality", "system", "code")
     _strings(_objects(study, "endpoint", where), f"{where}'s endpoint", "reference")
-    _strings(_objects(patient, "identifier", f"study {uid}: the Patient"), f"study {uid}: the Patient's identifier",
-             "system", "value")
+    _object(study, "subject", where)
     for i, series in enumerate(_objects(study, "series", where)):
         place = f"{where}'s series[{i}]"
         _typed(series, place, number=int, numberOfInstances=int, started=str)
@@ -216,10 +225,6 @@ def _check_structure(uid: str, study: dict[str, Any], patient: dict[str, Any],
             number = instance.get("number")
             if not isinstance(instance.get("uid"), str) or not (number is None or type(number) is int):
                 raise MappingError(f"{place}.instance[{j}]: uid is not a JSON string or number not an integer")
-    if endpoint is not None:
-        _typed(endpoint, f"study {uid}: the Endpoint", address=str)
-        if "address" not in endpoint:
-            raise MappingError(f"study {uid}: the Endpoint has no address")
 
 
 def _typed(element: dict[str, Any], where: str, **kinds: type) -> None:

@@ -164,6 +164,15 @@ def test_an_invalid_server_imaging_study_is_rejected_with_its_document_kept():
     assert json.loads(caught.value.documents["server-imagingstudy.json"])["numberOfSeries"] == "one"
 
 
+def test_a_server_imaging_study_without_the_structure_of_one_is_rejected_not_merged():
+    client = StandInClient(server_copy(convert_study([instance()]), series={"uid": "1.2.3"}))
+
+    with pytest.raises(DeliveryRejected, match="not a valid R4 ImagingStudy") as caught:
+        deliver(client, convert_study([instance(1, 2)]))
+
+    assert "server-imagingstudy.json" in caught.value.documents
+
+
 def test_a_server_writing_the_same_values_in_another_format_counts_as_unchanged():
     resources = convert_study([read(CT_SMALL)])
     assert resources.imaging_study["started"] == "2004-01-19T07:27:30-05:00"

@@ -37,6 +37,7 @@ from mapping import StudyResources, merge_imaging_study, render, validate_resour
 from mapping.errors import MappingError, PatientMismatchError
 from mapping.fhirjson import canonical, identifier_pairs, model_json, same_identifier, study_search, validated
 from mapping.options import MappingOptions
+from mapping.shapes import check_study_structure
 from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.sinks.fhir.client import FhirClient, Reply, RequestStats
@@ -153,20 +154,30 @@ def merged_body(study: ServerStudy, ours: dict[str, Any], context: str) -> dict[
     """The server's ImagingStudy with our part merged in, as it is to be sent; None when it says
     nothing the server's does not (meta, which the server owns, ignored).
 
-    The common case is decided on the server's JSON as it came. Otherwise the server's
-    resource is validated once, on purpose: an invalid one is DeliveryRejected (its document
-    kept) before anything is merged into it, and the model writes the server's values in the
-    form ours are in, so a server that writes the same values in another format (another
-    date precision, a ``+00:00`` for ``Z``) still counts as unchanged. The body is then merged
-    into that form, the one the server will read back.
+    The common case is decided on the server's JSON as it came (when it has the structure a
+    merge needs). Otherwise the server's resource is validated once, on purpose: an invalid
+    one is DeliveryRejected (its document kept) before anything is merged into it, and the
+    model writes the server's values in the form ours are in, so a server that writes the
+    same values in another format (another date precision, a ``+00:00`` for ``Z``) still
+    counts as unchanged. The body is then merged into that form, the one the server will
+    read back.
     """
     server = {k: v for k, v in study.resource.items() if k != "meta"} | {"id": study.id}
-    body = _merged(server, ours, study, context)
-    if as_compared(body) == as_compared(server):
-        return None
+    if _mergeable(server, context):
+        body = _merged(server, ours, study, context)
+        if as_compared(body) == as_compared(server):
+            return None
     current = model_json(_as_model(study.resource, context)) | {"id": study.id}
     body = _merged(current, ours, study, context)
     return None if as_compared(body) == as_compared(current) else body
+
+
+def _mergeable(resource: dict[str, Any], context: str) -> bool:
+    try:
+        check_study_structure(resource, f"{context}: the server's ImagingStudy")
+    except MappingError:
+        return False  # the model decides: DeliveryRejected, or values it can write in our form
+    return True
 
 
 def _merged(server: dict[str, Any], ours: dict[str, Any], study: ServerStudy, context: str) -> dict[str, Any]:
