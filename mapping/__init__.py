@@ -1,6 +1,8 @@
 """mapping: pure DICOM → FHIR R4 conversion (no sockets, files, clocks or globals).
 
-The rules are ../shared/mapping.md. Public API (everything importable from ``mapping``):
+The rules are mapping/README.md. Resources are FHIR JSON dicts throughout; fhir.resources
+models appear only at the edge (validate_resources, to_bundle, to_contained), where a study
+leaves the process. Public API (everything importable from ``mapping``):
 
     InstanceHeader.from_dataset(ds) -> InstanceHeader
         The slim, immutable set of values the mapping needs from one instance (strings
@@ -12,11 +14,22 @@ The rules are ../shared/mapping.md. Public API (everything importable from ``map
         Dataset at once.
 
     StudyResources(study_uid, patient, imaging_study, endpoint=None, warnings=())
-        One study's resources (fhir.resources.R4B models). Canonical form: the
-        ImagingStudy refers to the Patient and Endpoint by the ``urn:uuid:`` fullUrls of
-        the bundle shape (deterministic uuid5 values, so the same input always gives the
-        same output). ``warnings``: human-readable lines about values that were dropped or
-        replaced (never quoting patient names or IDs), for the caller to log.
+        One study's resources as plain JSON-ready dicts (``patient``, ``imaging_study``,
+        ``endpoint`` or None): exactly what fhir.resources.R4B writes for them
+        (``model_dump_json(exclude_none=True)``: its element order and dateTime form), so
+        output files are the same bytes they were when the mapping built models. Not
+        validated: see validate_resources. Treat the dicts as read-only (merges share
+        unchanged parts). Canonical form: the ImagingStudy refers to the Patient and
+        Endpoint by the ``urn:uuid:`` fullUrls of the bundle shape (deterministic uuid5
+        values, so the same input always gives the same output). ``warnings``:
+        human-readable lines about values that were dropped or replaced (never quoting
+        patient names or IDs), for the caller to log.
+
+    validate_resources(resources) -> None
+        The edge: raises MappingError naming the study, the resource and up to five
+        failing elements (never their values) when a resource is not valid R4 (a bug, or a
+        value no rule caught). Sinks call it before writing or sending; call it before
+        handing the dicts to anything that expects valid FHIR.
 
     convert_study(instances, options=MappingOptions()) -> StudyResources
         One study's instances (InstanceHeader or pydicom Dataset, any order).
@@ -27,16 +40,22 @@ The rules are ../shared/mapping.md. Public API (everything importable from ``map
     convert_datasets(datasets, options) -> dict[str, StudyResources]
         Any number of instances, grouped by StudyInstanceUID (first-seen order).
 
-    to_bundle(resources) -> Bundle          transaction Bundle (output shape "bundle")
-    to_contained(resources) -> ImagingStudy  Patient/Endpoint contained ("contained")
-    render(resources, shape) -> dict         JSON-ready dict of either shape
+    to_bundle(resources) -> Bundle          transaction Bundle (output shape "bundle"), validated
+    to_contained(resources) -> ImagingStudy  Patient/Endpoint contained ("contained"), validated
+        Models for library users; MappingError as validate_resources when not valid R4.
+    render(resources, shape) -> dict         JSON-ready dict of either shape (not validated)
     parse_resources(document) -> StudyResources
         The inverse of render for either shape (render(parse_resources(render(r, s)), s)
-        == render(r, s)); raises MappingError for a document that is neither shape or
-        whose resources do not validate (the warnings are not part of a document).
+        == render(r, s)); raises MappingError for a document that is neither shape or is
+        not structurally a study this tool wrote: one ImagingStudy with a study UID
+        identifier, its subject a Patient in the document, an Endpoint with an address,
+        and the JSON types merging relies on (lists of objects; series and instances with
+        a string uid, integer numbers and counts, string dates, identifiers and codings).
+        Values are not validated: what is made of the document is, when it leaves. The
+        warnings are not part of a document.
 
-    merge_imaging_study(existing, new) -> ImagingStudy
-        Union by series/instance UID (a resent instance replaces its earlier version),
+    merge_imaging_study(existing, new) -> dict
+        Two ImagingStudy dicts of one study. Union by series/instance UID (a resent instance replaces its earlier version),
         counts recomputed, a value missing from ``new`` never erases one in ``existing``,
         identifiers/modalities/endpoints unions without duplicates, idempotent. The
         existing subject is kept. Raises PatientMismatchError when both subjects carry an
@@ -44,7 +63,12 @@ The rules are ../shared/mapping.md. Public API (everything importable from ``map
     merge_resources(existing, new) -> StudyResources
         The same for a whole study (Patient values filled in, never overwritten; raises
         PatientMismatchError when the patients' identifiers differ, MappingError when the
-        two are different studies).
+        two are different studies). Elements a merge adds go where FHIR's element order
+        puts them, as in a converted resource. Neither merge validates.
+
+The helpers every reader or writer of FHIR JSON shares (the study UID system and its
+search token, identifier comparison, canonical JSON, validation naming places) live in
+mapping.fhirjson; the sinks use them from there.
 """
 
 from mapping.errors import (ConfigurationError, DicomFhirError, MappingError, MultipleStudiesError,
@@ -53,10 +77,11 @@ from mapping.header import InstanceHeader
 from mapping.merge import merge_imaging_study, merge_resources
 from mapping.options import SHAPES, MappingOptions
 from mapping.shapes import parse_resources, render, to_bundle, to_contained
-from mapping.study import StudyResources, convert_datasets, convert_study
+from mapping.study import StudyResources, convert_datasets, convert_study, validate_resources
 
 __all__ = [
     "ConfigurationError", "DicomFhirError", "MappingError", "MultipleStudiesError", "PatientMismatchError",
     "SHAPES", "MappingOptions", "InstanceHeader", "StudyResources", "convert_datasets", "convert_study",
     "parse_resources", "render", "to_bundle", "to_contained", "merge_imaging_study", "merge_resources",
+    "validate_resources",
 ]

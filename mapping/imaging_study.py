@@ -14,12 +14,12 @@ from pydicom.uid import UID
 from mapping.bodysite import body_site, laterality
 from mapping.codes import DCM_SYSTEM, CodedValue, codeable_concept
 from mapping.datetimes import Zone, combine, study_zone
+from mapping.fhirjson import STUDY_UID_SYSTEM, as_written, study_uid_value
 from mapping.header import InstanceHeader
 from mapping.names import display_name
 from mapping.options import MappingOptions
 from mapping.systems import as_system
 
-STUDY_UID_SYSTEM = "urn:dicom:uid"
 SOP_CLASS_SYSTEM = "urn:ietf:rfc:3986"
 IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
 MAX_UNSIGNED_INT = 2**31 - 1
@@ -29,7 +29,7 @@ Series = Sequence[InstanceHeader]  # one series' instances, in canonical order
 
 
 def study_identifier(study_uid: str) -> dict[str, Any]:
-    return {"system": STUDY_UID_SYSTEM, "value": "urn:oid:" + study_uid}
+    return {"system": STUDY_UID_SYSTEM, "value": study_uid_value(study_uid)}
 
 
 def first(headers: Sequence[InstanceHeader], read: Callable[[InstanceHeader], Any]) -> Any:
@@ -147,7 +147,7 @@ def series_json(instances: Series, zone: Zone, warnings: list[str]) -> dict[str,
     started = combine(first(instances, lambda h: h.series_date), first(instances, lambda h: h.series_time),
                       zone, warnings, date_tag="SeriesDate (0008,0021)", time_tag="SeriesTime (0008,0031)")
     if started is not None:
-        series["started"] = started
+        series["started"] = as_written(started)
     sop_classes: dict[str, dict[str, Any]] = {}
     series["instance"] = [_instance_json(h, sop_classes, warnings) for h in instances]
     return series
@@ -189,7 +189,7 @@ def imaging_study_json(study_uid: str, series: Sequence[Series], options: Mappin
     started = combine(first(headers, lambda h: h.study_date), first(headers, lambda h: h.study_time), zone,
                       warnings, date_tag="StudyDate (0008,0020)", time_tag="StudyTime (0008,0030)")
     if started is not None:
-        study["started"] = started
+        study["started"] = as_written(started)
     referrer = display_name(first(headers, lambda h: h.referring_physician))
     if referrer:
         study["referrer"] = {"display": referrer}

@@ -8,26 +8,19 @@ the same part twice gives the same resource. Two patients are never merged into 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from fhir.resources.R4B.imagingstudy import ImagingStudy
-from fhir.resources.R4B.patient import Patient
-
 from mapping.errors import MappingError, PatientMismatchError
-from mapping.shapes import model_json
+from mapping.fhirjson import (IMAGING_STUDY_ORDER, INSTANCE_ORDER, PATIENT_ORDER, REFERENCE_ORDER, SERIES_ORDER,
+                              Order, canonical, in_order, same_patient)
 from mapping.study import StudyResources, endpoint_url, sort_key
 
 Key = Callable[[dict[str, Any]], Any]
 
 # Elements the server (or the first writer) owns: kept from the existing resource.
 _KEPT = ("id", "meta", "implicitRules", "language", "text", "contained")
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def _identifier_key(identifier: dict[str, Any]) -> Any:
@@ -39,7 +32,7 @@ def _coding_key(coding: dict[str, Any]) -> Any:
 
 
 def _reference_key(reference: dict[str, Any]) -> Any:
-    return reference.get("reference") or _canonical(reference)
+    return reference.get("reference") or canonical(reference)
 
 
 LIST_KEYS: Mapping[str, Key] = MappingProxyType(
@@ -48,7 +41,7 @@ LIST_KEYS: Mapping[str, Key] = MappingProxyType(
 
 def union(existing: list[Any], new: list[Any], key: Key | None = None) -> list[Any]:
     """existing, then the items of new not already in it (a newer equal-keyed item replaces the older)."""
-    key = key or _canonical
+    key = key or canonical
     merged: dict[Any, Any] = {key(item): item for item in existing}
     for item in new:
         merged[key(item)] = item
@@ -60,13 +53,15 @@ def _more_precise(existing: str, new: str) -> str:
     return existing if existing.startswith(new) else new
 
 
-def merge_elements(existing: dict[str, Any], new: dict[str, Any], *,
+def merge_elements(existing: dict[str, Any], new: dict[str, Any], *, order: Order,
                    special: dict[str, Callable[[Any, Any], Any]] | None = None) -> dict[str, Any]:
     """Element by element: new wins where present, existing stays where new has nothing;
-    lists are unions (by LIST_KEYS, else by value); special handles named elements."""
+    lists are unions (by LIST_KEYS, else by value); special handles named elements.
+    An element only new has goes where ``order`` puts it, as in a converted resource."""
     special = special or {}
     merged: dict[str, Any] = {}
-    for name in dict.fromkeys([*existing, *new]):
+    names = dict.fromkeys([*existing, *new])
+    for name in names:
         if name not in new:
             merged[name] = existing[name]
         elif name not in existing:
@@ -77,7 +72,7 @@ def merge_elements(existing: dict[str, Any], new: dict[str, Any], *,
             merged[name] = union(existing[name], new[name], LIST_KEYS.get(name))
         else:
             merged[name] = new[name]
-    return merged
+    return in_order(merged, order) if len(names) > len(existing) else merged
 
 
 def _keep(existing: Any, new: Any) -> Any:
@@ -88,7 +83,10 @@ def _merge_instances(existing: list[dict[str, Any]], new: list[dict[str, Any]]) 
     by_uid = {i.get("uid"): i for i in existing}
     for instance in new:
         uid = instance.get("uid")
-        by_uid[uid] = merge_elements(by_uid[uid], instance) if uid in by_uid else instance
+        if uid not in by_uid:
+            by_uid[uid] = instance
+        elif by_uid[uid] != instance:  # an instance merged with an equal one is that instance: skip the work
+            by_uid[uid] = merge_elements(by_uid[uid], instance, order=INSTANCE_ORDER)
     return sorted(by_uid.values(), key=lambda i: sort_key(i.get("number"), i.get("uid") or ""))
 
 
@@ -114,27 +112,20 @@ def _merge_series(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> 
     for series in new:
         uid = series.get("uid")
         if uid in by_uid:
-            series = merge_elements(by_uid[uid], series, special={
+            series = merge_elements(by_uid[uid], series, order=SERIES_ORDER, special={
                 "instance": _merge_instances, "started": _more_precise})
         by_uid[uid] = series
     merged = []
     for series in by_uid.values():
         if series.get("instance") is not None:
-            series = {**series, "numberOfInstances": len(series["instance"])}
+            series = _counted(series, "numberOfInstances", len(series["instance"]), SERIES_ORDER)
         merged.append(series)
     return sorted(merged, key=lambda s: sort_key(s.get("number"), s.get("uid") or ""))
 
 
-def _identifier_pairs(identifiers: list[dict[str, Any]]) -> set[tuple[str | None, str]]:
-    return {(i.get("system"), i["value"]) for i in identifiers if isinstance(i, dict) and i.get("value")}
-
-
-def same_patient(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> bool:
-    """False only when both sides carry identifiers and none agrees (a missing system matches any)."""
-    a, b = _identifier_pairs(ours), _identifier_pairs(theirs)
-    if not a or not b:
-        return True
-    return any(value == v and (system is None or s is None or system == s) for system, value in a for s, v in b)
+def _counted(element: dict[str, Any], name: str, count: int, order: Order) -> dict[str, Any]:
+    counted = {**element, name: count}
+    return counted if name in element else in_order(counted, order)
 
 
 def _merge_subject(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -143,26 +134,21 @@ def _merge_subject(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, A
         raise PatientMismatchError("the new part's subject has a different patient identifier than the "
                                    "existing ImagingStudy's subject")
     if not old_id and new_id and existing.get("reference") == new.get("reference"):
-        return {**existing, "identifier": new_id}
+        return in_order({**existing, "identifier": new_id}, REFERENCE_ORDER)
     return existing
 
 
-def merge_study_json(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """merge_imaging_study on JSON dicts."""
+def merge_imaging_study(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """existing + a new part of the same study (module rules), as FHIR JSON dicts. The existing
+    subject is kept; PatientMismatchError when both subjects carry an identifier and they differ."""
     special = {name: _keep for name in _KEPT}
     special.update({"subject": _merge_subject, "series": _merge_series, "started": _more_precise})
-    merged = merge_elements(existing, new, special=special)
+    merged = merge_elements(existing, new, order=IMAGING_STUDY_ORDER, special=special)
     if merged.get("series"):
-        merged["numberOfSeries"] = len(merged["series"])
-        merged["numberOfInstances"] = sum(s.get("numberOfInstances") or len(s.get("instance") or [])
-                                          for s in merged["series"])
+        merged = _counted(merged, "numberOfSeries", len(merged["series"]), IMAGING_STUDY_ORDER)
+        merged = _counted(merged, "numberOfInstances", sum(s.get("numberOfInstances") or len(s.get("instance") or [])
+                                                           for s in merged["series"]), IMAGING_STUDY_ORDER)
     return merged
-
-
-def merge_imaging_study(existing: ImagingStudy, new: ImagingStudy) -> ImagingStudy:
-    """existing + a new part of the same study (module rules). The existing subject is kept;
-    PatientMismatchError when both subjects carry an identifier and they differ."""
-    return ImagingStudy.model_validate(merge_study_json(model_json(existing), model_json(new)))
 
 
 def _merge_patient(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +157,7 @@ def _merge_patient(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, A
     for name, value in new.items():
         if name not in merged or (name == "gender" and merged[name] == "unknown"):
             merged[name] = value
-    return merged
+    return in_order(merged, PATIENT_ORDER) if len(merged) > len(existing) else merged
 
 
 def merge_resources(existing: StudyResources, new: StudyResources) -> StudyResources:
@@ -182,18 +168,18 @@ def merge_resources(existing: StudyResources, new: StudyResources) -> StudyResou
     """
     if existing.study_uid != new.study_uid:
         raise MappingError(f"cannot merge study {new.study_uid} into study {existing.study_uid}")
-    old_patient, new_patient = model_json(existing.patient), model_json(new.patient)
+    old_patient, new_patient = existing.patient, new.patient
     if not same_patient(old_patient.get("identifier") or [], new_patient.get("identifier") or []):
         raise PatientMismatchError(f"study {new.study_uid}: the new part's PatientID differs from the "
                                    f"existing study's")
     patient = _merge_patient(old_patient, new_patient)
-    study = merge_study_json(model_json(existing.imaging_study), model_json(new.imaging_study))
+    study = merge_imaging_study(existing.imaging_study, new.imaging_study)
     subject = study.get("subject") or {}
     if not subject.get("identifier") and patient.get("identifier"):
-        study["subject"] = {**subject, "identifier": patient["identifier"][0]}
+        study["subject"] = in_order({**subject, "identifier": patient["identifier"][0]}, REFERENCE_ORDER)
     endpoint = new.endpoint if new.endpoint is not None else existing.endpoint
     # Only one Endpoint travels with the study: drop local references to any other.
-    keep = endpoint_url(endpoint.address) if endpoint is not None else None
+    keep = endpoint_url(endpoint["address"]) if endpoint is not None else None
     endpoints = [e for e in study.get("endpoint") or []
                  if not (e.get("reference") or "").startswith("urn:uuid:") or e.get("reference") == keep]
     if endpoints:
@@ -202,8 +188,8 @@ def merge_resources(existing: StudyResources, new: StudyResources) -> StudyResou
         study.pop("endpoint", None)
     return StudyResources(
         study_uid=new.study_uid,
-        patient=Patient.model_validate(patient),
-        imaging_study=ImagingStudy.model_validate(study),
+        patient=patient,
+        imaging_study=study,
         endpoint=endpoint,
         warnings=new.warnings,
     )

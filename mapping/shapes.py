@@ -11,45 +11,18 @@ dicom-fhir-converter family produces it.
 
 from __future__ import annotations
 
-import json
 from typing import Any
-from urllib.parse import quote
 
 from fhir.resources.R4B.bundle import Bundle
-from fhir.resources.R4B.endpoint import Endpoint
 from fhir.resources.R4B.imagingstudy import ImagingStudy
-from fhir.resources.R4B.patient import Patient
-from pydantic import ValidationError
 
 from mapping.errors import MappingError
-from mapping.imaging_study import STUDY_UID_SYSTEM
+from mapping.fhirjson import OID_PREFIX, STUDY_UID_SYSTEM, study_uid_value, token_search, validated
 from mapping.options import SHAPES
 from mapping.study import StudyResources, endpoint_url, imaging_study_url, patient_url
 
 CONTAINED_PATIENT_ID = "patient"
 CONTAINED_ENDPOINT_ID = "endpoint"
-
-
-def model_json(model: Any) -> dict[str, Any]:
-    """A model as its FHIR JSON dict (what the server receives)."""
-    return json.loads(model.model_dump_json(exclude_none=True))
-
-
-def search_value(text: str) -> str:
-    """A value for a search parameter in a URL: FHIR escapes (``\\``, ``|``, ``,``, ``$``) then URL encoding."""
-    for char in ("\\", "|", ",", "$"):
-        text = text.replace(char, "\\" + char)
-    return quote(text, safe=":/.-_~@!*'()")
-
-
-def token_search(system: str | None, value: str) -> str:
-    """``identifier=<system>|<value>``; without a system ``identifier=|<value>``.
-
-    A bare ``identifier=<value>`` would match the value under ANY system (FHIR token search),
-    so a study could be attached to another issuer's patient who has the same MRN; ``|<value>``
-    matches only identifiers that have no system, as ours has.
-    """
-    return f"identifier={search_value(system) if system else ''}|{search_value(value)}"
 
 
 def _first_identifier(resource: dict[str, Any]) -> dict[str, Any] | None:
@@ -60,7 +33,7 @@ def _first_identifier(resource: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _endpoint_ref(resources: StudyResources) -> str | None:
-    return endpoint_url(resources.endpoint.address) if resources.endpoint is not None else None
+    return endpoint_url(resources.endpoint["address"]) if resources.endpoint is not None else None
 
 
 def _with_references(study: dict[str, Any], subject_ref: str, endpoint_from: str | None,
@@ -82,8 +55,8 @@ def _contained(study: dict[str, Any], *resources: dict[str, Any]) -> dict[str, A
 
 def render_bundle(resources: StudyResources) -> dict[str, Any]:
     uid = resources.study_uid
-    patient = model_json(resources.patient)
-    study = model_json(resources.imaging_study)
+    patient = resources.patient
+    study = resources.imaging_study
     entries: list[dict[str, Any]] = []
     identifier = _first_identifier(patient)
     if identifier is not None:
@@ -96,7 +69,7 @@ def render_bundle(resources: StudyResources) -> dict[str, Any]:
                    **{k: v for k, v in patient.items() if k not in ("resourceType", "id")}}
         study = _contained(_with_references(study, "#" + CONTAINED_PATIENT_ID, None, None), patient)
     if resources.endpoint is not None:
-        endpoint = model_json(resources.endpoint)
+        endpoint = resources.endpoint
         request: dict[str, Any] = {"method": "POST", "url": "Endpoint"}
         endpoint_identifier = _first_identifier(endpoint)
         if endpoint_identifier is not None:
@@ -104,22 +77,22 @@ def render_bundle(resources: StudyResources) -> dict[str, Any]:
         entries.append({"fullUrl": _endpoint_ref(resources), "resource": endpoint, "request": request})
     entries.append({"fullUrl": imaging_study_url(uid), "resource": study, "request": {
         "method": "POST", "url": "ImagingStudy",
-        "ifNoneExist": token_search(STUDY_UID_SYSTEM, "urn:oid:" + uid)}})
+        "ifNoneExist": token_search(STUDY_UID_SYSTEM, study_uid_value(uid))}})
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
 def render_contained(resources: StudyResources) -> dict[str, Any]:
-    patient = model_json(resources.patient)
+    patient = resources.patient
     patient = {"resourceType": "Patient", "id": CONTAINED_PATIENT_ID,
                **{k: v for k, v in patient.items() if k not in ("resourceType", "id")}}
     contained = [patient]
     endpoint_to = None
     if resources.endpoint is not None:
-        endpoint = model_json(resources.endpoint)
+        endpoint = resources.endpoint
         contained.append({"resourceType": "Endpoint", "id": CONTAINED_ENDPOINT_ID,
                           **{k: v for k, v in endpoint.items() if k not in ("resourceType", "id")}})
         endpoint_to = "#" + CONTAINED_ENDPOINT_ID
-    study = _with_references(model_json(resources.imaging_study), "#" + CONTAINED_PATIENT_ID,
+    study = _with_references(resources.imaging_study, "#" + CONTAINED_PATIENT_ID,
                              _endpoint_ref(resources), endpoint_to)
     return _contained(study, *contained)
 
@@ -134,23 +107,25 @@ def render(resources: StudyResources, shape: str = "bundle") -> dict[str, Any]:
 
 
 def to_bundle(resources: StudyResources) -> Bundle:
-    """The transaction Bundle (output shape ``bundle``) as a model."""
-    return Bundle.model_validate(render_bundle(resources))
+    """The transaction Bundle (output shape ``bundle``) as a validated model; MappingError
+    naming the study, resource and elements when a resource is not valid R4."""
+    return validated(render_bundle(resources), f"study {resources.study_uid}")
 
 
 def to_contained(resources: StudyResources) -> ImagingStudy:
-    """The ImagingStudy with Patient (and Endpoint) contained (output shape ``contained``)."""
-    return ImagingStudy.model_validate(render_contained(resources))
+    """The ImagingStudy with Patient (and Endpoint) contained (output shape ``contained``), as a
+    validated model; MappingError as for to_bundle."""
+    return validated(render_contained(resources), f"study {resources.study_uid}")
 
 
 # --- the way back ---------------------------------------------------------------------------
 
 
 def _study_uid(study: dict[str, Any]) -> str:
-    for identifier in study.get("identifier") or []:
-        value = identifier.get("value") or ""
-        if identifier.get("system") == STUDY_UID_SYSTEM and value.startswith("urn:oid:"):
-            return value[len("urn:oid:"):]
+    for identifier in _objects(study, "identifier", "the ImagingStudy"):
+        value = identifier.get("value")
+        if identifier.get("system") == STUDY_UID_SYSTEM and isinstance(value, str) and value.startswith(OID_PREFIX):
+            return value[len(OID_PREFIX):]
     raise MappingError("the ImagingStudy has no study UID identifier (urn:dicom:uid)")
 
 
@@ -161,35 +136,27 @@ def _without_id(resource: dict[str, Any]) -> dict[str, Any]:
 def parse_resources(document: dict[str, Any]) -> StudyResources:
     """The inverse of render for either shape: ``render(parse_resources(render(r, s)), s) == render(r, s)``.
 
-    Raises MappingError for a document that is neither shape, or whose resources do not
-    validate. The warnings of the original conversion are not part of the document.
+    Raises MappingError for a document that is neither shape, or is not structurally a study
+    this tool wrote (``_check_structure``: what merging relies on). Values are not validated
+    here: the document came from the edge, and what is made of it is validated when it
+    leaves again. The warnings of the original conversion are not part of the document.
     """
     if not isinstance(document, dict):
         raise MappingError(f"expected a FHIR resource (a JSON object), got {type(document).__name__}")
     kind = document.get("resourceType")
     if kind == "Bundle":
-        resources_by_url: dict[str, dict[str, Any]] = {}
-        studies = []
-        for entry in document.get("entry") or []:
-            resource = entry.get("resource") or {}
-            if resource.get("resourceType") == "ImagingStudy":
-                studies.append(resource)
-            elif entry.get("fullUrl"):
-                resources_by_url[entry["fullUrl"]] = resource
-        if len(studies) != 1:
-            raise MappingError(f"expected a Bundle with one ImagingStudy, found {len(studies)}")
-        study = studies[0]
+        study, resources_by_url = _bundle_parts(document)
     elif kind == "ImagingStudy":
         study, resources_by_url = document, {}
     else:
         raise MappingError(f"expected a Bundle or an ImagingStudy, got {kind!r}")
-    for resource in study.get("contained") or []:
+    for resource in _objects(study, "contained", "the ImagingStudy"):
         if resource.get("id"):
-            resources_by_url["#" + resource["id"]] = resource
+            resources_by_url["#" + str(resource["id"])] = resource
     uid = _study_uid(study)
 
-    subject_ref = (study.get("subject") or {}).get("reference") or ""
-    patient = resources_by_url.get(subject_ref)
+    subject_ref = (_object(study, "subject", f"study {uid}: the ImagingStudy") or {}).get("reference") or ""
+    patient = resources_by_url.get(subject_ref) if isinstance(subject_ref, str) else None
     if patient is None or patient.get("resourceType") != "Patient":
         raise MappingError(f"study {uid}: the ImagingStudy's subject ({subject_ref or 'none'}) is not "
                            f"a Patient in the document")
@@ -197,23 +164,92 @@ def parse_resources(document: dict[str, Any]) -> StudyResources:
         patient = _without_id(patient)
     endpoint = None
     endpoint_from = None
-    for reference in study.get("endpoint") or []:
-        candidate = resources_by_url.get(reference.get("reference") or "")
+    for reference in _objects(study, "endpoint", f"study {uid}: the ImagingStudy"):
+        candidate = resources_by_url.get(reference.get("reference") or "") if isinstance(
+            reference.get("reference"), str) else None
         if candidate is not None and candidate.get("resourceType") == "Endpoint":
             endpoint, endpoint_from = candidate, reference["reference"]
             if endpoint_from.startswith("#"):
                 endpoint = _without_id(endpoint)
             break
+    _check_structure(uid, study, patient, endpoint)
     canonical = {k: v for k, v in study.items() if k != "contained"}
-    endpoint_to = endpoint_url(endpoint["address"]) if endpoint is not None and endpoint.get("address") else None
+    endpoint_to = endpoint_url(endpoint["address"]) if endpoint is not None else None
     canonical = _with_references(canonical, patient_url(uid), endpoint_from, endpoint_to)
-    try:
-        return StudyResources(
-            study_uid=uid,
-            patient=Patient.model_validate(patient),
-            imaging_study=ImagingStudy.model_validate(canonical),
-            endpoint=Endpoint.model_validate(endpoint) if endpoint is not None else None,
-        )
-    except ValidationError as exc:
-        raise MappingError(f"study {uid}: the document's resources do not validate: "
-                           f"{exc.error_count()} error(s)") from exc
+    return StudyResources(study_uid=uid, patient=patient, imaging_study=canonical, endpoint=endpoint)
+
+
+def _bundle_parts(document: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The Bundle's one ImagingStudy, and its other resources by fullUrl."""
+    resources_by_url: dict[str, dict[str, Any]] = {}
+    studies = []
+    for entry in _objects(document, "entry", "the Bundle"):
+        resource = _object(entry, "resource", "a Bundle entry") or {}
+        if resource.get("resourceType") == "ImagingStudy":
+            studies.append(resource)
+        elif isinstance(entry.get("fullUrl"), str):
+            resources_by_url[entry["fullUrl"]] = resource
+    if len(studies) != 1:
+        raise MappingError(f"expected a Bundle with one ImagingStudy, found {len(studies)}")
+    return studies[0], resources_by_url
+
+
+def _check_structure(uid: str, study: dict[str, Any], patient: dict[str, Any],
+                     endpoint: dict[str, Any] | None) -> None:
+    """MappingError unless what merging and rendering read has the JSON types FHIR gives it
+    (the values themselves are validated where the study leaves again)."""
+    check_study_structure(study, f"study {uid}: the ImagingStudy")
+    _strings(_objects(patient, "identifier", f"study {uid}: the Patient"), f"study {uid}: the Patient's identifier",
+             "system", "value")
+    if endpoint is not None:
+        _typed(endpoint, f"study {uid}: the Endpoint", address=str)
+        if "address" not in endpoint:
+            raise MappingError(f"study {uid}: the Endpoint has no address")
+
+
+def check_study_structure(study: dict[str, Any], where: str) -> None:
+    """MappingError unless the ImagingStudy dict has the JSON types merge_imaging_study relies on."""
+    _typed(study, where, started=str, numberOfSeries=int, numberOfInstances=int)
+    _strings(_objects(study, "identifier", where), f"{where}'s identifier", "system", "value")
+    _strings(_objects(study, "modality", where), f"{where}'s modality", "system", "code")
+    _strings(_objects(study, "endpoint", where), f"{where}'s endpoint", "reference")
+    _object(study, "subject", where)
+    for i, series in enumerate(_objects(study, "series", where)):
+        place = f"{where}'s series[{i}]"
+        _typed(series, place, number=int, numberOfInstances=int, started=str)
+        _strings(_objects(series, "endpoint", place), f"{place}.endpoint", "reference")
+        if not isinstance(series.get("uid"), str):
+            raise MappingError(f"{place} has no uid")
+        for j, instance in enumerate(_objects(series, "instance", place)):
+            # Inline rather than _typed: this runs for every instance of every merge.
+            number = instance.get("number")
+            if not isinstance(instance.get("uid"), str) or not (number is None or type(number) is int):
+                raise MappingError(f"{place}.instance[{j}]: uid is not a JSON string or number not an integer")
+
+
+def _typed(element: dict[str, Any], where: str, **kinds: type) -> None:
+    for name, kind in kinds.items():
+        value = element.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise MappingError(f"{where}: {name} is not a JSON {'string' if kind is str else 'integer'}")
+
+
+def _strings(elements: list[dict[str, Any]], where: str, *names: str) -> None:
+    for element in elements:
+        _typed(element, where, **dict.fromkeys(names, str))
+
+
+def _object(parent: dict[str, Any], name: str, where: str) -> dict[str, Any] | None:
+    value = parent.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise MappingError(f"{where}: {name} is not a JSON object")
+    return value
+
+
+def _objects(parent: dict[str, Any], name: str, where: str) -> list[dict[str, Any]]:
+    value = parent.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise MappingError(f"{where}: {name} is not a list of JSON objects")
+    return value

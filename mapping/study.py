@@ -12,14 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from fhir.resources.R4B.endpoint import Endpoint
-from fhir.resources.R4B.imagingstudy import ImagingStudy
-from fhir.resources.R4B.patient import Patient
-from pydantic import ValidationError
 from pydicom.dataset import Dataset
 
 from mapping.endpoint import endpoint_address, endpoint_json
 from mapping.errors import MappingError, MultipleStudiesError, PatientMismatchError
+from mapping.fhirjson import validated
 from mapping.header import InstanceHeader
 from mapping.imaging_study import MAX_UNSIGNED_INT, first, first_number, imaging_study_json
 from mapping.options import MappingOptions
@@ -43,16 +40,26 @@ def endpoint_url(address: str) -> str:
 
 @dataclass(frozen=True)
 class StudyResources:
-    """One study's resources (fhir.resources.R4B models) in canonical form (module docstring).
+    """One study's resources in canonical form (module docstring), as FHIR JSON dicts: what
+    fhir.resources' ``model_dump_json(exclude_none=True)`` gives for them, so they render
+    without a model; ``validate_resources`` checks them against R4 where they leave.
 
     warnings: values dropped or replaced, for the caller to log (no patient names or IDs).
     """
 
     study_uid: str
-    patient: Patient
-    imaging_study: ImagingStudy
-    endpoint: Endpoint | None = None
+    patient: dict[str, Any]
+    imaging_study: dict[str, Any]
+    endpoint: dict[str, Any] | None = None
     warnings: tuple[str, ...] = field(default=())
+
+
+def validate_resources(resources: StudyResources) -> None:
+    """MappingError naming the study, the resource and the failing elements when one of the
+    resources is not valid R4 (a bug, or a value no mapping rule caught)."""
+    for resource in (resources.patient, resources.imaging_study, resources.endpoint):
+        if resource is not None:
+            validated(resource, f"study {resources.study_uid}")
 
 
 def as_header(instance: InstanceHeader | Dataset) -> InstanceHeader:
@@ -74,7 +81,7 @@ def sort_key(number: int | None, uid: str) -> tuple[bool, int, tuple[int, ...] |
 
 def _uid_key(uid: str) -> tuple[int, ...] | tuple[()]:
     try:
-        return tuple(int(part) for part in uid.split("."))
+        return tuple(map(int, uid.split(".")))
     except ValueError:
         return ()
 
@@ -101,14 +108,6 @@ def _check_one_patient(study_uid: str, headers: list[InstanceHeader], options: M
         # The IDs themselves stay out of the message: it is logged.
         raise PatientMismatchError(f"study {study_uid}: its instances disagree on PatientID "
                                    f"({len(seen)} different values, e.g. instances {instances})")
-
-
-def _validated(model: type[Any], data: dict[str, Any], study_uid: str) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:  # a bug here, or a value no rule caught: name the places, not the values
-        places = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False)[:5])
-        raise MappingError(f"study {study_uid}: the {data['resourceType']} does not validate: {places}") from None
 
 
 T = TypeVar("T")
@@ -159,9 +158,9 @@ def convert_study(instances: Iterable[InstanceHeader | Dataset],
                                     endpoint_reference=endpoint_ref, warnings=warnings)
     return StudyResources(
         study_uid=study_uid,
-        patient=_validated(Patient, patient_data, study_uid),
-        imaging_study=_validated(ImagingStudy, study_data, study_uid),
-        endpoint=_validated(Endpoint, endpoint_data, study_uid) if endpoint_data else None,
+        patient=patient_data,
+        imaging_study=study_data,
+        endpoint=endpoint_data,
         warnings=_unique(warnings),
     )
 

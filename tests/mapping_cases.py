@@ -16,7 +16,8 @@ from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from mapping import MappingOptions, StudyResources, convert_study
+from mapping import MappingOptions, StudyResources, convert_study, validate_resources
+from mapping.fhirjson import model_json, validated
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 DICOMDIR_TESTS = Path(get_testdata_file("DICOMDIR")).parent
@@ -92,11 +93,16 @@ def code_item(value: str, designator: str, meaning: str) -> Dataset:
 
 
 def convert(*datasets: Dataset, **options: Any) -> StudyResources:
-    return convert_study(datasets, MappingOptions(**options))
+    """convert_study, then the check a sink makes before writing (the tests are an edge too)."""
+    resources = convert_study(datasets, MappingOptions(**options))
+    validate_resources(resources)
+    return resources
 
 
-def as_json(model: Any) -> dict[str, Any]:
-    return json.loads(model.model_dump_json(exclude_none=True))
+def as_json(resource: dict[str, Any]) -> dict[str, Any]:
+    """resource, checked at the tests' edge: valid R4, and exactly what fhir.resources writes for it."""
+    assert model_json(validated(resource, "test")) == resource
+    return resource
 
 
 def study_of(*datasets: Dataset, **options: Any) -> dict[str, Any]:

@@ -111,20 +111,20 @@ def test_convert_folder_reports_studies_skipped_files_and_counts():
     assert report.instances_read == 81 and report.files_seen == 91
     assert report.skip_reasons() == {convert.DICOMDIR: 8, convert.NOT_DICOM: 2}
     ct = report.studies[CT_STUDY].imaging_study
-    assert (ct.numberOfSeries, ct.numberOfInstances) == (2, 7)
+    assert (ct["numberOfSeries"], ct["numberOfInstances"]) == (2, 7)
 
 
 def test_convert_folder_applies_the_options(tmp_path):
     generate_study(tmp_path, 1, 1)
     [resources] = convert_folder(tmp_path, MappingOptions(dicomweb_url="https://pacs.example.org/dicom-web")).studies.values()
-    assert resources.endpoint is not None and resources.endpoint.address == "https://pacs.example.org/dicom-web"
+    assert resources.endpoint is not None and resources.endpoint["address"] == "https://pacs.example.org/dicom-web"
 
 
 def test_a_file_copied_twice_counts_once(tmp_path):
     study = generate_study(tmp_path / "in", 2, 1)
     shutil.copy(study.files[0], tmp_path / "in" / "copy.dcm")
     report = convert_folder(tmp_path / "in")
-    assert report.studies[study.study_uid].imaging_study.numberOfInstances == 2
+    assert report.studies[study.study_uid].imaging_study["numberOfInstances"] == 2
     assert report.duplicate_instances == 1
 
 
@@ -236,7 +236,7 @@ def test_values_dropped_by_the_mapping_are_logged_per_study_without_patient_valu
         ds.save_as(path)
     with caplog.at_level("WARNING", logger="scp.sources.folder"):
         report = convert_folder(tmp_path)
-    assert report.studies[study.study_uid].patient.gender == "unknown"
+    assert report.studies[study.study_uid].patient["gender"] == "unknown"
     lines = [r.getMessage() for r in caplog.records if "PatientSex" in r.getMessage()]
     assert lines == [f"study {study.study_uid}: PatientSex (0010,0040): non-standard value, gender set to unknown"]
     assert "PID-SECRET-7" not in caplog.text

@@ -13,7 +13,8 @@ import pytest
 from scp.sinks.fhir.auth import BasicAuth, BearerAuth, ClientCredentials, renewal_delay, tls_verify
 from scp.config import FhirConfig
 from scp.sinks.fhir.client import display_url, is_retryable_status, outcome_diagnostics, parse_retry_after
-from scp.sinks.fhir.sink import ServerStudy, canonical, keep_server_references, same_identifier, update_request
+from mapping.fhirjson import same_identifier
+from scp.sinks.fhir.sink import ServerStudy, as_compared, keep_server_references, update_request
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -90,8 +91,8 @@ def test_unchanged_ignores_meta():
     a = {"resourceType": "ImagingStudy", "id": "1", "meta": {"versionId": "1"}, "status": "available"}
     b = {"resourceType": "ImagingStudy", "id": "1", "meta": {"versionId": "2", "lastUpdated": "x"},
          "status": "available"}
-    assert canonical(a) == canonical(b)
-    assert canonical(a) != canonical(b | {"status": "cancelled"})
+    assert as_compared(a) == as_compared(b)
+    assert as_compared(a) != as_compared(b | {"status": "cancelled"})
 
 
 def test_patient_identifiers_agree_when_system_and_value_match():

@@ -62,7 +62,7 @@ def test_a_malformed_sequence_is_dropped_and_the_instance_still_maps():
     header = InstanceHeader.from_dataset(ds)
     assert header.procedure_codes == ()
     assert any("ProcedureCodeSequence (0008,1032)" in w for w in header.warnings)
-    assert convert(ds).imaging_study.numberOfInstances == 1
+    assert convert(ds).imaging_study["numberOfInstances"] == 1
 
 
 def test_header_values_are_the_same_from_memory_and_from_a_file():

@@ -1,4 +1,4 @@
-"""Identities (mapping.md "Identities"): study, accession, patient, SOP class, modality."""
+"""Identities (mapping/README.md, "Identities"): study, accession, patient, SOP class, modality."""
 
 from __future__ import annotations
 
@@ -112,14 +112,14 @@ def test_an_accession_issuer_that_is_no_uri_falls_back_to_the_configured_system(
 def test_an_issuer_of_patient_id_that_is_no_uri_or_oid_is_not_a_system():
     resources = convert(instance(PatientID="P9", IssuerOfPatientID="HOSP A"), use_issuer_of_patient_id=True,
                         patient_identifier_system="urn:fallback")
-    assert resources.patient.identifier[0].system == "urn:fallback"
+    assert resources.patient["identifier"][0]["system"] == "urn:fallback"
     assert any("IssuerOfPatientID (0010,0021)" in w for w in resources.warnings)
 
 
 def test_a_bare_local_accession_issuer_is_not_a_system():
     resources = convert(instance(AccessionNumber="A-1", IssuerOfAccessionNumberSequence=[
         issuer(LocalNamespaceEntityID="RIS")]))
-    assert resources.imaging_study.identifier[1].system is None
+    assert "system" not in resources.imaging_study["identifier"][1]
     assert any("IssuerOfAccessionNumberSequence (0008,0051)" in w for w in resources.warnings)
 
 

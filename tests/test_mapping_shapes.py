@@ -1,4 +1,4 @@
-"""Output shapes (mapping.md "Output shapes") and parse_resources, their inverse."""
+"""Output shapes (mapping/README.md, "Output shapes") and parse_resources, their inverse."""
 
 from __future__ import annotations
 
@@ -113,6 +113,34 @@ def test_parse_resources_inverts_render(shape, options, patient_id):
 def test_parse_resources_refuses_other_documents(document):
     with pytest.raises(MappingError):
         parse_resources(document)
+
+
+def _study(document):
+    return document["entry"][-1]["resource"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: _study(d).update(series={"uid": "1"}),
+    lambda d: _study(d)["series"][0]["instance"][0].pop("uid"),
+    lambda d: _study(d)["series"][0]["instance"][0].update(number="7"),
+    lambda d: _study(d)["series"][0].update(number=True),
+    lambda d: _study(d).update(identifier=[_study(d)["identifier"][0], "A-1"]),
+    lambda d: _study(d).update(started=20050906),
+    lambda d: d["entry"][0]["resource"]["identifier"][0].update(value=17),
+    lambda d: d["entry"][1]["resource"].pop("address"),
+], ids=["series-not-a-list", "instance-without-uid", "number-as-text", "number-as-boolean",
+        "identifier-not-an-object", "started-not-text", "patient-id-not-text", "endpoint-without-address"])
+def test_parse_resources_refuses_a_document_not_structured_as_a_study_this_tool_wrote(damage):
+    document = json.loads(json.dumps(render(convert(instance(PatientID="P-1"), dicomweb_url=WADO))))
+    damage(document)
+    with pytest.raises(MappingError):
+        parse_resources(document)
+
+
+def test_parse_resources_leaves_checking_values_to_the_edge():
+    document = render(convert(instance(PatientID="P-1")))
+    document["entry"][0]["resource"]["birthDate"] = "31.01.1970"
+    assert parse_resources(document).patient["birthDate"] == "31.01.1970"
 
 
 def test_an_unknown_shape_is_a_value_error():

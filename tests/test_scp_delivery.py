@@ -40,7 +40,7 @@ class RecordingSink:
     def deliver(self, resources) -> str:
         if self.failures:
             raise self.failures.pop(0)
-        uids = {i.uid for s in resources.imaging_study.series for i in s.instance}
+        uids = {i["uid"] for s in resources.imaging_study["series"] for i in s["instance"]}
         self.delivered.append(uids)
         return f"{len(uids)} instance(s)"
 

@@ -13,8 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from mapping import StudyResources, merge_resources, parse_resources, render
-from mapping.errors import DicomFhirError, PatientMismatchError
+from mapping import StudyResources, merge_resources, parse_resources, render, validate_resources
+from mapping.errors import DicomFhirError, MappingError, PatientMismatchError
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.store.files import write_atomically
 from scp.store.layout import output_file, temp_file_writer
@@ -41,6 +41,8 @@ class DiskSink:
                                    f"(PatientMismatchError); not merged") from exc
         except UnusableOutputError as exc:
             raise DeliveryRejected(f"{exc}; move it away, then retry") from exc
+        except MappingError as exc:  # the study does not validate: it would not validate on a retry either
+            raise DeliveryRejected(f"MappingError: {exc}; {path} not written") from exc
         except OSError as exc:
             raise DeliveryRetryable(f"writing {path} failed: {exc}") from exc
         return f"wrote {path}" if changed else f"{path} unchanged"
@@ -74,20 +76,45 @@ class UnusableOutputError(DicomFhirError):
 
 
 def write_study(resources: StudyResources, out_dir: Path, shape: str = "bundle") -> tuple[Path, bool]:
-    """Write (or merge into) out_dir/<StudyInstanceUID>.json atomically; return (path, changed)."""
+    """Write (or merge into) out_dir/<StudyInstanceUID>.json atomically; return (path, changed).
+
+    What is written is validated against R4 first (MappingError naming the study, resource
+    and elements; the file is left as it was); an unchanged study is not, it is not written.
+    UnusableOutputError when the existing file is not a study this tool wrote.
+    """
     path = out_dir / output_file(resources.study_uid)
     existing_doc = _read_json(path)
-    if existing_doc is not None:
-        try:
-            existing = parse_resources(existing_doc)
-        except Exception as exc:  # MappingError, or the models' validation error
-            raise UnusableOutputError(f"{path}: not a study this tool wrote ({type(exc).__name__}: {exc})") from exc
+    existing = _parsed(existing_doc, path) if existing_doc is not None else None
+    if existing is not None:
         resources = merge_resources(existing, resources)
     doc = render(resources, shape)
     if doc == existing_doc:
         return path, False
+    _validate(resources, existing, path)
     write_atomically(path, json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
     return path, True
+
+
+def _parsed(doc: dict, path: Path) -> StudyResources:
+    try:
+        return parse_resources(doc)
+    except MappingError as exc:
+        raise UnusableOutputError(f"{path}: not a study this tool wrote (MappingError: {exc})") from exc
+
+
+def _validate(merged: StudyResources, existing: StudyResources | None, path: Path) -> None:
+    """The edge: MappingError when the merged study is not valid R4, UnusableOutputError when
+    that is the existing file's fault (its values are checked only now, when it failed)."""
+    try:
+        validate_resources(merged)
+    except MappingError as exc:
+        if existing is not None:
+            try:
+                validate_resources(existing)
+            except MappingError as existing_exc:
+                raise UnusableOutputError(f"{path}: not a study this tool wrote "
+                                          f"(MappingError: {existing_exc})") from exc
+        raise
 
 
 def _read_json(path: Path) -> dict | None:

@@ -12,7 +12,7 @@ Library use::
     from scp.sources.folder import convert_folder, process_dicom_2_fhir
     report = convert_folder("/data/dicom", MappingOptions(timezone="Europe/Berlin"))
     for study_uid, resources in report.studies.items():
-        ...  # resources.patient, resources.imaging_study, resources.endpoint
+        ...  # resources.patient, .imaging_study, .endpoint: FHIR JSON dicts (mapping.StudyResources)
     study = process_dicom_2_fhir("/data/one-study")  # drop-in for dicom2fhir's function
 
 For datasets already in memory use ``mapping.convert_datasets``.
@@ -352,6 +352,10 @@ def write_studies(report: ConversionReport, out_dir: str | os.PathLike[str], sha
         except UnusableOutputError as exc:
             log.warning("study %s not written: %s", study_uid, exc)
             report.rejected[study_uid] = OUTPUT_UNREADABLE
+            continue
+        except MappingError as exc:  # not valid R4 (names the study and elements, never values)
+            log.warning("study %s not written: %s", study_uid, exc)
+            report.rejected[study_uid] = NOT_MAPPED
             continue
         report.written[study_uid] = path
         if not changed:

@@ -6,8 +6,12 @@ The common cases cost two requests, whatever the study's size:
   transaction Bundle (mapping.render "bundle": Patient and Endpoint as
   conditional creates, ImagingStudy with ifNoneExist);
 - a further part or a resend: the search finds it, ``mapping.merge_imaging_study``
-  merges, and a ``PUT`` with ``If-Match`` stores the result, or nothing is sent
-  when the merge changed nothing (a resend).
+  merges (on the JSON dicts: no models), and a ``PUT`` with ``If-Match`` stores the
+  result, or nothing is sent when the merge changed nothing (a resend).
+
+What is sent is validated against R4 first (``mapping.validate_resources``; the merged
+ImagingStudy); a study that does not validate is DeliveryRejected before any request
+that would carry it.
 
 Races with other nodes are settled by the server: a PUT whose version went
 stale (412) is re-read, re-merged and sent again; a transaction whose
@@ -29,18 +33,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fhir.resources.R4B.imagingstudy import ImagingStudy
-
-from mapping import StudyResources, merge_imaging_study, render
-from mapping.errors import PatientMismatchError
+from mapping import StudyResources, merge_imaging_study, render, validate_resources
+from mapping.errors import MappingError, PatientMismatchError
+from mapping.fhirjson import canonical, identifier_pairs, model_json, same_identifier, study_search, validated
 from mapping.options import MappingOptions
+from mapping.shapes import check_study_structure
 from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.sinks.fhir.client import FhirClient, Reply, RequestStats
 
 log = logging.getLogger("scp.sinks.fhir.sink")
 
-STUDY_UID_SYSTEM = "urn:dicom:uid"
 MAX_CONFLICTS = 10  # 412s in a row before the delivery is retried later instead
 
 
@@ -92,6 +95,7 @@ class FhirSink:
         context = f"study {uid}"
         existing = self._find(uid, context, stats)
         if existing is None:
+            _check_valid(lambda: validate_resources(resources))
             reply = self.client.request("POST", "", body=bundle(), headers={"Prefer": "return=minimal"},
                                         expect=(200, 201), context=context, stats=stats)  # 201: lenient servers
             status, reference = _imaging_study_result(bundle(), reply.body, context)
@@ -108,7 +112,7 @@ class FhirSink:
     def _find(self, uid: str, context: str, stats: RequestStats) -> ServerStudy | None:
         reply = self.client.request(
             "GET", "ImagingStudy",
-            params={"identifier": f"{STUDY_UID_SYSTEM}|urn:oid:{uid}", "_include": "ImagingStudy:subject"},
+            params={"identifier": study_search(uid), "_include": "ImagingStudy:subject"},
             expect=(200,), context=context, stats=stats)
         return _search_result(reply.body, context)
 
@@ -122,17 +126,12 @@ class FhirSink:
         reference = f"ImagingStudy/{study.id}"
         for _ in range(MAX_CONFLICTS):
             check_same_patient(study, resources, context)
-            current = _as_model(study.resource, context)
-            try:
-                merged = merge_imaging_study(current, resources.imaging_study)
-            except PatientMismatchError as exc:
-                raise _mismatch(context, str(exc), study) from None
-            body = _model_json(merged)
-            body["id"] = study.id
-            body = keep_server_references(body, study.resource)
-            if unchanged(body, study.resource, current):
+            body = merged_body(study, resources.imaging_study, context)
+            if body is None:
                 return Outcome("unchanged", reference)
             request = update_request(body, study, bundle()) if _local_references(body) else None
+            _check_valid(lambda: _sendable(request or {"entry": [{"resource": body}]}, context),
+                         {"imagingstudy.json": _json_bytes(body)})
             if request is None:
                 reply = self.client.request("PUT", reference, body=body, headers=_if_match(study.version),
                                             expect=(200, 201, 412), context=context, stats=stats)
@@ -151,37 +150,73 @@ class FhirSink:
 
 # --- pure helpers -----------------------------------------------------------------------------
 
-def unchanged(body: dict[str, Any], server: dict[str, Any], current: ImagingStudy) -> bool:
-    """True when the merged study says nothing the server's does not.
+def merged_body(study: ServerStudy, ours: dict[str, Any], context: str) -> dict[str, Any] | None:
+    """The server's ImagingStudy with our part merged in, as it is to be sent; None when it says
+    nothing the server's does not (meta, which the server owns, ignored).
 
-    Compared with the server's JSON first (the common case, and cheap); a server that writes
-    the same values differently (another key order is fine, another date format is not) is
-    compared through the same model as the merge result instead.
+    The common case is decided on the server's JSON as it came (when it has the structure a
+    merge needs). Otherwise the server's resource is validated once, on purpose: an invalid
+    one is DeliveryRejected (its document kept) before anything is merged into it, and the
+    model writes the server's values in the form ours are in, so a server that writes the
+    same values in another format (another date precision, a ``+00:00`` for ``Z``) still
+    counts as unchanged. The body is then merged into that form, the one the server will
+    read back.
     """
-    ours = canonical(body)
-    return ours == canonical(server) or ours == canonical(_model_json(current) | {"id": body.get("id")})
+    server = {k: v for k, v in study.resource.items() if k != "meta"} | {"id": study.id}
+    if _mergeable(server, context):
+        body = _merged(server, ours, study, context)
+        if as_compared(body) == as_compared(server):
+            return None
+    current = model_json(_as_model(study.resource, context)) | {"id": study.id}
+    body = _merged(current, ours, study, context)
+    return None if as_compared(body) == as_compared(current) else body
 
 
-def canonical(resource: dict[str, Any]) -> str:
+def _mergeable(resource: dict[str, Any], context: str) -> bool:
+    try:
+        check_study_structure(resource, f"{context}: the server's ImagingStudy")
+    except MappingError:
+        return False  # the model decides: DeliveryRejected, or values it can write in our form
+    return True
+
+
+def _merged(server: dict[str, Any], ours: dict[str, Any], study: ServerStudy, context: str) -> dict[str, Any]:
+    try:
+        merged = merge_imaging_study(server, ours)
+    except PatientMismatchError as exc:
+        raise _mismatch(context, str(exc), study) from None
+    return keep_server_references(merged, study.resource)
+
+
+def as_compared(resource: dict[str, Any]) -> str:
     """The resource as compared for "unchanged": meta (version, timestamps) ignored."""
-    return json.dumps({k: v for k, v in resource.items() if k != "meta"}, sort_keys=True,
-                      ensure_ascii=False, separators=(",", ":"))
+    return canonical({k: v for k, v in resource.items() if k != "meta"})
+
+
+def _sendable(request: dict[str, Any], context: str) -> None:
+    """MappingError naming the resource and elements when one in the request is not valid R4."""
+    for entry in request.get("entry") or []:
+        validated(entry["resource"], context)
+
+
+def _check_valid(check: Callable[[], None], documents: dict[str, bytes] | None = None) -> None:
+    """The edge: nothing goes out that does not validate (a retry would not fix it)."""
+    try:
+        check()
+    except MappingError as exc:
+        raise DeliveryRejected(f"MappingError: {exc}; not sent", documents=documents or {}) from None
 
 
 def _json_bytes(doc: Any) -> bytes:
     return json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
 
 
-def _model_json(model: Any) -> dict[str, Any]:
-    return json.loads(model.model_dump_json(exclude_none=True))
-
-
-def _as_model(resource: dict[str, Any], context: str) -> ImagingStudy:
+def _as_model(resource: dict[str, Any], context: str) -> Any:
     # Servers add their own meta fields (Medplum: author, project, compartment) that
     # R4's Meta does not know; meta is server-owned and never sent back anyway.
     try:
-        return ImagingStudy.model_validate({k: v for k, v in resource.items() if k != "meta"})
-    except ValueError as exc:
+        return validated({k: v for k, v in resource.items() if k != "meta"}, context)
+    except MappingError as exc:
         raise DeliveryRejected(f"{context}: the server's ImagingStudy/{resource.get('id')} is not a valid R4 "
                                f"ImagingStudy, so this part cannot be merged into it: {_first_line(exc)}",
                                documents={"server-imagingstudy.json": _json_bytes(resource)}) from None
@@ -279,40 +314,25 @@ def _imaging_study_result(sent: dict[str, Any], body: Any, context: str) -> tupl
     return status, reference
 
 
-def _identifier_pairs(identifiers: Any) -> set[tuple[str | None, str]]:
-    pairs = set()
-    for identifier in identifiers or []:
-        if isinstance(identifier, dict) and identifier.get("value"):
-            pairs.add((identifier.get("system"), identifier["value"]))
-    return pairs
-
-
-def same_identifier(ours: set[tuple[str | None, str]], theirs: set[tuple[str | None, str]]) -> bool:
-    """True when one of our identifiers is one of theirs (a missing system matches any system)."""
-    return any(value == v and (system is None or s is None or system == s)
-               for system, value in ours for s, v in theirs)
-
-
 def _ours(resources: StudyResources) -> set[tuple[str | None, str]]:
-    patient = json.loads(resources.patient.model_dump_json(exclude_none=True)) if resources.patient else {}
-    return _identifier_pairs(patient.get("identifier"))
+    return identifier_pairs((resources.patient or {}).get("identifier"))
 
 
 def _subject_identifiers(study: ServerStudy) -> set[tuple[str | None, str]]:
     """What the server says about the study's patient: the subject's identifier, else the included Patient's."""
     subject = study.resource.get("subject") or {}
-    pairs = _identifier_pairs([subject.get("identifier")])
+    pairs = identifier_pairs([subject.get("identifier")])
     if pairs:
         return pairs
     reference = subject.get("reference") or ""
     if reference.startswith("#"):
         for contained in study.resource.get("contained") or []:
             if contained.get("resourceType") == "Patient" and contained.get("id") == reference[1:]:
-                return _identifier_pairs(contained.get("identifier"))
+                return identifier_pairs(contained.get("identifier"))
         return set()
     for patient in study.patients:
         if reference.endswith(f"Patient/{patient.get('id')}"):
-            return _identifier_pairs(patient.get("identifier"))
+            return identifier_pairs(patient.get("identifier"))
     return set()
 
 
