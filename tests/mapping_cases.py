@@ -7,7 +7,6 @@ it back, so the mapping sees raw elements as it does for files and the network.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 

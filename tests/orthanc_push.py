@@ -9,7 +9,6 @@ node's output went. The pytest test (tests/test_orthanc.py) checks the result.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

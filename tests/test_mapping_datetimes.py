@@ -1,4 +1,4 @@
-"""Dates and times (mapping/README.md, "Dates and times"): precision follows what the zone allows."""
+"""Dates and times (mapping/README.md, "Dates, times and time zones"): precision follows what the zone allows."""
 
 from __future__ import annotations
 

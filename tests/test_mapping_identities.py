@@ -1,4 +1,4 @@
-"""Identities (mapping/README.md, "Identities"): study, accession, patient, SOP class, modality."""
+"""Identities (mapping/README.md, "Identifiers and systems"): study, accession, patient, SOP class, modality."""
 
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ For datasets already in memory use ``mapping.convert_datasets``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import mmap
@@ -34,8 +33,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from mapping import (InstanceHeader, StudyResources, convert_study, merge_resources,
-                     parse_resources, render, to_contained)
+from mapping import InstanceHeader, StudyResources, convert_study, to_contained
 from mapping.errors import DicomFhirError, MappingError, MultipleStudiesError, PatientMismatchError
 from mapping.options import MappingOptions
 from scp.dicom.elements import CutShort, Malformed, element_head, encoding, value_end
