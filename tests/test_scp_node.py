@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
