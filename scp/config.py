@@ -8,6 +8,7 @@ secret key ``x`` has a companion ``x_env`` naming a variable to read instead.
 from __future__ import annotations
 
 import os
+import string
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -105,6 +106,58 @@ class OperationsConfig:
         _check(0 <= self.http_port <= 65535, "operations.http_port", "a port number 0-65535", self.http_port)
 
 
+HOOK_PLACEHOLDERS = ("study_uid", "output", "instances", "series", "fhir")
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    on_delivered: tuple[str, ...] | None = None  # argv (no shell); None = no hook
+    timeout: float = 60.0  # seconds, then the hook is killed
+    max_pending: int = 100  # hooks waiting to run; beyond that a study's hook is dropped (logged)
+
+    def __post_init__(self) -> None:
+        if self.on_delivered is not None:
+            check_hook_argv(self.on_delivered, "hooks.on_delivered")
+        _check(self.timeout > 0, "hooks.timeout", "a positive number of seconds", self.timeout)
+        _check(self.max_pending > 0, "hooks.max_pending", "a positive number", self.max_pending)
+
+
+def check_hook_argv(argv: tuple[str, ...], where: str) -> None:
+    """The hook's argv as written: a program given by absolute path, then arguments whose only
+    {placeholders} are HOOK_PLACEHOLDERS. (Whether the program exists and is executable is
+    checked where the hook is set up to run, scp.pipeline.hooks: `status` reads this file too,
+    possibly on another machine.)"""
+    if not argv or not argv[0]:
+        raise ConfigurationError(f"{where}: expected [\"/absolute/path/to/program\", \"{{study_uid}}\", ...], "
+                                 f"got {list(argv)!r} (leave the key out for no hook)")
+    if not os.path.isabs(argv[0]):
+        # No PATH lookup: what runs must not depend on the service's environment.
+        raise ConfigurationError(f"{where}: the program must be an absolute path, got {argv[0]!r}")
+    if _placeholders(argv[0], where):
+        raise ConfigurationError(f"{where}: the program {argv[0]!r} cannot contain a placeholder")
+    for arg in argv[1:]:
+        unknown = _placeholders(arg, where) - set(HOOK_PLACEHOLDERS)
+        if unknown:
+            raise ConfigurationError(f"{where}: unknown placeholder(s) {sorted(unknown)} in {arg!r}; "
+                                     f"known: {', '.join('{' + p + '}' for p in HOOK_PLACEHOLDERS)}")
+
+
+def _placeholders(arg: str, where: str) -> set[str]:
+    """The {names} in one argument ("{{" is a literal brace); no format specs or conversions."""
+    try:
+        parsed = list(string.Formatter().parse(arg))
+    except ValueError as exc:
+        raise ConfigurationError(f"{where}: {arg!r}: {exc} (write {{{{ and }}}} for literal braces)") from exc
+    names = set()
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if spec or conversion:
+            raise ConfigurationError(f"{where}: {arg!r}: placeholders take no format spec or conversion")
+        names.add(name)
+    return names
+
+
 @dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
@@ -112,10 +165,11 @@ class Config:
     fhir: FhirConfig = field(default_factory=FhirConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     operations: OperationsConfig = field(default_factory=OperationsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
 
 
 _SECTIONS = {"node": NodeConfig, "mapping": MappingOptions, "fhir": FhirConfig,
-             "security": SecurityConfig, "operations": OperationsConfig}
+             "security": SecurityConfig, "operations": OperationsConfig, "hooks": HooksConfig}
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:

@@ -5,6 +5,9 @@
     ...
     node.stop()                    # stop listening, finish the instance in flight, keep the spool
 
+With [hooks] on_delivered, the end-of-study hook runs after each delivered study, on a
+thread of its own (scp.pipeline.hooks).
+
 Everything a test wants to replace is a parameter: the sinks, the clock, the metrics,
 the completion callback.
 """
@@ -17,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 from scp.config import Config
 from scp.pipeline.completion import CompletionTracker
+from scp.pipeline.delivery import DeliveryReport
+from scp.pipeline.hooks import BackgroundHooks, delivered_from_report, hook_runner
 from scp.pipeline.retry import RetryPolicy
 from scp.pipeline.worker import DeliveryWorker
 from scp.receive.handlers import StoreHandler
@@ -47,6 +52,8 @@ class Node:
                  on_complete: Callable[[str, frozenset[str]], None] | None = None) -> None:
         self.config = config
         node = config.node
+        runner = hook_runner(config.hooks)  # ConfigurationError now, before any folder is made, not at the first study
+        self.hooks = BackgroundHooks(runner, config.hooks.max_pending) if runner is not None else None
         self.metrics = metrics
         self.spool = FileSpool(node.spool_dir)
         self.archive = FileSpool(node.archive_dir) if node.archive_dir is not None else None
@@ -56,7 +63,8 @@ class Node:
         self.delivery = DeliveryWorker(self.spool, self.sinks, config.mapping, dead_letters=self.dead_letters,
                                        journal=Journal.in_spool(node.spool_dir),
                                        retry=RetryPolicy(max_backoff=config.fhir.max_backoff), clock=clock,
-                                       metrics=metrics)
+                                       metrics=metrics,
+                                       on_delivered=self._delivered if self.hooks is not None else None)
         self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics)
         self.server = StorageServer(node, config.security, self.handler)
 
@@ -72,6 +80,10 @@ class Node:
             self.metrics.inc("studies_completed")
         self.delivery.submit(study_uid, sop_uids)
 
+    def _delivered(self, report: DeliveryReport) -> None:
+        """Queue the end-of-study hook (called on the delivery thread: must not wait for the hook)."""
+        self.hooks.submit(delivered_from_report(report, self.config.node.output_dir))
+
     def start(self) -> tuple[str, int]:
         self.spool.recover()
         waiting = self.spool.studies()
@@ -82,6 +94,8 @@ class Node:
         for study_uid, sop_uids in waiting.items():
             for sop_uid in sop_uids:
                 self.delivery.arrived(study_uid, sop_uid)
+        if self.hooks is not None:
+            self.hooks.start()
         self.delivery.start()
         self.tracker.start()
         where = self.server.start()
@@ -99,5 +113,7 @@ class Node:
         self.server.stop(grace)
         self.tracker.stop()
         self.delivery.stop(timeout=grace)
+        if self.hooks is not None:
+            self.hooks.stop(timeout=grace)
         waiting = self.spool.depth()
         log.info("stopped; %d study(ies) wait in the spool %s", waiting, self.config.node.spool_dir)

@@ -13,7 +13,9 @@ the configuration (the disk sink and the FHIR server, as the node does; deliveri
 study a sink already holds changes nothing there). A delivered study leaves the
 dead-letter folder and is recorded in the spool's deliveries.jsonl; a study still
 refused keeps its folder, with the new reason and documents; a study the server could
-not take right now (down, 5xx, 429) is kept unchanged.
+not take right now (down, 5xx, 429) is kept unchanged. The node's end-of-study hook
+([hooks] on_delivered) runs after each study delivered, as in the node; its failure
+changes nothing here (logged, like the node).
 
 With --requeue the instances go back into the spool instead, and the node delivers
 them when it next starts (use this while the node is stopped, to let it retry with
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from scp.errors import DeliveryRejected, DeliveryRetryable
     from scp.node import default_sinks
     from scp.pipeline.delivery import redeliver
+    from scp.pipeline.hooks import delivered_from_report, hook_runner
     from scp.store.dead_letter import DeadLetterBox
     from scp.store.journal import Journal
     from scp.store.spool import FileSpool
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     sinks = default_sinks(config)
     if not sinks:
         raise ConfigurationError("retry: no sink configured (set node.output_dir or fhir.url, or --fhir-url)")
+    hook = hook_runner(config.hooks)  # the node's end-of-study hook, checked before anything is sent
     spool_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal.in_spool(spool_dir)
     failed = 0
@@ -110,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             where = "; ".join(f"{name}: {result}" for name, result in report.sinks.items())
             print(f"study {uid}: delivered, {report.instances} instance(s) in {report.series} series -> {where}")
+            sys.stdout.flush()
+            if hook is not None:  # here, one at a time: this command ends when its hooks have run
+                hook.run(delivered_from_report(report, config.node.output_dir))
         sys.stdout.flush()
     if len(uids) > 1:
         print(f"{len(uids) - failed} of {len(uids)} study(ies) delivered")

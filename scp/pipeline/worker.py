@@ -5,7 +5,8 @@ delivers them one at a time, so reception never waits for conversion or a FHIR s
 
 - every sink took it: the delivered spool files are removed (only the versions that
   were read: an instance received again meanwhile stays for the next completion), and
-  one line is appended to the journal;
+  one line is appended to the journal, then the `on_delivered` observer is told (the
+  end-of-study hook, scp.pipeline.hooks: it runs on a thread of its own);
 - DeliveryRetryable (or an unexpected error): the part stays in the spool and is tried
   again later (scp.pipeline.retry), without an attempt limit; sinks that already took
   this part are not asked again;
@@ -58,7 +59,8 @@ class DeliveryWorker:
     def __init__(self, spool: Spool, sinks: Sequence[Sink], options: MappingOptions, *,
                  dead_letters: DeadLetterBox | None, journal: Journal | None,
                  retry: RetryPolicy = RetryPolicy(), clock: Callable[[], float] = time.monotonic,
-                 rand: Callable[[], float] = random.random, metrics=None) -> None:
+                 rand: Callable[[], float] = random.random, metrics=None,
+                 on_delivered: Callable[[DeliveryReport], None] | None = None) -> None:
         self.spool = spool
         self.sinks = list(sinks)
         self.options = options
@@ -68,6 +70,7 @@ class DeliveryWorker:
         self._clock = clock
         self._rand = rand
         self._metrics = metrics
+        self._on_delivered = on_delivered
         self.cache = ParseAheadCache(clock)
         self._pending: dict[str, _Part] = {}
         self._changed = threading.Condition()
@@ -257,7 +260,18 @@ class DeliveryWorker:
         if self.journal is not None:
             self.journal.append(uid, report.instances, "delivered", report.sinks, series=report.series,
                                 attempts=part.attempts, seconds=round(seconds, 3))
+        self._notify_delivered(report)
         return True
+
+    def _notify_delivered(self, report: DeliveryReport) -> None:
+        """Tell the observer (the end-of-study hook): after the journal line, so the study counts as
+        delivered whatever the observer does; its errors are logged, never a reason to deliver again."""
+        if self._on_delivered is None:
+            return
+        try:
+            self._on_delivered(report)
+        except Exception:
+            log.exception("study %s: delivered, but telling the end-of-study hook failed", report.study_uid)
 
     def _retry_later(self, part: _Part, exc: Exception, retry_after: float | None) -> None:
         self._count("deliveries_failed")
