@@ -7,14 +7,9 @@ behaviour is tested elsewhere, against the real disk and a real FHIR server).
 from __future__ import annotations
 
 import json
-import struct
 import threading
-from io import BytesIO
 
-import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from mapping.options import MappingOptions
 from scp.store.dead_letter import DeadLetterBox
@@ -24,11 +19,10 @@ from scp.pipeline.worker import DeliveryWorker
 from scp.store.journal import Journal
 from scp.sinks.disk import DiskSink
 from scp.errors import DeliveryRejected, DeliveryRetryable
-from scp.receive.dataset import header_file, parse_received
 from scp.store.spool import FileSpool, MemorySpool
 from tests.clocks import FakeClock
+from tests.spooled import spool_instance
 
-CT = get_testdata_file("CT_small.dcm")
 
 
 class RecordingSink:
@@ -43,24 +37,6 @@ class RecordingSink:
         uids = {i["uid"] for s in resources.imaging_study["series"] for i in s["instance"]}
         self.delivered.append(uids)
         return f"{len(uids)} instance(s)"
-
-
-def spool_instance(spool, study_uid: str, patient_id: str = "PID1", series_uid: str | None = None) -> str:
-    """Spool one real CT header, as the C-STORE handler would."""
-    ds = pydicom.dcmread(CT)
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid or study_uid + ".1"
-    ds.SOPInstanceUID = generate_uid()
-    ds.PatientID = patient_id
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    raw = buffer.getvalue()
-    (meta_length,) = struct.unpack_from("<L", raw, 140)
-    dataset = raw[144 + meta_length:]  # the data set as it travels in a C-STORE (explicit VR little endian)
-    instance = parse_received(dataset, "1.2.840.10008.1.2.1")
-    spool.store(study_uid, instance.sop_uid, header_file(instance, "TEST"))
-    return instance.sop_uid
 
 
 @pytest.fixture

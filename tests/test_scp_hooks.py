@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,37 +29,10 @@ from scp.store.dead_letter import DeadLetterBox
 from scp.store.journal import Journal
 from scp.store.spool import FileSpool, MemorySpool
 from tests.clocks import FakeClock, wait_for
-from tests.test_scp_delivery import spool_instance
+from tests.hook_scripts import record, write_hook
+from tests.spooled import spool_instance
 
 ALL = ("{study_uid}", "{output}", "{instances}", "{series}", "{fhir}")
-
-
-def write_hook(folder: Path, then: str = "") -> Path:
-    """An executable script recording {"argv", "output_exists", "pid"} to <records>/<argv[1]>.json, then `then`."""
-    records = folder / "records"
-    records.mkdir(parents=True, exist_ok=True)
-    script = folder / "hook.py"
-    script.write_text(f"""#!{sys.executable}
-import json, os, sys, time
-output = sys.argv[2] if len(sys.argv) > 2 else ""
-record = {{"argv": sys.argv[1:], "output_exists": bool(output) and os.path.isfile(output), "pid": os.getpid()}}
-path = os.path.join({str(records)!r}, sys.argv[1] + ".json")
-with open(path + ".tmp", "w") as f:
-    json.dump(record, f)
-os.replace(path + ".tmp", path)  # whole, or not there: the test waits for it
-print("hello from the hook")
-print("a complaint", file=sys.stderr)
-sys.stdout.flush()
-{then}
-""")
-    script.chmod(0o755)
-    return script
-
-
-def record(script: Path, study_uid: str, timeout: float = 20) -> dict:
-    path = script.parent / "records" / f"{study_uid}.json"
-    wait_for(path.exists, timeout, f"the hook's record of study {study_uid}")
-    return json.loads(path.read_text())
 
 
 class Sink:

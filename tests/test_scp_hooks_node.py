@@ -14,7 +14,7 @@ from pynetdicom.sop_class import CTImageStorage
 from tests.dicomgen import generate_study
 from tests.scp_node import NodeProcess, instance_uids
 from tests.scu import keep_responses
-from tests.test_scp_hooks import record, write_hook
+from tests.hook_scripts import record, write_hook
 
 pytestmark = pytest.mark.interop
 
