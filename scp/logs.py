@@ -94,3 +94,6 @@ def configure(log_format: str, level: int) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Python's warnings go to stderr on their own, as bare text: through logging they are
+    # lines of the chosen format too (a JSON log stays one object per line).
+    logging.captureWarnings(True)
