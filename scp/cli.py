@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 from scp import __version__
+from scp.logs import FORMATS, configure
 from mapping.errors import DicomFhirError
 
 COMMANDS = {
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         verbosity = p.add_mutually_exclusive_group()
         verbosity.add_argument("-v", "--verbose", action="store_true", help="verbose mode, print processing details")
         verbosity.add_argument("-d", "--debug", action="store_true", help="debug mode, print debug information")
+        p.add_argument("--log-format", choices=FORMATS, default=None,
+                       help="text (default) or json: one JSON object per line (overrides logging.format)")
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
@@ -46,10 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    configure(log_format(args), level)
     if not args.debug:
         # pynetdicom logs every PDU at INFO/DEBUG; keep its chatter for -d.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING if not args.verbose else logging.INFO)
+
+
+def log_format(args: argparse.Namespace) -> str:
+    """--log-format, else logging.format of the command's configuration, else text.
+
+    Read before the command runs so that its first line is already in the chosen format.
+    A configuration that does not load gives text here: the command loads it again and
+    reports the error itself (in text, the only format known at that point).
+    """
+    if args.log_format is not None:
+        return args.log_format
+    from scp.config import load_config
+
+    try:
+        return load_config(getattr(args, "config", None)).logging.format
+    except DicomFhirError:
+        return "text"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

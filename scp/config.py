@@ -18,6 +18,7 @@ from mapping.errors import ConfigurationError
 from mapping.options import SHAPES, MappingOptions
 
 AUTH_MODES = ("none", "bearer", "basic", "oauth2")
+LOG_FORMATS = ("text", "json")  # scp.logs.FORMATS; kept here so the config needs no logging import
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,14 @@ def _placeholders(arg: str, where: str) -> set[str]:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "text"  # "json": one JSON object per line (--log-format)
+
+    def __post_init__(self) -> None:
+        _check(self.format in LOG_FORMATS, "logging.format", f"one of {LOG_FORMATS}", self.format)
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     mapping: MappingOptions = field(default_factory=MappingOptions)
@@ -166,10 +175,12 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     operations: OperationsConfig = field(default_factory=OperationsConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 _SECTIONS = {"node": NodeConfig, "mapping": MappingOptions, "fhir": FhirConfig,
-             "security": SecurityConfig, "operations": OperationsConfig, "hooks": HooksConfig}
+             "security": SecurityConfig, "operations": OperationsConfig, "hooks": HooksConfig,
+             "logging": LoggingConfig}
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:

@@ -50,8 +50,12 @@ class DeliveryRejected(DeliveryError):
 
     `documents` maps file names to bytes kept beside the study in the
     dead-letter folder (e.g. ``bundle.json`` sent, ``outcome.json`` received).
+    The message is logged at ERROR and is the first line of reason.txt, so it never
+    quotes patient names or IDs; `details` is text that may (a server's diagnostics):
+    it goes to reason.txt after the first line and to DEBUG only.
     """
 
-    def __init__(self, message: str, *, documents: dict[str, bytes] | None = None) -> None:
+    def __init__(self, message: str, *, documents: dict[str, bytes] | None = None, details: str = "") -> None:
         super().__init__(message)
         self.documents = dict(documents or {})
+        self.details = details

@@ -372,7 +372,9 @@ def test_a_resource_the_server_rejects_is_set_aside_with_the_bundle_and_the_outc
     with pytest.raises(DeliveryRejected) as caught:
         sink_for(fhir_engine).deliver(broken)
 
-    assert "HTTP 400" in str(caught.value) and "gender" in str(caught.value)
+    # The reason names the status and what the answer is; the server's diagnostics are in the details.
+    assert "HTTP 400" in str(caught.value) and "OperationOutcome: " in str(caught.value)
+    assert "gender" in caught.value.details
     documents = caught.value.documents
     outcome = json.loads(documents["outcome.json"])
     sent = json.loads(documents["bundle.json"])

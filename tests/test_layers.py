@@ -20,7 +20,7 @@ from tests.conftest import REPO
 # groups on one row are peers and do not import each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("mapping",),  # pure DICOM → FHIR: imports nothing of scp
-    ("scp", "scp.errors", "scp.config"),  # what every layer shares
+    ("scp", "scp.errors", "scp.config", "scp.logs"),  # what every layer shares
     ("scp.dicom",),
     ("scp.store",),
     ("scp.ops",),

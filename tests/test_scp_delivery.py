@@ -15,13 +15,12 @@ from mapping.options import MappingOptions
 from scp.store.dead_letter import DeadLetterBox
 from scp.pipeline.delivery import redeliver
 from scp.pipeline.retry import RetryPolicy
-from scp.pipeline.worker import DeliveryWorker
 from scp.store.journal import Journal
 from scp.sinks.disk import DiskSink
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.store.spool import FileSpool, MemorySpool
 from tests.clocks import FakeClock
-from tests.spooled import spool_instance
+from tests.spooled import make_worker, spool_instance
 
 
 
@@ -42,12 +41,6 @@ class RecordingSink:
 @pytest.fixture
 def clock():
     return FakeClock()
-
-
-def make_worker(tmp_path, spool, sinks, clock, **kwargs):
-    return DeliveryWorker(spool, sinks, MappingOptions(), dead_letters=DeadLetterBox(tmp_path / "dead"),
-                          journal=Journal(tmp_path / "deliveries.jsonl", wall_clock=lambda: 0.0),
-                          clock=clock, rand=lambda: 1.0, retry=RetryPolicy(max_backoff=60), **kwargs)
 
 
 def test_a_completed_study_goes_to_every_sink_and_leaves_the_spool(tmp_path, clock):

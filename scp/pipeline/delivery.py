@@ -39,6 +39,7 @@ class DeliveryReport:
     sinks: dict[str, str] = field(default_factory=dict)  # sink name -> result text
     warnings: tuple[str, ...] = ()
     parsed_ahead: int = 0  # headers taken from the ParseAheadCache
+    sink: str | None = None  # the sink being delivered to; when an exception ends the delivery, the one that failed
 
 
 def read_header(instance: SpooledInstance) -> InstanceHeader:
@@ -76,7 +77,8 @@ def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: S
             series.add(header.series_uid)
         except Exception as exc:  # a spool file is written atomically; this is a bug or a disk fault
             log.error("study %s: spooled instance %s cannot be used (%s); set aside as .corrupt",
-                      study_uid, instance.sop_uid, type(exc).__name__)
+                      study_uid, instance.sop_uid, type(exc).__name__,
+                      extra={"study_uid": study_uid, "instance_uid": instance.sop_uid, "exc_type": type(exc).__name__})
             log.debug("study %s instance %s", study_uid, instance.sop_uid, exc_info=True)
             report.unreadable[instance.sop_uid] = instance.version
             continue
@@ -99,10 +101,12 @@ def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: S
     del headers
     report.warnings = tuple(resources.warnings)
     for warning in resources.warnings:
-        log.warning("study %s: %s", study_uid, warning)
+        log.warning("study %s: %s", study_uid, warning, extra={"study_uid": study_uid})
     for sink in sinks:
         if sink.name not in done:
+            report.sink = sink.name
             done[sink.name] = sink.deliver(resources)
+    report.sink = None
     report.sinks = dict(done)
     return report
 
@@ -121,13 +125,16 @@ def redeliver(study_uid: str, sinks: Sequence[Sink], options, *, dead_letters: D
     try:
         report = deliver_study(study_uid, instances, sinks, options)
     except DeliveryRejected as exc:
-        dead_letters.record(study_uid, str(exc), documents=exc.documents)
+        if exc.details:
+            log.debug("study %s: %s", study_uid, exc.details, extra={"study_uid": study_uid})  # may quote patient IDs
+        dead_letters.record(study_uid, str(exc), details=exc.details, documents=exc.documents)
         raise
     if not dead_letters.remove_delivered(study_uid, report.versions):
         log.warning("study %s: more instances were set aside while it was delivered; they stay in %s",
-                    study_uid, dead_letters.folder(study_uid))
+                    study_uid, dead_letters.folder(study_uid), extra={"study_uid": study_uid})
     log.info("study %s delivered from the dead-letter folder: %d instance(s) in %d series -> %s", study_uid,
-             report.instances, report.series, "; ".join(f"{k}: {v}" for k, v in report.sinks.items()))
+             report.instances, report.series, "; ".join(f"{k}: {v}" for k, v in report.sinks.items()),
+             extra={"study_uid": study_uid, "destination": ", ".join(report.sinks) or None})
     if journal is not None:
         journal.append(study_uid, report.instances, "delivered (retry)", report.sinks, series=report.series)
     return report

@@ -211,9 +211,9 @@ class DeliveryWorker:
             # A bug or a disk fault, in the delivery or in what follows it (the spool's removal,
             # the dead-letter folder): keep the study in the spool and try again later, and keep
             # this thread alive for the other studies.
-            log.exception("study %s: delivery failed unexpectedly", uid)
+            log.exception("study %s: delivery failed unexpectedly", uid, extra={"study_uid": uid})
             requeue = True
-            self._retry_later(part, exc, None)
+            self._retry_later(part, exc, None, None)
         finally:
             with self._changed:
                 if requeue:
@@ -239,7 +239,7 @@ class DeliveryWorker:
             deliver_study(uid, self.spool.read(uid, sorted(part.sop_uids)), self.sinks,
                           self.options, done=part.done, report=report, cache=self.cache)
         except DeliveryRetryable as exc:
-            self._retry_later(part, exc, exc.retry_after)
+            self._retry_later(part, exc, exc.retry_after, report.sink)
             return False
         except DeliveryRejected as exc:
             self._dead_letter(part, report, exc)
@@ -247,7 +247,7 @@ class DeliveryWorker:
         for sop_uid, version in report.unreadable.items():
             self.spool.mark_corrupt(uid, sop_uid, version)
         if report.instances == 0:
-            log.warning("study %s: nothing left to deliver", uid)
+            log.warning("study %s: nothing left to deliver", uid, extra={"study_uid": uid})
             return True
         self.spool.remove(uid, report.versions)
         self.cache.drop(uid)
@@ -255,8 +255,10 @@ class DeliveryWorker:
         seconds = self._clock() - part.completed_at
         where = "; ".join(f"{name}: {result}" for name, result in report.sinks.items()) or "no sink configured"
         log.info("study %s delivered: %d instance(s) in %d series -> %s (%.1f s after completion)", uid,
-                 report.instances, report.series, where, seconds)
-        log.debug("study %s: %d header(s) parsed ahead, attempt %d", uid, report.parsed_ahead, part.attempts)
+                 report.instances, report.series, where, seconds,
+                 extra={"study_uid": uid, "destination": ", ".join(report.sinks) or None})
+        log.debug("study %s: %d header(s) parsed ahead, attempt %d", uid, report.parsed_ahead, part.attempts,
+                  extra={"study_uid": uid})
         if self.journal is not None:
             self.journal.append(uid, report.instances, "delivered", report.sinks, series=report.series,
                                 attempts=part.attempts, seconds=round(seconds, 3))
@@ -273,13 +275,14 @@ class DeliveryWorker:
         except Exception:
             log.exception("study %s: delivered, but telling the end-of-study hook failed", report.study_uid)
 
-    def _retry_later(self, part: _Part, exc: Exception, retry_after: float | None) -> None:
+    def _retry_later(self, part: _Part, exc: Exception, retry_after: float | None, sink: str | None) -> None:
         self._count("deliveries_failed")
         self.cache.drop(part.study_uid)  # parsed again on the next attempt: memory stays flat while it waits
         delay = self.retry.delay(part.attempts, retry_after=retry_after, rand=self._rand)
         part.due_at = self._clock() + delay
         log.warning("study %s: delivery attempt %d failed, next in %.1f s (the study stays in the spool): %s",
-                    part.study_uid, part.attempts, delay, exc)
+                    part.study_uid, part.attempts, delay, exc,
+                    extra={"study_uid": part.study_uid, "destination": sink, "exc_type": type(exc).__name__})
 
     def _dead_letter(self, part: _Part, report: DeliveryReport, exc: DeliveryRejected) -> None:
         uid = part.study_uid
@@ -288,14 +291,17 @@ class DeliveryWorker:
         folder = self.dead_letters.put(uid, str(exc), documents=exc.documents, spool=self.spool,
                                        versions=versions,
                                        details=f"instances: {len(versions)}\nattempts: {part.attempts}\n"
-                                               f"sinks that took it: {', '.join(part.done) or 'none'}")
+                                               f"sinks that took it: {', '.join(part.done) or 'none'}"
+                                               + (f"\n{exc.details}" if exc.details else ""))
         self.cache.drop(uid)
-        log.error("study %s set aside in %s: %s", uid, folder, exc)
+        log.error("study %s set aside in %s: %s", uid, folder, exc,
+                  extra={"study_uid": uid, "destination": report.sink, "exc_type": type(exc).__name__})
+        if exc.details:
+            log.debug("study %s: %s", uid, exc.details, extra={"study_uid": uid})  # may quote patient IDs
         if self.journal is not None:
             self.journal.append(uid, len(versions), f"dead-lettered: {exc}", part.done, attempts=part.attempts)
 
     def _count(self, name: str) -> None:
         if self._metrics is not None:
             self._metrics.inc(name)
-
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from scp.receive import transport
 from scp.receive.dataset import BadInstance, full_file, header_file, parse_received
+from scp.logs import dimse_status
 from scp.receive.status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
 from scp.store.spool import Spool
 
@@ -62,7 +63,8 @@ class StoreHandler:
         except Exception:  # the handler never raises: pynetdicom would abort the association
             status = PROCESSING_FAILURE
             log.exception("C-STORE from %s: instance %s: unexpected error (answered 0x%04X)", calling_aet(event),
-                          affected_sop(event), status)
+                          affected_sop(event), status,
+                          extra=log_fields(event, instance_uid=affected_sop(event), status=dimse_status(status)))
         finally:
             with self._idle:
                 self._in_flight -= 1
@@ -97,7 +99,9 @@ class StoreHandler:
                                                          header_file(instance, calling))
             except OSError as exc:
                 log.error("C-STORE from %s: instance %s of study %s not stored: %s (answered 0x%04X "
-                          "out of resources)", calling, instance.sop_uid, instance.study_uid, exc, OUT_OF_RESOURCES)
+                          "out of resources)", calling, instance.sop_uid, instance.study_uid, exc, OUT_OF_RESOURCES,
+                          extra=log_fields(event, study_uid=instance.study_uid, instance_uid=instance.sop_uid,
+                                       status=dimse_status(OUT_OF_RESOURCES), exc_type=type(exc).__name__))
                 return OUT_OF_RESOURCES
             study_uid, sop_uid = instance.study_uid, instance.sop_uid
             del instance  # it holds a view of the buffer, which must go before release()
@@ -109,16 +113,20 @@ class StoreHandler:
                 make_durable()
             except OSError as exc:
                 log.error("C-STORE from %s: instance %s of study %s not stored: fsync failed: %s", calling_aet(event),
-                          sop_uid, study_uid, exc)
+                          sop_uid, study_uid, exc,
+                          extra=log_fields(event, study_uid=study_uid, instance_uid=sop_uid,
+                                       status=dimse_status(OUT_OF_RESOURCES), exc_type=type(exc).__name__))
                 return OUT_OF_RESOURCES
         else:
             gate.hold(self._syncer.submit(make_durable), f"instance {sop_uid} of study {study_uid}")
         self.on_stored(study_uid, sop_uid)
+        log.debug("C-STORE from %s: instance %s of study %s stored", calling_aet(event), sop_uid, study_uid,
+                  extra=log_fields(event, study_uid=study_uid, instance_uid=sop_uid, status=dimse_status(SUCCESS)))
         return SUCCESS
 
     def _fail(self, event, sop_uid: str, exc: BadInstance) -> int:
         log.warning("C-STORE from %s: instance %s refused with 0x%04X: %s", calling_aet(event), sop_uid,
-                    exc.status, exc.problem)
+                    exc.status, exc.problem, extra=log_fields(event, instance_uid=sop_uid, status=dimse_status(exc.status)))
         return exc.status
 
     # --- association bookkeeping ---------------------------------------------------------------
@@ -130,6 +138,8 @@ class StoreHandler:
                                                          f"{requestor.address}:{requestor.port}", time.monotonic())
         if self.metrics is not None:
             self.metrics.inc("associations")
+        log.debug("association from %s at %s accepted", requestor.ae_title.strip(), f"{requestor.address}:{requestor.port}",
+                  extra=log_fields(event))
 
     def connected(self, event) -> None:
         """EVT_CONN_OPEN: tune the socket; gate this association's responses on durability."""
@@ -148,18 +158,20 @@ class StoreHandler:
             if not assoc.is_rejected and transport.bytes_received(assoc):  # a bare TCP probe sends nothing
                 log.warning("connection from %s:%s closed without an association: it sent no valid "
                             "A-ASSOCIATE-RQ, or left before the answer", assoc.requestor.address,
-                            assoc.requestor.port)
+                            assoc.requestor.port, extra={"peer": peer(event)})
             return
         sop_uid = transport.instance_in_progress(assoc)
         if sop_uid is not None:
             log.warning("association from %s at %s: the connection ended in the middle of instance %s; "
                         "nothing of it was stored and no success was sent for it", stats.calling_aet,
-                        stats.address, sop_uid)
+                        stats.address, sop_uid,
+                        extra={"calling_aet": stats.calling_aet, "peer": stats.address, "instance_uid": sop_uid})
         how = "released" if assoc.is_released else "aborted" if assoc.is_aborted else "closed"
         # Ending without A-RELEASE (an A-ABORT, or the connection dropped) deserves a look.
         log.log(logging.INFO if assoc.is_released else logging.WARNING,
                 "association from %s at %s %s after %.1f s: %d instance(s) stored, %d failed", stats.calling_aet,
-                stats.address, how, time.monotonic() - stats.started, stats.stored, stats.failed)
+                stats.address, how, time.monotonic() - stats.started, stats.stored, stats.failed,
+                extra={"calling_aet": stats.calling_aet, "peer": stats.address})
 
     def shutdown(self) -> None:
         """Finish the pending fsyncs (graceful shutdown)."""
@@ -179,7 +191,7 @@ class StoreHandler:
 
 def handle_echo(event) -> int:
     """EVT_C_ECHO: always success (the node is up)."""
-    log.debug("C-ECHO from %s", calling_aet(event))
+    log.debug("C-ECHO from %s", calling_aet(event), extra=log_fields(event))
     return SUCCESS
 
 
@@ -188,6 +200,20 @@ def calling_aet(event) -> str:
         return event.assoc.requestor.ae_title.strip() or "?"
     except AttributeError:
         return "?"
+
+
+def peer(event) -> str:
+    """The requestor's address:port, for the `peer` field."""
+    try:
+        requestor = event.assoc.requestor
+        return f"{requestor.address}:{requestor.port}"
+    except AttributeError:
+        return "?"
+
+
+def log_fields(event, **known: str) -> dict[str, str]:
+    """The structured fields of a log line about this event (scp.logs.FIELDS): who sent it, and `known`."""
+    return {"calling_aet": calling_aet(event), "peer": peer(event), **known}
 
 
 def affected_sop(event) -> str:

@@ -92,7 +92,8 @@ class StorageServer:
             return
         rsd, reason = refusal
         log.warning("association from %s at %s (called %s) rejected: %s", calling.strip(), address,
-                    called.strip(), reason)
+                    called.strip(), reason,
+                    extra={"calling_aet": calling.strip(), "peer": f"{address}:{assoc.requestor.port}"})
         transport.reject(assoc, rsd)
 
     def stop(self, grace: float = 10.0) -> None:

@@ -57,7 +57,7 @@ def remove_orphaned_temp_files(folder: Path) -> int:
             continue  # a live writer (another node, `convert`, `retry`): its file, its rename
         path.unlink(missing_ok=True)
         removed += 1
-        log.info("removed %s, left by a writer that stopped before renaming it", path)
+        log.info("removed %s, left by a writer that stopped before renaming it", path, extra={"destination": "disk"})
     return removed
 
 

@@ -7,8 +7,11 @@ What a failure means for the study is decided here, once:
 - 401: the auth drops its cached token and the request is sent once more;
 - any other status the caller did not expect: `DeliveryRejected`, carrying
   what was sent (``bundle.json`` for a Bundle, ``imagingstudy.json`` for a PUT of
-  one) and the server's answer (``outcome.json``),
-  the reason naming the HTTP status and the OperationOutcome's diagnostics.
+  one) and the server's answer (``outcome.json``). The reason (logged, first line of
+  reason.txt, deliveries.jsonl) names the HTTP status and a neutral summary of the
+  OperationOutcome (issue count, severity, codes); its diagnostics go to the details
+  only (reason.txt after the first line, DEBUG): servers fill them with what they
+  matched on, e.g. HAPI with a match URL quoting the PatientID.
 
 Every request has a timeout, so a slow server delays only the delivery worker.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -35,7 +39,9 @@ log = logging.getLogger("scp.sinks.fhir.client")
 
 FHIR_JSON = "application/fhir+json"
 RETRYABLE_STATUSES = frozenset({408, 429})
-MAX_DIAGNOSTICS = 600  # characters of the server's explanation kept in a reason
+MAX_DIAGNOSTICS = 600  # characters of the server's explanation kept in a reason's details
+SEVERITIES = ("fatal", "error", "warning", "information")  # worst first (R4 IssueSeverity)
+CODE = re.compile(r"[a-z][a-z-]{0,39}")  # the shape of an R4 IssueType / IssueSeverity code
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,33 @@ def outcome_diagnostics(body: Any) -> str:
     return summary if len(summary) <= MAX_DIAGNOSTICS else summary[:MAX_DIAGNOSTICS - 3] + "..."
 
 
+def outcome_summary(body: Any) -> str:
+    """What an answer is, without its text: "OperationOutcome: 2 issue(s), severity error, codes: processing".
+
+    Only values from FHIR's closed code lists are kept (a word of letters and hyphens):
+    anything else a server puts there could carry what its diagnostics do.
+    """
+    if body is None:
+        return "no body"
+    if not (isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"):
+        return "not an OperationOutcome"
+    issues = [i for i in body.get("issue") or [] if isinstance(i, dict)]
+    severities = _codes(i.get("severity") for i in issues)
+    worst = next((s for s in SEVERITIES if s in severities), None)
+    codes = _codes(i.get("code") for i in issues)
+    return (f"OperationOutcome: {len(issues)} issue(s)" + (f", severity {worst}" if worst else "")
+            + (f", codes: {', '.join(codes)}" if codes else ""))
+
+
+def _codes(values: Iterable[Any]) -> list[str]:
+    """The distinct FHIR codes among values, in order; anything not shaped like a code is left out."""
+    found: list[str] = []
+    for value in values:
+        if isinstance(value, str) and CODE.fullmatch(value) and value not in found:
+            found.append(value)
+    return found
+
+
 def display_url(url: str) -> str:
     """The URL without any user:password@ part, for messages."""
     parts = urlsplit(url)
@@ -142,7 +175,7 @@ class FhirClient:
         response = self._send(method, path, data, params, headers, context, stats)
         if response.status_code == 401 and self.auth.unauthorized():
             log.info("%s: HTTP 401 from %s; fetching new credentials and trying once more",
-                     context or "FHIR", self.shown_base)
+                     context or "FHIR", self.shown_base, extra={"destination": "fhir"})
             response = self._send(method, path, data, params, headers, context, stats)
         reply = Reply(response.status_code, response.headers, _json_or_text(response))
         if response.status_code in set(expect):
@@ -186,7 +219,9 @@ class FhirClient:
         documents = {"outcome.json": response.content or b""}
         if data is not None:
             documents[sent_name] = data
-        raise DeliveryRejected(f"{what}: {outcome_diagnostics(reply.body)}", documents=documents)
+        raise DeliveryRejected(f"{what} ({outcome_summary(reply.body)}; details in outcome.json)",
+                               documents=documents,
+                               details=f"server diagnostics: {outcome_diagnostics(reply.body)}")
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)

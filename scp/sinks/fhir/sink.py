@@ -87,7 +87,8 @@ class FhirSink:
             raise
         elapsed = self._clock() - started
         log.info("study %s: %s %s at %s (%d requests, %d bytes sent, %.2f s)", uid, outcome.action,
-                 outcome.reference, self.client.shown_base, stats.requests, stats.bytes_sent, elapsed)
+                 outcome.reference, self.client.shown_base, stats.requests, stats.bytes_sent, elapsed,
+                 extra={"study_uid": uid, "destination": self.name})
         return f"{outcome.reference} {outcome.action} at {self.client.shown_base} ({stats.requests} requests)"
 
     def _deliver(self, uid: str, resources: StudyResources, bundle: Callable[[], dict[str, Any]],
@@ -103,7 +104,8 @@ class FhirSink:
                 return Outcome("created", reference)
             # ifNoneExist matched a study another sender created after our search:
             # the server kept its version and dropped ours, so merge our part in.
-            log.info("%s: created concurrently by another sender; merging this part into it", context)
+            log.info("%s: created concurrently by another sender; merging this part into it", context,
+                     extra={"study_uid": uid, "destination": self.name})
             existing = self._find(uid, context, stats)
             if existing is None:
                 raise DeliveryRetryable(f"{context}: the server matched an ImagingStudy it cannot find again")
@@ -142,7 +144,8 @@ class FhirSink:
                     _check_transaction(reply.body, context)
             if reply.status != 412:
                 return Outcome("updated", reference)
-            log.info("%s: %s changed on the server meanwhile (412); merging again", context, reference)
+            log.info("%s: %s changed on the server meanwhile (412); merging again", context, reference,
+                     extra={"destination": self.name})
             study = self._reread(study, context, stats)
         raise DeliveryRetryable(f"{context}: {reference} kept changing on the server "
                                 f"({MAX_CONFLICTS} version conflicts in a row)")
