@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from mapping import MappingOptions, convert_study
 from scp.errors import DeliveryRejected, DeliveryRetryable
+from scp.ops.metrics import Metrics
 from scp.pipeline.cache import ParseAheadCache
 from scp.pipeline.delivery import DeliveryReport, deliver_study, read_header
 from scp.pipeline.retry import RetryPolicy
@@ -58,7 +59,7 @@ class DeliveryWorker:
     def __init__(self, spool: Spool, sinks: Sequence[Sink], options: MappingOptions, *,
                  dead_letters: DeadLetterBox | None, journal: Journal | None,
                  retry: RetryPolicy = RetryPolicy(), clock: Callable[[], float] = time.monotonic,
-                 rand: Callable[[], float] = random.random, metrics=None) -> None:
+                 rand: Callable[[], float] = random.random, metrics: Metrics | None = None) -> None:
         self.spool = spool
         self.sinks = list(sinks)
         self.options = options
@@ -68,6 +69,8 @@ class DeliveryWorker:
         self._clock = clock
         self._rand = rand
         self._metrics = metrics
+        # sink name -> clock time of its last successful delivery (read by the readiness checks)
+        self.last_delivered: dict[str, float] = {}
         self.cache = ParseAheadCache(clock)
         self._pending: dict[str, _Part] = {}
         self._changed = threading.Condition()
@@ -248,8 +251,12 @@ class DeliveryWorker:
             return True
         self.spool.remove(uid, report.versions)
         self.cache.drop(uid)
-        self._count("deliveries_ok")
-        seconds = self._clock() - part.completed_at
+        now = self._clock()
+        for name in part.done:
+            self.last_delivered[name] = now
+        seconds = now - part.completed_at
+        if self._metrics is not None:
+            self._metrics.delivered(seconds)
         where = "; ".join(f"{name}: {result}" for name, result in report.sinks.items()) or "no sink configured"
         log.info("study %s delivered: %d instance(s) in %d series -> %s (%.1f s after completion)", uid,
                  report.instances, report.series, where, seconds)
