@@ -87,7 +87,7 @@ class Node:
                                               timeout=min(PROBE_TIMEOUT, self.config.fhir.timeout)),
                                       auth=client.auth)
             checks[sink.name] = DestinationCheck(
-                lambda c=probe_client: c.request("GET", "metadata", expect=(200,), context="readiness check"),
+                lambda c=probe_client: c.request("GET", "metadata", expect=(200,)),
                 lambda name=sink.name: self.delivery.last_delivered.get(name),
                 window=ops.ready_window, where=f"GET {probe_client.shown_base}/metadata", clock=clock)
         return checks

@@ -130,7 +130,8 @@ def test_readyz_fails_on_fhir_while_the_engine_is_down_and_passes_once_it_is_up(
     status, body = r.readyz()
     assert status == 503 and body["failed"] == ["fhir"]
     detail = body["checks"]["fhir"]["detail"]
-    assert f"GET http://127.0.0.1:{port}/metadata unreachable" in detail and "ready_window" in detail
+    assert f"GET http://127.0.0.1:{port}/metadata: FHIR server" in detail and "unreachable" in detail
+    assert "ready_window" in detail
     assert body["checks"]["listening"] == {"ok": True} and body["checks"]["spool"] == {"ok": True}
     refusing_port.release()
     with start_or_skip(port=port):

@@ -76,7 +76,7 @@ def test_an_unreachable_destination_fails_with_the_probe_error_and_the_window():
     probe.down = True
     result = DestinationCheck(probe, lambda: None, window=60, where="GET http://fhir/metadata")()
     assert not result.ok
-    assert "GET http://fhir/metadata unreachable: connection refused" in result.detail
+    assert "GET http://fhir/metadata: connection refused" in result.detail
     assert "operations.ready_window" in result.detail and "never" in result.detail
 
 

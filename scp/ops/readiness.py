@@ -135,6 +135,6 @@ class DestinationCheck:
                 self._probe()
                 result = CheckResult(True, f"{self._where} answers")
             except Exception as exc:
-                result = CheckResult(False, f"{self._where} unreachable: {exc}")
+                result = CheckResult(False, f"{self._where}: {exc}")
             self._cached = (self._clock(), result)
             return result
