@@ -102,9 +102,14 @@ class OperationsConfig:
     http_enabled: bool = False  # /healthz and /metrics
     http_bind: str = "127.0.0.1"
     http_port: int = 8081
+    min_free_bytes: int = 100 * 2**20  # /readyz fails when the spool's file system has less free
+    ready_window: float = 3600.0  # /readyz: a FHIR server that took a delivery this recently counts as up
 
     def __post_init__(self) -> None:
         _check(0 <= self.http_port <= 65535, "operations.http_port", "a port number 0-65535", self.http_port)
+        _check(self.min_free_bytes >= 0, "operations.min_free_bytes", "a number of bytes >= 0",
+               self.min_free_bytes)
+        _check(self.ready_window >= 0, "operations.ready_window", "a number of seconds >= 0", self.ready_window)
 
 
 HOOK_PLACEHOLDERS = ("study_uid", "output", "instances", "series", "fhir")

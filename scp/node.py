@@ -9,7 +9,8 @@ With [hooks] on_delivered, the end-of-study hook runs after each delivered study
 thread of its own (scp.pipeline.hooks).
 
 Everything a test wants to replace is a parameter: the sinks, the clock, the metrics,
-the completion callback.
+the completion callback. ``node.readiness`` holds the /readyz checks (scp.ops.readiness)
+built from what the node owns; the disk gauges are handed to the metrics here.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from scp.config import Config
+from scp.ops.metrics import Metrics
+from scp.ops.readiness import Check, DestinationCheck, Readiness, listening_check, spool_check
 from scp.pipeline.completion import CompletionTracker
 from scp.pipeline.delivery import DeliveryReport
 from scp.pipeline.hooks import BackgroundHooks, delivered_from_report, hook_runner
@@ -32,6 +36,8 @@ from scp.store.journal import Journal
 from scp.store.spool import FileSpool
 
 log = logging.getLogger("scp.node")
+
+PROBE_TIMEOUT = 3.0  # seconds a /readyz probe of a FHIR server may take (scrapers time out at ~10 s)
 
 
 def default_sinks(config: Config) -> list[Sink]:
@@ -48,7 +54,7 @@ def default_sinks(config: Config) -> list[Sink]:
 
 class Node:
     def __init__(self, config: Config, *, sinks: Sequence[Sink] | None = None,
-                 clock: Callable[[], float] = time.monotonic, metrics=None,
+                 clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None,
                  on_complete: Callable[[str, frozenset[str]], None] | None = None) -> None:
         self.config = config
         node = config.node
@@ -67,6 +73,32 @@ class Node:
                                        on_delivered=self._delivered if self.hooks is not None else None)
         self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics)
         self.server = StorageServer(node, config.security, self.handler)
+        self.readiness = Readiness(self._readiness_checks(clock))
+        if metrics is not None:  # read at scrape time, never on the C-STORE path
+            metrics.watch("spool_studies", self.spool.depth)
+            metrics.watch("spool_bytes", self.spool.size_bytes)
+            metrics.watch("dead_letter_studies", self.dead_letters.count)
+
+    def _readiness_checks(self, clock: Callable[[], float]) -> dict[str, Check]:
+        ops = self.config.operations
+        checks: dict[str, Check] = {
+            "listening": listening_check(lambda: self.server.is_listening),
+            "spool": spool_check(self.config.node.spool_dir, ops.min_free_bytes),
+        }
+        from scp.sinks.fhir.client import FhirClient
+        for sink in self.sinks:
+            client = getattr(sink, "client", None)
+            if not isinstance(client, FhirClient):
+                continue
+            # Its own client (a short timeout), sharing the sink's credentials and token cache.
+            probe_client = FhirClient(replace(self.config.fhir, url=client.base,
+                                              timeout=min(PROBE_TIMEOUT, self.config.fhir.timeout)),
+                                      auth=client.auth)
+            checks[sink.name] = DestinationCheck(
+                lambda c=probe_client: c.request("GET", "metadata", expect=(200,)),
+                lambda name=sink.name: self.delivery.last_delivered.get(name),
+                window=ops.ready_window, where=f"GET {probe_client.shown_base}/metadata", clock=clock)
+        return checks
 
     def _arrived(self, study_uid: str, sop_uid: str) -> None:
         """An instance is in the spool: its study's idle timer restarts; it may be parsed ahead."""

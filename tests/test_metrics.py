@@ -1,10 +1,13 @@
-"""scp.ops.metrics: the node's counters (fixed names, thread-safe)."""
+"""scp.ops.metrics: the node's metrics (fixed names, thread-safe, one registry per node)."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from scp.ops.metrics import COUNTERS, Metrics
 
@@ -54,3 +57,73 @@ def test_concurrent_increments_are_all_counted():
     for t in threads:
         t.join()
     assert m.snapshot()["instances_received"] == 40000
+
+
+def samples(m: Metrics) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) → value, from the exposition text through prometheus_client's parser."""
+    text = generate_latest(m.registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_instance_and_association_counters_carry_the_calling_aet():
+    m = Metrics()
+    modality = m.for_sender("MODALITY")
+    modality.associations.inc()
+    modality.stored(True, 0.002)
+    modality.stored(False, 0.001)
+    m.for_sender("OTHER").stored(True, 0.003)
+    got = samples(m)
+    assert got[("dicom_fhir_scp_instances_received_total", (("calling_aet", "MODALITY"),))] == 1
+    assert got[("dicom_fhir_scp_instances_failed_total", (("calling_aet", "MODALITY"),))] == 1
+    assert got[("dicom_fhir_scp_associations_total", (("calling_aet", "MODALITY"),))] == 1
+    assert got[("dicom_fhir_scp_instances_received_total", (("calling_aet", "OTHER"),))] == 1
+    assert got[("dicom_fhir_scp_instance_store_seconds_count", (("calling_aet", "MODALITY"),))] == 2
+    assert m.snapshot()["instances_received"] == 2
+
+
+def test_a_counter_without_a_sender_label_refuses_one():
+    with pytest.raises(ValueError, match="calling_aet"):
+        Metrics().inc("deliveries_ok", calling_aet="MODALITY")
+
+
+def test_a_delivery_is_counted_and_timed():
+    m = Metrics()
+    m.delivered(1.5)
+    got = samples(m)
+    assert got[("dicom_fhir_scp_deliveries_ok_total", ())] == 1
+    assert got[("dicom_fhir_scp_study_delivery_seconds_count", ())] == 1
+    assert got[("dicom_fhir_scp_study_delivery_seconds_sum", ())] == 1.5
+    assert got[("dicom_fhir_scp_study_delivery_seconds_bucket", (("le", "2.5"),))] == 1
+    assert got[("dicom_fhir_scp_study_delivery_seconds_bucket", (("le", "1.0"),))] == 0
+
+
+def test_disk_gauges_are_read_at_scrape_time_only():
+    m = Metrics()
+    reads = []
+    m.watch("spool_bytes", lambda: reads.append(1) or 4096)
+    m.watch("dead_letter_studies", lambda: 2)
+    assert reads == []
+    got = samples(m)
+    assert reads == [1]
+    assert got[("dicom_fhir_scp_spool_bytes", ())] == 4096
+    assert got[("dicom_fhir_scp_dead_letter_studies", ())] == 2
+
+
+def test_an_unknown_gauge_name_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="spool_byte"):
+        Metrics().watch("spool_byte", lambda: 0)
+
+
+def test_process_and_platform_metrics_come_for_free():
+    names = {name for name, _ in samples(Metrics())}
+    assert "python_info" in names
+    if os.path.isdir("/proc/self"):  # prometheus_client's process collector reads /proc
+        assert "process_resident_memory_bytes" in names
+
+
+def test_two_nodes_metrics_do_not_share_counts():
+    a, b = Metrics(), Metrics()
+    a.inc("studies_completed")
+    assert b.snapshot()["studies_completed"] == 0
+    assert samples(b)[("dicom_fhir_scp_studies_completed_total", ())] == 0

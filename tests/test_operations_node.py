@@ -4,12 +4,12 @@ follow a study from the spool to its delivery, across a graceful restart."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage
 
@@ -36,9 +36,16 @@ def send(node: NodeProcess, files) -> list[int]:
 
 
 def metrics(port: int) -> dict[str, float]:
+    """Every sample's value, summed over its labels (a labelled counter starts with no sample: 0)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return {m[1]: float(m[2]) for m in re.finditer(r"^([a-z_]+) ([0-9.]+)$", text, re.M)}
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.type == "counter":
+            values.setdefault(family.name + "_total", 0.0)
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
 
 
 def status(node: NodeProcess, *extra: str) -> str:

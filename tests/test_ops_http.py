@@ -1,26 +1,22 @@
-"""scp.ops.http: /healthz and Prometheus /metrics over real HTTP (port 0)."""
+"""scp.ops.http: /healthz, /readyz and Prometheus /metrics over real HTTP (port 0)."""
 
 from __future__ import annotations
 
+import json
 import logging
-import re
 import urllib.error
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mapping.errors import ConfigurationError
 from scp.config import OperationsConfig
 from scp.ops.metrics import COUNTERS, Metrics
 from scp.ops.http import start_ops_server
+from scp.ops.readiness import CheckResult, Readiness
 
 ENABLED = OperationsConfig(http_enabled=True, http_bind="127.0.0.1", http_port=0)
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*) (-?[0-9]+(?:\.[0-9]+)?)$")
-
-
-@pytest.fixture
-def metrics():
-    return Metrics()
 
 
 @pytest.fixture
@@ -29,8 +25,15 @@ def depth():
 
 
 @pytest.fixture
-def ops(metrics, depth):
-    handle = start_ops_server(ENABLED, metrics, lambda: depth["value"])
+def metrics(depth):
+    m = Metrics()
+    m.watch("spool_studies", lambda: depth["value"])
+    return m
+
+
+@pytest.fixture
+def ops(metrics):
+    handle = start_ops_server(ENABLED, metrics)
     yield handle
     handle.stop()
 
@@ -45,21 +48,15 @@ def get(handle, path):
 
 
 def parse_exposition(text):
-    """Prometheus text format 0.0.4 → ({sample: value}, {metric: type}); asserts the line grammar."""
-    samples, types, helps = {}, {}, set()
+    """Prometheus text format → ({sample: value summed over labels}, {metric: type}), by
+    prometheus_client's own parser (it raises on a malformed line)."""
+    samples, types = {}, {}
     assert text.endswith("\n")
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            helps.add(line.split(" ")[2])
-        elif line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert name not in samples, f"TYPE for {name} after its sample"
-            types[name] = kind
-        else:
-            m = SAMPLE.match(line)
-            assert m, f"not an exposition line: {line!r}"
-            samples[m.group(1)] = float(m.group(2))
-    assert set(types) == set(samples) == helps
+    for family in text_string_to_metric_families(text):
+        assert family.documentation, f"no HELP for {family.name}"
+        types[family.name + ("_total" if family.type == "counter" else "")] = family.type
+        for sample in family.samples:
+            samples[sample.name] = samples.get(sample.name, 0) + sample.value
     return samples, types
 
 
@@ -99,7 +96,8 @@ def test_other_paths_are_404(ops):
 def test_a_failing_spool_depth_is_a_failed_scrape_not_a_zero(metrics):
     def broken():
         raise OSError("spool unreadable")
-    handle = start_ops_server(ENABLED, metrics, broken)
+    metrics.watch("spool_studies", broken)
+    handle = start_ops_server(ENABLED, metrics)
     try:
         status, _, body = get(handle, "/metrics")
         assert status == 500 and "spool unreadable" in body
@@ -118,7 +116,7 @@ def test_requests_are_logged_at_debug_only(ops, caplog):
 
 def test_binds_to_localhost_by_default():
     assert OperationsConfig().http_bind == "127.0.0.1"
-    handle = start_ops_server(OperationsConfig(http_enabled=True, http_port=0), Metrics(), lambda: 0)
+    handle = start_ops_server(OperationsConfig(http_enabled=True, http_port=0), Metrics())
     try:
         assert handle.host == "127.0.0.1"
     finally:
@@ -127,13 +125,13 @@ def test_binds_to_localhost_by_default():
 
 def test_off_by_default_starts_nothing():
     assert OperationsConfig().http_enabled is False
-    handle = start_ops_server(OperationsConfig(http_port=0), Metrics(), lambda: 0)
+    handle = start_ops_server(OperationsConfig(http_port=0), Metrics())
     assert handle.port is None
     handle.stop()
 
 
 def test_stop_closes_the_port(metrics):
-    handle = start_ops_server(ENABLED, metrics, lambda: 0)
+    handle = start_ops_server(ENABLED, metrics)
     port = handle.port
     handle.stop()
     handle.stop()
@@ -144,4 +142,41 @@ def test_stop_closes_the_port(metrics):
 def test_a_port_in_use_is_a_configuration_error_naming_the_setting(ops, metrics):
     taken = OperationsConfig(http_enabled=True, http_bind="127.0.0.1", http_port=ops.port)
     with pytest.raises(ConfigurationError, match="operations.http_port"):
-        start_ops_server(taken, metrics, lambda: 0)
+        start_ops_server(taken, metrics)
+
+
+def readyz(checks):
+    handle = start_ops_server(ENABLED, Metrics(), Readiness(checks))
+    try:
+        status, content_type, body = get(handle, "/readyz")
+        assert content_type == "application/json"
+        return status, json.loads(body)
+    finally:
+        handle.stop()
+
+
+def test_readyz_is_200_when_every_check_passes():
+    status, body = readyz({"listening": lambda: CheckResult(True), "spool": lambda: CheckResult(True)})
+    assert status == 200
+    assert body == {"ready": True, "checks": {"listening": {"ok": True}, "spool": {"ok": True}}, "failed": []}
+
+
+def test_readyz_is_503_naming_the_failed_check_and_why():
+    status, body = readyz({"listening": lambda: CheckResult(True),
+                           "spool": lambda: CheckResult(False, "spool folder /x is not writable")})
+    assert status == 503
+    assert body["ready"] is False and body["failed"] == ["spool"]
+    assert body["checks"]["spool"] == {"ok": False, "detail": "spool folder /x is not writable"}
+    assert body["checks"]["listening"] == {"ok": True}
+
+
+def test_a_check_that_raises_is_a_failed_check_not_a_500():
+    def broken():
+        raise OSError("disk on fire")
+    status, body = readyz({"spool": broken})
+    assert status == 503 and body["failed"] == ["spool"]
+    assert "disk on fire" in body["checks"]["spool"]["detail"]
+
+
+def test_readyz_without_checks_is_ready():
+    assert readyz({})[0] == 200

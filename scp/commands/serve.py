@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.node.bind or "*", config.node.port, exc)
         return 1
-    ops = start_ops_server(config.operations, metrics, node.spool.depth)  # does nothing when disabled
+    ops = start_ops_server(config.operations, metrics, node.readiness)  # does nothing when disabled
     try:
         while not stop.wait(3600):
             pass

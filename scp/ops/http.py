@@ -1,13 +1,19 @@
-"""Operations HTTP endpoint: /healthz and Prometheus /metrics (off by default).
+"""Operations HTTP endpoint: /healthz, /readyz and Prometheus /metrics (off by default).
 
 Plain stdlib http.server in a daemon thread, so it never holds the process up
-at shutdown. It only reads: the Metrics counters and the spool depth, through
-the callable the node passes in. Bind it to localhost (the default) or put it
+at shutdown. It only reads: the node's Metrics registry (scp.ops.metrics) and its
+readiness checks (scp.ops.readiness). Bind it to localhost (the default) or put it
 behind something that authenticates; it has no access control of its own.
 
-    handle = start_ops_server(config.operations, metrics, spool.depth)
+    handle = start_ops_server(config.operations, metrics, node.readiness)
     ...
     handle.stop()
+
+- /healthz: 200 "ok" while the process serves HTTP (liveness: restart me if not);
+- /readyz: 200 when every readiness check passes, else 503; the JSON body names each
+  check and the failed ones (readiness: send me studies / page someone if not);
+- /metrics: prometheus_client's text format of the node's registry; 500 when a gauge
+  cannot be read (a failed scrape, not a zero).
 
 When ``operations.http_enabled`` is false, start_ops_server starts nothing and
 returns a handle whose ``port`` is None and whose ``stop()`` does nothing, so
@@ -16,44 +22,38 @@ the caller needs no branch of its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+
+from prometheus_client import generate_latest
 
 from mapping.errors import ConfigurationError
 from scp.config import OperationsConfig
-from scp.ops.metrics import COUNTERS, Metrics
+from scp.ops.metrics import Metrics
+from scp.ops.readiness import Readiness
 
 log = logging.getLogger("scp.ops.http")
 
-PREFIX = "dicom_fhir_scp_"
+# generate_latest writes the text format 0.0.4 (prometheus_client's CONTENT_TYPE_LATEST
+# may name a newer version than what generate_latest produces).
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-SPOOL_GAUGE = PREFIX + "spool_studies"
-
-
-def render_metrics(counters: dict[str, int], spool_depth: int) -> str:
-    """The Prometheus text exposition format (0.0.4) of the counters and the spool gauge."""
-    lines: list[str] = []
-    for name, help_text in COUNTERS.items():
-        metric = f"{PREFIX}{name}_total"
-        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter",
-                  f"{metric} {counters.get(name, 0)}"]
-    lines += [f"# HELP {SPOOL_GAUGE} Studies waiting in the spool (received, not yet delivered).",
-              f"# TYPE {SPOOL_GAUGE} gauge", f"{SPOOL_GAUGE} {spool_depth}"]
-    return "\n".join(lines) + "\n"
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+NO_CHECKS = Readiness({})
 
 
 class _OpsHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], metrics: Metrics, spool_depth: Callable[[], int]) -> None:
+    def __init__(self, address: tuple[str, int], metrics: Metrics, readiness: Readiness) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.metrics = metrics
-        self.spool_depth = spool_depth
+        self.readiness = readiness
         super().__init__(address, _Handler)
 
 
@@ -70,20 +70,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, send_body: bool) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
-            self._send(HTTPStatus.OK, "text/plain; charset=utf-8", "ok\n", send_body)
+            self._send(HTTPStatus.OK, TEXT, "ok\n", send_body)
+        elif path == "/readyz":
+            report = self.server.readiness.report()
+            status = HTTPStatus.OK if report["ready"] else HTTPStatus.SERVICE_UNAVAILABLE
+            if not report["ready"]:
+                log.debug("/readyz: not ready: %s", ", ".join(report["failed"]))
+            self._send(status, JSON, json.dumps(report, indent=1) + "\n", send_body)
         elif path == "/metrics":
             try:
-                depth = int(self.server.spool_depth())
+                body = generate_latest(self.server.metrics.registry).decode("utf-8")
             except Exception as exc:  # a broken gauge must show as a failed scrape, not a zero
-                log.warning("/metrics: cannot read the spool depth: %s", exc)
-                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8",
-                           f"cannot read the spool depth: {exc}\n", send_body)
+                log.warning("/metrics: %s", exc)
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, TEXT, f"{exc}\n", send_body)
                 return
-            body = render_metrics(self.server.metrics.snapshot(), depth)
             self._send(HTTPStatus.OK, PROMETHEUS_CONTENT_TYPE, body, send_body)
         else:
-            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8",
-                       "not found; try /healthz or /metrics\n", send_body)
+            self._send(HTTPStatus.NOT_FOUND, TEXT, "not found; try /healthz, /readyz or /metrics\n", send_body)
 
     def _send(self, status: HTTPStatus, content_type: str, text: str, send_body: bool) -> None:
         body = text.encode("utf-8")
@@ -129,17 +132,17 @@ class _Disabled:
 
 
 def start_ops_server(ops: OperationsConfig, metrics: Metrics,
-                     spool_depth: Callable[[], int]) -> OpsServer | _Disabled:
-    """Serve /healthz and /metrics on ops.http_bind:ops.http_port when ops.http_enabled."""
+                     readiness: Readiness = NO_CHECKS) -> OpsServer | _Disabled:
+    """Serve /healthz, /readyz and /metrics on ops.http_bind:ops.http_port when ops.http_enabled."""
     if not ops.http_enabled:
         return _Disabled()
     try:
-        server = _OpsHTTPServer((ops.http_bind, ops.http_port), metrics, spool_depth)
+        server = _OpsHTTPServer((ops.http_bind, ops.http_port), metrics, readiness)
     except OSError as exc:
         raise ConfigurationError(
             f"operations.http_port: cannot listen on {ops.http_bind}:{ops.http_port}: {exc.strerror or exc}") from exc
     handle = OpsServer(server)
-    log.info("operations endpoint on http://%s:%d (/healthz, /metrics)", _host_for_url(handle.host), handle.port)
+    log.info("operations endpoint on http://%s:%d (/healthz, /readyz, /metrics)", _host_for_url(handle.host), handle.port)
     return handle
 
 

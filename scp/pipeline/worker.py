@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from mapping import MappingOptions, convert_study
 from scp.errors import DeliveryRejected, DeliveryRetryable
+from scp.ops.metrics import Metrics
 from scp.pipeline.cache import ParseAheadCache
 from scp.pipeline.delivery import DeliveryReport, deliver_study, read_header
 from scp.pipeline.retry import RetryPolicy
@@ -59,7 +60,7 @@ class DeliveryWorker:
     def __init__(self, spool: Spool, sinks: Sequence[Sink], options: MappingOptions, *,
                  dead_letters: DeadLetterBox | None, journal: Journal | None,
                  retry: RetryPolicy = RetryPolicy(), clock: Callable[[], float] = time.monotonic,
-                 rand: Callable[[], float] = random.random, metrics=None,
+                 rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
                  on_delivered: Callable[[DeliveryReport], None] | None = None) -> None:
         self.spool = spool
         self.sinks = list(sinks)
@@ -71,6 +72,8 @@ class DeliveryWorker:
         self._rand = rand
         self._metrics = metrics
         self._on_delivered = on_delivered
+        # sink name -> clock time of its last successful delivery (read by the readiness checks)
+        self.last_delivered: dict[str, float] = {}
         self.cache = ParseAheadCache(clock)
         self._pending: dict[str, _Part] = {}
         self._changed = threading.Condition()
@@ -251,8 +254,12 @@ class DeliveryWorker:
             return True
         self.spool.remove(uid, report.versions)
         self.cache.drop(uid)
-        self._count("deliveries_ok")
-        seconds = self._clock() - part.completed_at
+        now = self._clock()
+        for name in part.done:
+            self.last_delivered[name] = now
+        seconds = now - part.completed_at
+        if self._metrics is not None:
+            self._metrics.delivered(seconds)
         where = "; ".join(f"{name}: {result}" for name, result in report.sinks.items()) or "no sink configured"
         log.info("study %s delivered: %d instance(s) in %d series -> %s (%.1f s after completion)", uid,
                  report.instances, report.series, where, seconds,

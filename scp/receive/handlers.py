@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from scp.ops.metrics import Metrics, SenderMetrics
 from scp.receive import transport
 from scp.receive.dataset import BadInstance, full_file, header_file, parse_received
 from scp.logs import dimse_status
@@ -34,6 +35,7 @@ class _AssociationStats:
     started: float
     stored: int = 0
     failed: int = 0
+    sender: SenderMetrics | None = None  # this calling AE title's counters, looked up once
 
 
 class StoreHandler:
@@ -44,7 +46,7 @@ class StoreHandler:
     """
 
     def __init__(self, spool: Spool, on_stored: OnStored, *, archive: Spool | None = None,
-                 metrics=None) -> None:
+                 metrics: Metrics | None = None) -> None:
         self.spool = spool
         self.archive = archive
         self.on_stored = on_stored
@@ -56,6 +58,7 @@ class StoreHandler:
         self._idle = threading.Condition()
 
     def __call__(self, event) -> int:
+        started = time.perf_counter()
         with self._idle:
             self._in_flight += 1
         try:
@@ -75,8 +78,10 @@ class StoreHandler:
                 stats.stored += 1
             else:
                 stats.failed += 1
-        if self.metrics is not None:
-            self.metrics.inc("instances_received" if status == SUCCESS else "instances_failed")
+        if stats is not None and stats.sender is not None:
+            stats.sender.stored(status == SUCCESS, time.perf_counter() - started)
+        elif self.metrics is not None:  # no EVT_ACCEPTED seen for it (not expected): look the label up
+            self.metrics.for_sender(calling_aet(event)).stored(status == SUCCESS, time.perf_counter() - started)
         return status
 
     def _store(self, event) -> int:
@@ -134,12 +139,13 @@ class StoreHandler:
     def opened(self, event) -> None:
         """EVT_ACCEPTED: start this association's statistics."""
         requestor = event.assoc.requestor
-        self._stats[id(event.assoc)] = _AssociationStats(requestor.ae_title.strip(),
-                                                         f"{requestor.address}:{requestor.port}", time.monotonic())
+        stats = _AssociationStats(requestor.ae_title.strip(), f"{requestor.address}:{requestor.port}",
+                                  time.monotonic())
         if self.metrics is not None:
-            self.metrics.inc("associations")
-        log.debug("association from %s at %s accepted", requestor.ae_title.strip(), f"{requestor.address}:{requestor.port}",
-                  extra=log_fields(event))
+            stats.sender = self.metrics.for_sender(stats.calling_aet)
+            stats.sender.associations.inc()
+        self._stats[id(event.assoc)] = stats
+        log.debug("association from %s at %s accepted", stats.calling_aet, stats.address, extra=log_fields(event))
 
     def connected(self, event) -> None:
         """EVT_CONN_OPEN: tune the socket; gate this association's responses on durability."""

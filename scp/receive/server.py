@@ -80,6 +80,11 @@ class StorageServer:
         return host, port
 
     @property
+    def is_listening(self) -> bool:
+        """Started and not stopped (pynetdicom's server thread accepts associations)."""
+        return self._server is not None
+
+    @property
     def port(self) -> int:
         return self._server.server_address[1]
 

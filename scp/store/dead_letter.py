@@ -109,6 +109,14 @@ class DeadLetterBox:
                     continue
         return sorted(letters, key=lambda d: d.since)
 
+    def count(self) -> int:
+        """Set-aside studies (a cheap `len(list())`: no reason file is read)."""
+        if not self.root.is_dir():
+            return 0
+        with os.scandir(self.root) as entries:
+            return sum(1 for e in entries if not is_hidden(e.name) and e.is_dir(follow_symlinks=False)
+                       and os.path.exists(os.path.join(e.path, REASON)))
+
     def read_instances(self, study_uid: str) -> list[SpooledInstance]:
         """The set-aside instance headers, as scp.pipeline.delivery.deliver_study takes them."""
         result = []

@@ -273,6 +273,21 @@ class FileSpool:
         with os.scandir(self.root) as entries:
             return sum(1 for e in entries if not is_hidden(e.name) and e.is_dir(follow_symlinks=False))
 
+    def size_bytes(self) -> int:
+        """Bytes of the instance files waiting in the spool (temp and corrupt files left out)."""
+        total = 0
+        with os.scandir(self.root) as studies:
+            for study in studies:
+                if is_hidden(study.name) or not study.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    with os.scandir(study.path) as files:
+                        total += sum(f.stat(follow_symlinks=False).st_size for f in files
+                                     if instance_uid(f.name) is not None)
+                except FileNotFoundError:  # delivered (removed) while we counted
+                    continue
+        return total
+
 
 class MemorySpool:
     """The spool's interface in memory, for tests of completion and delivery."""
