@@ -47,6 +47,13 @@ The rules are ../shared/mapping.md. Public API (everything importable from ``map
         two are different studies).
 """
 
+import logging as _logging
+
+# A library logs through its own loggers and leaves the handlers to the application
+# (the command line configures them in scp.cli).
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+
 from mapping.errors import (ConfigurationError, DicomFhirError, MappingError, MultipleStudiesError,
                             PatientMismatchError)
 from mapping.header import InstanceHeader

@@ -86,7 +86,8 @@ class Node:
         self.tracker.start()
         where = self.server.start()
         names = ", ".join(s.name for s in self.sinks) or "none"
-        log.info("node %s ready: spool %s, idle timeout %g s, sinks: %s", self.config.node.ae_title,
+        # Not "ready": the command says that once every listener (this one, the ops endpoint) is up.
+        log.info("node %s started: spool %s, idle timeout %g s, sinks: %s", self.config.node.ae_title,
                  self.config.node.spool_dir, self.config.node.idle_timeout, names)
         return where
 

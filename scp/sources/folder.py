@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import mmap
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -177,7 +178,31 @@ def read_dataset(path: str | os.PathLike[str]) -> Dataset:
 
 
 def _read_instance(path: Path) -> InstanceHeader:
-    """The InstanceHeader of one file; the Dataset is dropped here."""
+    """The InstanceHeader of one file; the Dataset is dropped here.
+
+    pydicom's own warnings (an invalid value, a VR mismatch) are logged naming the file
+    instead of printed bare by the warnings module: through logging they reach the log
+    handler (routed around a progress bar), and the reader learns which file it was.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every file's own warnings, not only the first file's
+        try:
+            return _header_of(path)
+        finally:
+            for warning in caught:
+                _log_pydicom_warning(path, warning)
+
+
+def _log_pydicom_warning(path: Path, warning: warnings.WarningMessage) -> None:
+    """One WARNING line naming the file; the text after the first ": " may quote a value (a name, an ID)."""
+    text = str(warning.message)
+    head, _, detail = text.partition(": ")
+    log.warning("%s: %s: %s%s", path, warning.category.__name__, head, " (the value with -d)" if detail else "")
+    if detail:
+        log.debug("%s: %s", path, text)
+
+
+def _header_of(path: Path) -> InstanceHeader:
     ds = read_dataset(path)
     try:
         header = InstanceHeader.from_dataset(ds)
