@@ -54,7 +54,7 @@ class Node:
         self.sinks = list(default_sinks(config) if sinks is None else sinks)
         self.tracker = CompletionTracker(node.idle_timeout, on_complete or self._completed, clock=clock)
         self.delivery = DeliveryWorker(self.spool, self.sinks, config.mapping, dead_letters=self.dead_letters,
-                                       journal=Journal.in_spool(node.spool_dir),
+                                       journal=Journal.in_spool(node.spool_dir, max_bytes=node.journal_max_bytes),
                                        retry=RetryPolicy(max_backoff=config.fhir.max_backoff), clock=clock,
                                        metrics=metrics)
         self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics)

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if not sinks:
         raise ConfigurationError("retry: no sink configured (set node.output_dir or fhir.url, or --fhir-url)")
     spool_dir.mkdir(parents=True, exist_ok=True)
-    journal = Journal.in_spool(spool_dir)
+    journal = Journal.in_spool(spool_dir, max_bytes=config.node.journal_max_bytes)
     failed = 0
     for uid in uids:
         try:
