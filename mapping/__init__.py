@@ -71,6 +71,13 @@ search token, identifier comparison, canonical JSON, validation naming places) l
 mapping.fhirjson; the sinks use them from there.
 """
 
+import logging as _logging
+
+# A library logs through its own loggers and leaves the handlers to the application
+# (the command line configures them in scp.cli).
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+
 from mapping.errors import (ConfigurationError, DicomFhirError, MappingError, MultipleStudiesError,
                             PatientMismatchError)
 from mapping.header import InstanceHeader

@@ -23,4 +23,11 @@ The mapping itself (DICOM → FHIR, pure) is the `mapping` package; its contract
 mapping/README.md.
 """
 
+import logging as _logging
+
+# A library logs through its own loggers and leaves the handlers to the application
+# (the command line configures them in scp.cli).
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+
 __version__ = "0.1.0"

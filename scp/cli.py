@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         verbosity = p.add_mutually_exclusive_group()
+        verbosity.add_argument("-q", "--quiet", action="store_true", help="quiet mode, print warnings and errors only")
         verbosity.add_argument("-v", "--verbose", action="store_true", help="verbose mode, print processing details")
         verbosity.add_argument("-d", "--debug", action="store_true", help="debug mode, print debug information")
         p.add_argument("--log-format", choices=FORMATS, default=None,
@@ -48,11 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.debug else logging.INFO
-    configure(log_format(args), level)
+    level = logging.DEBUG if args.debug else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    configure(log_format(args), level)  # warnings (pydicom's) become log lines too: scp.logs
     if not args.debug:
         # pynetdicom logs every PDU at INFO/DEBUG; keep its chatter for -d.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING if not args.verbose else logging.INFO)
+        # pydicom logs each warning it also raises with the warnings module: once is enough,
+        # and the warning is the one that can be attributed to a file.
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def log_format(args: argparse.Namespace) -> str:
@@ -77,8 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args)
     try:
         return int(args._module.run(args) or 0)
-    except DicomFhirError as exc:
+    except DicomFhirError as exc:  # a user error (configuration, folders, ports): one line, no traceback
         log.error("%s", exc)
+        return 2
+    except OSError as exc:  # the file system or the network refused: also the user's to fix
+        log.error("%s", exc)
+        log.debug("details", exc_info=True)
         return 2
     except KeyboardInterrupt:
         return 130

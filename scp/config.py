@@ -1,13 +1,17 @@
 """Node configuration: dataclasses, loaded from TOML, validated at start-up.
 
-Every key is documented in config/dicom-fhir-scp.toml. Command-line flags
-override the file (see scp.cli). Secrets may come from the environment: each
-secret key ``x`` has a companion ``x_env`` naming a variable to read instead.
+Every key is documented in config/dicom-fhir-scp.toml. Precedence: command-line
+flag > environment variable > file > default. Every key ``<section>.<key>`` may be set
+as ``DICOM_FHIR_SCP_<SECTION>_<KEY>`` (upper case), parsed by the field's type
+(see `environment_overrides`), and ``DICOM_FHIR_SCP_CONFIG`` names the file. Secrets
+may also come from a variable named in the file: each secret key ``x`` has a companion
+``x_env`` naming a variable to read instead.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import string
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -34,6 +38,7 @@ class NodeConfig:
     accept_unknown_sop_classes: bool = False
     shape: str = "bundle"
     max_pdu: int = 0  # 0 = unlimited, as pynetdicom
+    journal_max_bytes: int = 10 * 1024 * 1024  # deliveries.jsonl is rotated to deliveries.jsonl.1 beyond this
 
     def __post_init__(self) -> None:
         _check(0 < len(self.ae_title.strip()) <= 16, "node.ae_title", "1 to 16 characters", self.ae_title)
@@ -41,6 +46,8 @@ class NodeConfig:
         _check(self.idle_timeout > 0, "node.idle_timeout", "a positive number of seconds", self.idle_timeout)
         _check(self.shape in SHAPES, "node.shape", f"one of {SHAPES}", self.shape)
         _check(self.max_pdu >= 0, "node.max_pdu", "0 or a positive size", self.max_pdu)
+        _check(self.journal_max_bytes >= 4096, "node.journal_max_bytes", "at least 4096 bytes",
+               self.journal_max_bytes)
 
 
 @dataclass(frozen=True)
@@ -189,16 +196,35 @@ _SECTIONS = {"node": NodeConfig, "mapping": MappingOptions, "fhir": FhirConfig,
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read a TOML file (None = defaults) into a validated Config."""
-    if path is None:
-        return Config()
+    """The validated Config: defaults, then the TOML file, then DICOM_FHIR_SCP_* variables.
+
+    path None: the file named by DICOM_FHIR_SCP_CONFIG, if set; else no file.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(CONFIG_VARIABLE):
+        path = Path(environ[CONFIG_VARIABLE])
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        raw = _read_toml(Path(path))
+    overrides = environment_overrides(environ)
+    if not overrides:
+        return config_from_mapping(raw, environ=environ, source=source)
+    return _with_environment(raw, overrides, environ, source)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigurationError(f"config file {path}: not found") from exc
+    except IsADirectoryError as exc:
+        raise ConfigurationError(f"config file {path}: is a folder, not a file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"config file {path}: cannot be read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"config file {path}: {exc}") from exc
-    return config_from_mapping(raw, environ=os.environ if environ is None else environ, source=str(path))
 
 
 def config_from_mapping(raw: Mapping[str, Any], *, environ: Mapping[str, str], source: str = "config") -> Config:
@@ -279,3 +305,120 @@ def _coerce(value: Any, type_name: str, where: str) -> Any:
 def _check(ok: bool, where: str, expected: str, got: Any) -> None:
     if not ok:
         raise ConfigurationError(f"{where}: expected {expected}, got {got!r}")
+
+
+# --- the environment: DICOM_FHIR_SCP_<SECTION>_<KEY> for every key of every section ---------
+
+ENV_PREFIX = "DICOM_FHIR_SCP_"
+CONFIG_VARIABLE = ENV_PREFIX + "CONFIG"  # the file, not a key
+LIST_SEPARATOR = ","  # DICOM_FHIR_SCP_SECURITY_ALLOWED_CALLING_AETS=CT1,MR2 (spaces around items ignored)
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+@dataclass(frozen=True)
+class EnvironmentValue:
+    """One DICOM_FHIR_SCP_* variable, parsed to the value the TOML file would hold."""
+
+    variable: str
+    section: str
+    key: str
+    value: Any
+
+
+def variable_name(section: str, key: str) -> str:
+    """The environment variable of a configuration key: node.port -> DICOM_FHIR_SCP_NODE_PORT."""
+    return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+
+
+def environment_overrides(environ: Mapping[str, str]) -> list[EnvironmentValue]:
+    """Every DICOM_FHIR_SCP_* variable (but DICOM_FHIR_SCP_CONFIG) as a typed value.
+
+    Generic over _SECTIONS and their dataclass fields: a section or key added there
+    gets its variable without code here. Values are parsed by the field's type (bool:
+    true/false/1/0/yes/no/on/off; int; float; lists: comma-separated; paths and
+    strings as given, "" = unset where the type allows None). A companion ``x_env``
+    (naming another variable holding a secret) is accepted as in the file. An unknown
+    variable is an error naming it (a typo must not be ignored silently).
+    """
+    known = _known_variables()
+    found = []
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX) or variable == CONFIG_VARIABLE:
+            continue
+        if variable not in known:
+            raise ConfigurationError(f"environment variable {variable}: not a configuration key; "
+                                     f"known: {CONFIG_VARIABLE} and {ENV_PREFIX}<SECTION>_<KEY> for the keys of "
+                                     f"config/dicom-fhir-scp.toml, e.g. {variable_name('node', 'port')}")
+        section, key, type_name = known[variable]
+        found.append(EnvironmentValue(variable, section, key, _parse_text(environ[variable], type_name, variable)))
+    return found
+
+
+def _known_variables() -> dict[str, tuple[str, str, str]]:
+    """variable -> (section, key, field type) for every key, and every secret's ``_env`` companion."""
+    known = {}
+    for section, cls in _SECTIONS.items():
+        for f in fields(cls):
+            known[variable_name(section, f.name)] = (section, f.name, str(f.type))
+            if "str" in str(f.type) and "None" in str(f.type):  # an optional string may be a secret
+                known[variable_name(section, f.name + "_env")] = (section, f.name + "_env", "str")
+    return known
+
+
+def _parse_text(text: str, type_name: str, variable: str) -> Any:
+    """The environment's text as the TOML value of a field of type_name (then coerced as the file's)."""
+    optional = "None" in type_name
+    if text == "" and optional:
+        return ""  # _coerce turns "" into None for paths and strings; None for the rest
+    if "tuple" in type_name or "list" in type_name:
+        return [item.strip() for item in text.split(LIST_SEPARATOR) if item.strip()]
+    if "Path" in type_name or type_name.startswith("str"):
+        return text
+    word = text.strip().lower()
+    if type_name.startswith("bool"):
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise ConfigurationError(f"{variable}: expected true or false (also 1/0, yes/no), got {text!r}")
+    if type_name.startswith("int"):
+        try:
+            return int(word)
+        except ValueError:
+            raise ConfigurationError(f"{variable}: expected an integer, got {text!r}") from None
+    if type_name.startswith("float"):
+        try:
+            return float(word)
+        except ValueError:
+            raise ConfigurationError(f"{variable}: expected a number, got {text!r}") from None
+    return text
+
+
+def _with_environment(raw: Mapping[str, Any], overrides: list[EnvironmentValue], environ: Mapping[str, str],
+                      source: str) -> Config:
+    """raw with the environment's values over it, validated; an error names the variables involved."""
+    merged: dict[str, Any] = {name: dict(table) if isinstance(table, Mapping) else table
+                              for name, table in raw.items()}
+    for item in overrides:
+        table = merged.setdefault(item.section, {})
+        if not isinstance(table, dict):
+            break  # config_from_mapping reports the file's broken section
+        if item.key.endswith("_env"):  # the variable replaces the file's value and its _env companion
+            table.pop(item.key[:-4], None)
+        else:
+            table.pop(item.key + "_env", None)
+        table[item.key] = item.value
+    try:
+        return config_from_mapping(merged, environ=environ, source=f"{source} + environment")
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{exc} (from {_blamed(str(exc), overrides)})") from exc
+
+
+def _blamed(message: str, overrides: list[EnvironmentValue]) -> str:
+    """The variables an error is about: those whose key it names, else every one of its section."""
+    named = [o.variable for o in overrides if re.search(rf"\b{re.escape(o.key.removesuffix('_env'))}\b", message)]
+    if not named:
+        sections = [o for o in overrides if re.search(rf"\b{re.escape(o.section)}\b", message)] or overrides
+        named = [o.variable for o in sections]
+    return "environment variable " + ", ".join(named) if len(named) == 1 else \
+        "environment variables " + ", ".join(named)

@@ -67,7 +67,7 @@ class Node:
         self.sinks = list(default_sinks(config) if sinks is None else sinks)
         self.tracker = CompletionTracker(node.idle_timeout, on_complete or self._completed, clock=clock)
         self.delivery = DeliveryWorker(self.spool, self.sinks, config.mapping, dead_letters=self.dead_letters,
-                                       journal=Journal.in_spool(node.spool_dir),
+                                       journal=Journal.in_spool(node.spool_dir, max_bytes=node.journal_max_bytes),
                                        retry=RetryPolicy(max_backoff=config.fhir.max_backoff), clock=clock,
                                        metrics=metrics,
                                        on_delivered=self._delivered if self.hooks is not None else None)
@@ -132,7 +132,8 @@ class Node:
         self.tracker.start()
         where = self.server.start()
         names = ", ".join(s.name for s in self.sinks) or "none"
-        log.info("node %s ready: spool %s, idle timeout %g s, sinks: %s", self.config.node.ae_title,
+        # Not "ready": the command says that once every listener (this one, the ops endpoint) is up.
+        log.info("node %s started: spool %s, idle timeout %g s, sinks: %s", self.config.node.ae_title,
                  self.config.node.spool_dir, self.config.node.idle_timeout, names)
         return where
 

@@ -108,6 +108,14 @@ class NodeProcess:
                  f"{count} delivery(ies) of study {study_uid}; node log:\n{self.log()[-2000:]}")
         return self.deliveries(study_uid)
 
+    def wait_for_deliveries_total(self, instances: int, studies: int, timeout: float = 30) -> list[dict]:
+        """Until the journal holds deliveries of `studies` studies with `instances` instances in all."""
+        def done() -> bool:
+            latest = {d["study"]: d["instances"] for d in self.deliveries()}
+            return len(latest) >= studies and sum(latest.values()) >= instances
+        wait_for(done, timeout, f"{studies} studies, {instances} instances delivered; node log:\n{self.log()[-2000:]}")
+        return self.deliveries()
+
     def spooled(self, study_uid: str) -> set[str]:
         folder = self.spool / study_uid
         return {p.stem for p in folder.glob("*.dcm")} if folder.is_dir() else set()

@@ -156,10 +156,13 @@ def test_exit_status_1_when_nothing_converts(tmp_path):
     assert not list((tmp_path / "out").glob("*.json"))
 
 
-def test_exit_status_1_for_a_folder_that_does_not_exist(tmp_path):
+def test_exit_status_2_for_a_folder_that_does_not_exist(tmp_path):
+    """A user error (issue #13): one line naming the folder, exit status 2, no traceback."""
     result = run_convert(tmp_path / "missing", "-o", tmp_path / "out")
-    assert result.returncode == 1
-    assert "missing" in result.stderr
+    assert result.returncode == 2
+    assert "missing" in result.stderr and "no such file or folder" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_rerunning_merges_without_duplicates(tmp_path):

@@ -7,10 +7,12 @@ converting a second part of a study, never loses data). Files that are not usabl
 DICOM instances are skipped with a warning naming the file and the reason.
 
 Exit status: 0 when at least one study was written, 1 when nothing could be
-converted, 2 on a configuration error.
+converted, 2 on a user error (configuration, a folder that is missing or unusable),
+reported in one line.
 
 examples:
-  dicom-fhir-scp convert /media/cdrom -o ./fhir-output
+  dicom-fhir-scp convert /media/cdrom -od ./fhir-output
+  dicom-fhir-scp convert /media/cdrom ./fhir-output      # OUT as a second argument
   dicom-fhir-scp convert studies/ --shape contained --timezone Europe/Berlin
 """
 
@@ -28,7 +30,9 @@ log = logging.getLogger("scp.commands.convert")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="DIR", type=Path,
                         help="folder of DICOM files (searched recursively), or a single file")
-    parser.add_argument("-o", "--output-dir", metavar="OUT", type=Path, default=Path("fhir-output"),
+    parser.add_argument("output_argument", nargs="?", metavar="OUT", type=Path,
+                        help="same as -od (a second argument, as dcmtk's converters take it)")
+    parser.add_argument("-od", "-o", "--output-dir", metavar="OUT", type=Path, default=None,
                         help="write one <StudyInstanceUID>.json per study here (default: ./fhir-output)")
     parser.add_argument("--shape", choices=("bundle", "contained"), default=None,
                         help="bundle: a FHIR transaction Bundle (default, or node.shape from --config); "
@@ -46,25 +50,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mapping.errors import ConfigurationError
     from scp.config import load_config, override
     from scp.sources.folder import convert_files, list_files, write_studies
+    from scp.store.folders import ensure_folder
 
     config = load_config(args.config)
     config = override(config, "mapping", timezone=args.timezone, dicomweb_url=args.dicomweb_url,
                        patient_identifier_system=args.patient_identifier_system)
     shape = args.shape or config.node.shape
-    try:
-        files = list_files(args.source, exclude=args.output_dir)
-    except FileNotFoundError as exc:
-        log.error("%s", exc)
-        return 1
-    log.info("converting %d file(s) under %s to %s (shape %s)", len(files), args.source, args.output_dir, shape)
+    output_dir = _output_dir(args)
+    if not args.source.exists():
+        raise ConfigurationError(f"convert: {args.source}: no such file or folder")
+    ensure_folder(output_dir, "convert -od")
+    files = list_files(args.source, exclude=output_dir)
+    log.info("converting %d file(s) under %s to %s (shape %s)", len(files), args.source, output_dir, shape)
     with _progress_bar(len(files)) as advance:
         report = convert_files(files, config.mapping, progress=advance)
-    write_studies(report, args.output_dir, shape)
+    write_studies(report, output_dir, shape)
     for line in report.summary():
         log.info("%s", line)
     return 0 if report.written else 1
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    """OUT (positional) or -od; both is fine when they agree."""
+    from mapping.errors import ConfigurationError
+
+    if args.output_argument is not None and args.output_dir is not None and args.output_argument != args.output_dir:
+        raise ConfigurationError(f"convert: two different output folders given, OUT {args.output_argument} "
+                                 f"and -od {args.output_dir}")
+    return args.output_dir or args.output_argument or Path("fhir-output")
 
 
 @contextlib.contextmanager

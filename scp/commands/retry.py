@@ -24,7 +24,7 @@ backoff itself).
 Studies are named by StudyInstanceUID; no patient names or IDs are printed.
 
 Exit status: 0 when every study named was delivered (or requeued), 1 when one was not,
-2 on a configuration error or an unknown study UID.
+2 on a user error (configuration, a folder that cannot be used, an unknown study UID).
 
 examples:
   dicom-fhir-scp retry --config /etc/dicom-fhir-scp/dicom-fhir-scp.toml --all
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     config = override(load_config(args.config), "node", dead_letter_dir=args.dead_letter_dir,
                       spool_dir=args.spool_dir, output_dir=args.output_dir)
     config = override(config, "fhir", url=args.fhir_url)
+    _check_folders(config.node, requeue=args.requeue)
     box = DeadLetterBox(config.node.dead_letter_dir)
     uids = [letter.study_uid for letter in box.list()] if args.all else list(dict.fromkeys(args.studies))
     for uid in uids:
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError("retry: no sink configured (set node.output_dir or fhir.url, or --fhir-url)")
     hook = hook_runner(config.hooks)  # the node's end-of-study hook, checked before anything is sent
     spool_dir.mkdir(parents=True, exist_ok=True)
-    journal = Journal.in_spool(spool_dir)
+    journal = Journal.in_spool(spool_dir, max_bytes=config.node.journal_max_bytes)
     failed = 0
     for uid in uids:
         try:
@@ -121,3 +122,12 @@ def run(args: argparse.Namespace) -> int:
     if len(uids) > 1:
         print(f"{len(uids) - failed} of {len(uids)} study(ies) delivered")
     return 1 if failed else 0
+
+
+def _check_folders(node, *, requeue: bool) -> None:
+    """The folders retry writes, created or refused in one line before any study is touched."""
+    from scp.store.folders import ensure_folder
+
+    ensure_folder(node.spool_dir, "node.spool_dir (--spool-dir)")
+    if node.output_dir is not None and not requeue:
+        ensure_folder(node.output_dir, "node.output_dir (-od, --output-dir)")

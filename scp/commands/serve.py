@@ -11,8 +11,16 @@ Settings come from --config (TOML, see config/dicom-fhir-scp.toml); flags overri
 SIGTERM or Ctrl-C stops the node gracefully (the instance in flight is finished, the
 spool is kept).
 
+Settings may also come from DICOM_FHIR_SCP_<SECTION>_<KEY> environment variables
+(e.g. DICOM_FHIR_SCP_NODE_PORT=104; DICOM_FHIR_SCP_CONFIG names the file):
+flag > environment > file > default.
+
+Exit status: 0 after a graceful stop; 2 on a user error (bad configuration, a folder
+that cannot be used, a port in use), reported in one line.
+
 examples:
   dicom-fhir-scp serve
+  dicom-fhir-scp serve 11112                 # the port, as storescp takes it
   dicom-fhir-scp serve --config /etc/dicom-fhir-scp/dicom-fhir-scp.toml
   dicom-fhir-scp serve --port 11112 -aet FHIRSCP -od /data/fhir --idle-timeout 60 -v
 """
@@ -29,7 +37,10 @@ log = logging.getLogger("scp.commands.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", metavar="FILE", type=Path, help="TOML configuration file")
+    parser.add_argument("port_argument", nargs="?", type=int, metavar="PORT",
+                        help="TCP port to listen on, as storescp takes it (same as --port)")
+    parser.add_argument("-c", "--config", metavar="FILE", type=Path,
+                        help="TOML configuration file (default: $DICOM_FHIR_SCP_CONFIG, else none)")
     net = parser.add_argument_group("network (override [node] from --config)")
     net.add_argument("--port", type=int, metavar="PORT", help="TCP port to listen on (default: 11112)")
     net.add_argument("-aet", "--ae-title", metavar="AETITLE", help="the node's AE title (default: FHIRSCP)")
@@ -51,23 +62,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace):
-    """The configuration: file (or defaults), then the flags."""
+    """The configuration: defaults, the file, the environment, then the flags."""
     from scp.config import load_config, override
 
     config = load_config(args.config)
-    config = override(config, "node", port=args.port, ae_title=args.ae_title, bind=args.bind,
+    config = override(config, "node", port=_port(args), ae_title=args.ae_title, bind=args.bind,
                       output_dir=args.output_dir, spool_dir=args.spool_dir, dead_letter_dir=args.dead_letter_dir,
                       archive_dir=args.archive_dir, idle_timeout=args.idle_timeout,
                       accept_unknown_sop_classes=args.accept_unknown_sop_classes)
     return override(config, "fhir", url=args.fhir_url)
 
 
+def _port(args: argparse.Namespace) -> int | None:
+    """PORT (positional, as storescp) or --port; both is fine when they agree."""
+    from mapping.errors import ConfigurationError
+
+    positional = getattr(args, "port_argument", None)
+    if positional is not None and args.port is not None and positional != args.port:
+        raise ConfigurationError(f"serve: two different ports given, PORT {positional} and --port {args.port}")
+    return args.port if args.port is not None else positional
+
+
+def check_folders(node) -> None:
+    """Every folder the node writes, created or refused (one clear line) before anything listens."""
+    from scp.store.folders import ensure_folder
+
+    ensure_folder(node.spool_dir, "node.spool_dir (--spool-dir)")
+    ensure_folder(node.dead_letter_dir, "node.dead_letter_dir (--dead-letter-dir)")
+    if node.output_dir is not None:
+        ensure_folder(node.output_dir, "node.output_dir (-od, --output-dir)")
+    if node.archive_dir is not None:
+        ensure_folder(node.archive_dir, "node.archive_dir (--archive-dir)")
+
+
+def warn_about_mapping(options) -> list[str]:
+    """Warnings for mapping settings left unset whose absence costs data (logged at start)."""
+    warnings = []
+    if options.timezone is None:
+        warnings.append("mapping.timezone is not set: DICOM times without TimezoneOffsetFromUTC are dropped, so "
+                        "ImagingStudy.started and series/instance times keep the date only "
+                        "(set the senders' IANA zone, e.g. timezone = \"Europe/Berlin\")")
+    if options.patient_identifier_system is None and not options.use_issuer_of_patient_id:
+        warnings.append("mapping.patient_identifier_system is not set (and use_issuer_of_patient_id is off): "
+                        "Patient.identifier has no system, so patients of different issuers with the same "
+                        "PatientID cannot be told apart (set your MRN namespace, e.g. \"urn:oid:1.2.3.4\")")
+    return warnings
+
+
 def run(args: argparse.Namespace) -> int:
+    from mapping.errors import ConfigurationError
     from scp.ops.metrics import Metrics
     from scp.node import Node
     from scp.ops.http import start_ops_server
 
     config = load(args)
+    check_folders(config.node)
+    for warning in warn_about_mapping(config.mapping):
+        log.warning("%s", warning)
     metrics = Metrics()
     node = Node(config, metrics=metrics)
     stop = threading.Event()
@@ -79,11 +130,19 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        node.start()
+        host, port = node.start()
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.node.bind or "*", config.node.port, exc)
-        return 1
-    ops = start_ops_server(config.operations, metrics, node.readiness)  # does nothing when disabled
+        node.stop()
+        raise ConfigurationError(f"node.port (--port): cannot listen on {config.node.bind or '*'}:"
+                                 f"{config.node.port}: {exc.strerror or exc}") from exc
+    try:
+        ops = start_ops_server(config.operations, metrics, node.readiness)  # does nothing when disabled
+    except BaseException:
+        node.stop()
+        raise
+    # Last, after every listener: whoever waits for "ready" may connect to all of them.
+    log.info("node %s ready on %s:%d%s", config.node.ae_title, host or "*", port,
+             f", operations endpoint on port {ops.port}" if ops.port is not None else "")
     try:
         while not stop.wait(3600):
             pass

@@ -11,7 +11,7 @@ What it reads:
                                                .dcm files, last instance = newest mtime
     <dead_letter_dir>/<StudyInstanceUID>/      set-aside study; reason = first line of
         reason.txt, instances/*.dcm            reason.txt, since = its mtime
-    <spool_dir>/deliveries.jsonl               the last N lines, read with
+    <spool_dir>/deliveries.jsonl (and .1)      the last N lines (across a rotation), read with
                                                scp.store.journal (the format it writes)
 
 Hidden entries (names starting with ".") are the node's temporary files and are

@@ -13,7 +13,8 @@ Library use::
     report = convert_folder("/data/dicom", MappingOptions(timezone="Europe/Berlin"))
     for study_uid, resources in report.studies.items():
         ...  # resources.patient, .imaging_study, .endpoint: FHIR JSON dicts (mapping.StudyResources)
-    study = process_dicom_2_fhir("/data/one-study")  # drop-in for dicom2fhir's function
+    study = process_dicom_2_fhir("/data/one-study")  # drop-in for dicom-fhir-converter's function
+    study = process_dicom_2_fhir(datasets)           # ... and for PyPI dicom2fhir's (pydicom Datasets)
 
 For datasets already in memory use ``mapping.convert_datasets``.
 """
@@ -23,6 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import mmap
+import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,8 +36,11 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from mapping import InstanceHeader, StudyResources, convert_study, to_contained
-from mapping.errors import DicomFhirError, MappingError, MultipleStudiesError, PatientMismatchError
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+
+from mapping import InstanceHeader, StudyResources, convert_datasets, convert_study, render
+from mapping.errors import (ConfigurationError, DicomFhirError, MappingError, MultipleStudiesError,
+                            PatientMismatchError)
 from mapping.options import MappingOptions
 from scp.dicom.elements import CutShort, Malformed, element_head, encoding, value_end
 from scp.sinks.disk import UnusableOutputError, write_study
@@ -175,7 +181,31 @@ def read_dataset(path: str | os.PathLike[str]) -> Dataset:
 
 
 def _read_instance(path: Path) -> InstanceHeader:
-    """The InstanceHeader of one file; the Dataset is dropped here."""
+    """The InstanceHeader of one file; the Dataset is dropped here.
+
+    pydicom's own warnings (an invalid value, a VR mismatch) are logged naming the file
+    instead of printed bare by the warnings module: through logging they reach the log
+    handler (routed around a progress bar), and the reader learns which file it was.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every file's own warnings, not only the first file's
+        try:
+            return _header_of(path)
+        finally:
+            for warning in caught:
+                _log_pydicom_warning(path, warning)
+
+
+def _log_pydicom_warning(path: Path, warning: warnings.WarningMessage) -> None:
+    """One WARNING line naming the file; the text after the first ": " may quote a value (a name, an ID)."""
+    text = str(warning.message)
+    head, _, detail = text.partition(": ")
+    log.warning("%s: %s: %s%s", path, warning.category.__name__, head, " (the value with -d)" if detail else "")
+    if detail:
+        log.debug("%s: %s", path, text)
+
+
+def _header_of(path: Path) -> InstanceHeader:
     ds = read_dataset(path)
     try:
         header = InstanceHeader.from_dataset(ds)
@@ -303,16 +333,43 @@ def convert_folder(path: str | os.PathLike[str], options: MappingOptions = Mappi
     return convert_files(list_files(path), options, progress=progress)
 
 
-def process_dicom_2_fhir(directory: str | os.PathLike[str],
-                         options: MappingOptions = MappingOptions()):
-    """Drop-in for dicom-fhir-converter's ``dicom2fhir.process_dicom_2_fhir(dcmDir)``.
+def process_dicom_2_fhir(source: str | os.PathLike[str] | Dataset | Iterable[Dataset],
+                         options: MappingOptions = MappingOptions(), *,
+                         contained_patient_id: str = "patient") -> ImagingStudy | None:
+    """Drop-in for ``process_dicom_2_fhir`` of dicom-fhir-converter and of PyPI's dicom2fhir.
+
+    source: a folder of DICOM files (searched recursively, as dicom-fhir-converter's
+    ``process_dicom_2_fhir(dcmDir)``), or pydicom Datasets already in memory (an
+    iterable, or one Dataset, as dicom2fhir's ``process_dicom_2_fhir(datasets)``).
 
     Returns one fhir.resources.R4B ImagingStudy with the Patient (and Endpoint, when
-    options.dicomweb_url is set) contained, or None when the folder holds no usable
-    DICOM file (as the original). Unlike the original, a folder holding several studies
-    raises MultipleStudiesError naming their UIDs instead of dropping all but one, and
-    instances disagreeing on PatientID raise PatientMismatchError.
+    options.dicomweb_url is set) contained, or None when there is no usable instance
+    (as the originals). contained_patient_id is the contained Patient's id, which
+    ImagingStudy.subject refers to as "#<id>": "patient" by default; pass
+    "patient.contained.inline" for the documents dicom-fhir-converter produced.
+
+    Unlike the originals, several studies raise MultipleStudiesError naming their UIDs
+    instead of dropping all but one, and instances disagreeing on PatientID raise
+    PatientMismatchError. From a folder, unusable files are skipped (logged); among
+    Datasets, one without the UIDs the mapping needs raises MappingError.
     """
+    if not _FHIR_ID.match(contained_patient_id):
+        raise ConfigurationError(f"contained_patient_id: {contained_patient_id!r} is not a FHIR id "
+                                 "(1-64 letters, digits, '-' and '.')")
+    if isinstance(source, (str, os.PathLike)):
+        resources = _one_study_of_folder(source, options)
+    else:
+        resources = _one_study_of_datasets([source] if isinstance(source, Dataset) else source, options)
+    if resources is None:
+        return None
+    document = render(resources, "contained")
+    return ImagingStudy.model_validate(_with_contained_patient_id(document, contained_patient_id))
+
+
+_FHIR_ID = re.compile(r"^[A-Za-z0-9.\-]{1,64}$")
+
+
+def _one_study_of_folder(directory: str | os.PathLike[str], options: MappingOptions) -> StudyResources | None:
     report = convert_folder(directory, options)
     uids = list(report.studies) + list(report.rejected)
     if len(uids) > 1:
@@ -322,9 +379,45 @@ def process_dicom_2_fhir(directory: str | os.PathLike[str],
         if reason == PATIENT_MISMATCH:
             raise PatientMismatchError(f"study {study_uid} in {directory}: {reason}")
         raise MappingError(f"study {study_uid} in {directory}: {reason}")
-    if not report.studies:
-        return None
-    return to_contained(next(iter(report.studies.values())))
+    return next(iter(report.studies.values()), None)
+
+
+def _one_study_of_datasets(datasets: Iterable[Dataset], options: MappingOptions) -> StudyResources | None:
+    studies = convert_datasets(datasets, options)
+    if len(studies) > 1:
+        raise MultipleStudiesError(f"the datasets hold {len(studies)} studies, expected one: {', '.join(studies)}")
+    for study_uid, resources in studies.items():
+        for warning in resources.warnings:  # values dropped or replaced; never patient values
+            log.warning("study %s: %s", study_uid, warning)
+    return next(iter(studies.values()), None)
+
+
+def _with_contained_patient_id(document: dict, patient_id: str) -> dict:
+    """The contained document with its Patient's id, and every local reference to it, set to patient_id.
+
+    Done on the rendered document (not in mapping/): the id is a compatibility choice of
+    this function's callers, not part of the mapping.
+    """
+    old = next((r.get("id") for r in document.get("contained", []) if r.get("resourceType") == "Patient"), None)
+    if old is None or old == patient_id:
+        return document
+    return _replace_references(document, f"#{old}", f"#{patient_id}", old, patient_id)
+
+
+def _replace_references(node, old_ref: str, new_ref: str, old_id: str, new_id: str):
+    if isinstance(node, list):
+        return [_replace_references(item, old_ref, new_ref, old_id, new_id) for item in node]
+    if not isinstance(node, dict):
+        return node
+    result = {}
+    for key, value in node.items():
+        if key == "reference" and value == old_ref:
+            result[key] = new_ref
+        elif key == "id" and value == old_id and node.get("resourceType") == "Patient":
+            result[key] = new_id
+        else:
+            result[key] = _replace_references(value, old_ref, new_ref, old_id, new_id)
+    return result
 
 
 # --- writing ------------------------------------------------------------------------------

@@ -6,5 +6,6 @@
     spool       received instance headers per study until delivered (Spool protocol,
                 FileSpool, MemorySpool)
     dead_letter studies set aside with their reason (requeue back into a spool)
-    journal     deliveries.jsonl, writer and reader
+    journal     deliveries.jsonl, writer and reader (rotated by size)
+    folders     the node's folders checked before use (created, or one clear error)
 """

@@ -8,9 +8,13 @@ A line, as `Journal.append` writes it::
      ...further fields of the writer's: series, attempts, seconds}
 
 Lines are appended with one write on an O_APPEND descriptor, so lines of concurrent
-writers (the node and `retry`) never interleave. The reader (`recent`) reads only the
-end of the file, which grows for the node's whole life, and leaves out a last line
-without its newline (a record being written right now).
+writers (the node and `retry`) never interleave. When a line would take the file past
+`max_bytes` (node.journal_max_bytes, 10 MiB by default: some 30 000 deliveries), the
+file is first renamed to deliveries.jsonl.1 (replacing the previous one), so the
+journal never holds more than about twice the limit. The reader (`recent`) reads only
+the end of the file, continues into deliveries.jsonl.1 when the current file holds
+fewer lines than asked for, and leaves out a last line without its newline (a record
+being written right now).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from scp.store.layout import JOURNAL
+from scp.store.layout import JOURNAL, rotated_journal
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 
 log = logging.getLogger("scp.store.journal")
 
@@ -45,14 +51,18 @@ class JournalEntry:
 class Journal:
     """The writer: `append` one line per finished delivery (a failure to write is logged, not raised)."""
 
-    def __init__(self, path: Path, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, wall_clock: Callable[[], float] = time.time, *,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.path = Path(path)
+        self.rotated = self.path.with_name(rotated_journal(self.path.name))
+        self.max_bytes = max_bytes
         self._wall_clock = wall_clock
         self._lock = threading.Lock()
 
     @classmethod
-    def in_spool(cls, spool_dir: Path | str, wall_clock: Callable[[], float] = time.time) -> "Journal":
-        return cls(Path(spool_dir) / JOURNAL, wall_clock)
+    def in_spool(cls, spool_dir: Path | str, wall_clock: Callable[[], float] = time.time, *,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> "Journal":
+        return cls(Path(spool_dir) / JOURNAL, wall_clock, max_bytes=max_bytes)
 
     def append(self, study_uid: str, instances: int, result: str, sinks: dict[str, str] | None = None,
                **extra: Any) -> None:
@@ -61,6 +71,7 @@ class Journal:
         data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
         try:
             with self._lock:
+                self._rotate_before(len(data))
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 try:
                     os.write(fd, data)  # one write with O_APPEND: lines never interleave
@@ -70,12 +81,24 @@ class Journal:
             log.warning("cannot append to %s: %s", self.path, exc)
 
 
+    def _rotate_before(self, size: int) -> None:
+        """Rename a full journal to <name>.1 (the one before is dropped), so that size bytes fit."""
+        try:
+            current = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return
+        if current and current + size > self.max_bytes:
+            # Another writer (`retry`) may have rotated just now: then the file is small and stays.
+            os.replace(self.path, self.rotated)
+
+
 def recent(path: Path, n: int) -> tuple[list[JournalEntry], list[str]]:
     """The last n complete lines of the journal: (entries, problems — one text per line not understood).
 
+    Reads on into the rotated file (<name>.1) when the current one holds fewer than n.
     FileNotFoundError when there is no journal yet; other OSErrors as raised.
     """
-    lines = tail_lines(path, n)
+    lines = _last_lines(Path(path), n)
     entries, problems = [], []
     for number, line in enumerate(lines, 1):
         try:
@@ -83,6 +106,22 @@ def recent(path: Path, n: int) -> tuple[list[JournalEntry], list[str]]:
         except ValueError as exc:
             problems.append(f"{path}: line {number} of the last {len(lines)} is not a delivery record ({exc})")
     return entries, problems
+
+
+def _last_lines(path: Path, n: int) -> list[str]:
+    rotated = path.with_name(rotated_journal(path.name))
+    try:
+        lines = tail_lines(path, n)
+    except FileNotFoundError:
+        if not rotated.exists():
+            raise
+        lines = []  # renamed this instant, not yet written again
+    if len(lines) < n:
+        try:
+            lines = tail_lines(rotated, n - len(lines)) + lines
+        except FileNotFoundError:
+            pass
+    return lines
 
 
 def parse_line(line: str) -> JournalEntry:

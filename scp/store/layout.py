@@ -13,6 +13,8 @@ don't, without reading the old names too.
         a spooled file that could not be read, kept aside (never delivered)
     <spool_dir>/deliveries.jsonl
         the journal: one JSON line per finished delivery (scp.store.journal)
+    <spool_dir>/deliveries.jsonl.1
+        the journal before its last rotation (node.journal_max_bytes, 10 MiB); one is kept
     <archive_dir>/<StudyInstanceUID>/<SOPInstanceUID>.dcm
         the complete instances as received (node.archive_dir), same naming as the spool
     <dead_letter_dir>/<StudyInstanceUID>/reason.txt
@@ -39,6 +41,7 @@ INSTANCE_SUFFIX = ".dcm"
 CORRUPT_SUFFIX = ".corrupt"
 TEMP_SUFFIX = ".tmp"
 JOURNAL = "deliveries.jsonl"
+ROTATED_SUFFIX = ".1"
 REASON = "reason.txt"
 INSTANCES = "instances"
 OUTPUT_SUFFIX = ".json"
@@ -94,6 +97,11 @@ def temp_file_writer(name: str) -> int | None:
         return int(name.rsplit(".", 2)[-2])
     except (ValueError, IndexError):
         return None
+
+
+def rotated_journal(name: str = JOURNAL) -> str:
+    """The name the journal is renamed to when it is full (the previous one is replaced)."""
+    return f"{name}{ROTATED_SUFFIX}"
 
 
 def output_file(study_uid: str) -> str:
