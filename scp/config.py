@@ -369,7 +369,7 @@ def _parse_text(text: str, type_name: str, variable: str) -> Any:
     """The environment's text as the TOML value of a field of type_name (then coerced as the file's)."""
     optional = "None" in type_name
     if text == "" and optional:
-        return ""  # _coerce turns "" into None for paths and strings; None for the rest
+        return None  # unset, as the file's "" for paths and strings (a list would become [""])
     if "tuple" in type_name or "list" in type_name:
         return [item.strip() for item in text.split(LIST_SEPARATOR) if item.strip()]
     if "Path" in type_name or type_name.startswith("str"):
