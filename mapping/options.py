@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -24,6 +26,9 @@ class MappingOptions:
         IssuerOfAccessionNumberSequence.
     timezone: IANA zone for DICOM times without TimezoneOffsetFromUTC; None = date precision only.
     dicomweb_url: DICOMweb root URL; when set an Endpoint is produced and referenced.
+    issuer_systems: IssuerOfPatientID value -> identifier system (a URI), for issuers that are
+        local names ("HOSP_A") rather than OIDs or URIs (as dcm4chee's fhirSystemByIssuerOfPatientID);
+        used for PatientID and OtherPatientIDsSequence items alike.
     """
 
     patient_identifier_system: str | None = None
@@ -31,8 +36,20 @@ class MappingOptions:
     accession_system: str | None = None
     timezone: str | None = None
     dicomweb_url: str | None = None
+    issuer_systems: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.issuer_systems, Mapping):
+            raise ConfigurationError(f"issuer_systems: expected a table of IssuerOfPatientID = system URI, "
+                                     f"got {self.issuer_systems!r}")
+        for issuer, system in self.issuer_systems.items():
+            if not isinstance(issuer, str) or not issuer.strip():
+                raise ConfigurationError(f"issuer_systems: an issuer must be a non-empty string, got {issuer!r}")
+            if not isinstance(system, str) or not is_absolute_uri(system):
+                raise ConfigurationError(f"issuer_systems.{issuer}: must be an absolute URI (e.g. urn:oid:1.2.3), "
+                                         f"got {system!r}")
+        # frozen: a read-only copy, so options stay immutable values
+        object.__setattr__(self, "issuer_systems", MappingProxyType(dict(self.issuer_systems)))
         if self.timezone is not None:
             try:
                 ZoneInfo(self.timezone)

@@ -10,6 +10,7 @@ may also come from a variable named in the file: each secret key ``x`` has a com
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import string
@@ -96,6 +97,7 @@ class SecurityConfig:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     tls_verify_peer: bool = False
+    allow_unknown_senders: bool = True  # false: only AE titles with a [[senders]] entry may connect
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -180,6 +182,41 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class SenderConfig:
+    """One [[senders]] entry: who (calling AE title, optionally from which addresses) and its settings.
+
+    A setting left unset (None) is the global one ([mapping], every destination). Matched by
+    scp.senders.SenderTable; an entry with addresses matches its AE title only from those.
+    """
+
+    ae_title: str
+    addresses: tuple[str, ...] = ()  # IP addresses or networks; empty = from anywhere
+    patient_identifier_system: str | None = None
+    use_issuer_of_patient_id: bool | None = None
+    issuer_systems: Mapping[str, str] | None = None  # IssuerOfPatientID -> system URI
+    accession_system: str | None = None
+    timezone: str | None = None
+    dicomweb_url: str | None = None
+    destinations: tuple[str, ...] | None = None  # "disk", "fhir" (the [fhir] url) or [fhir.destinations] names
+
+    def __post_init__(self) -> None:
+        _check(0 < len(self.ae_title.strip()) <= 16, "senders.ae_title", "1 to 16 characters", self.ae_title)
+        object.__setattr__(self, "ae_title", self.ae_title.strip())
+        for entry in self.addresses:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ConfigurationError(f"senders ({self.ae_title}).addresses: {entry!r} is not an IP address "
+                                         f"or network") from None
+
+    def mapping_overrides(self) -> dict[str, Any]:
+        """The [mapping] settings this sender sets (for MappingOptions)."""
+        names = ("patient_identifier_system", "use_issuer_of_patient_id", "issuer_systems", "accession_system",
+                 "timezone", "dicomweb_url")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     mapping: MappingOptions = field(default_factory=MappingOptions)
@@ -188,8 +225,17 @@ class Config:
     operations: OperationsConfig = field(default_factory=OperationsConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    senders: tuple[SenderConfig, ...] = ()  # [[senders]], first match wins
+    destinations: Mapping[str, FhirConfig] = field(default_factory=dict)  # [fhir.destinations.NAME]
+
+    def destination_names(self) -> tuple[str, ...]:
+        """Every destination a sender may name: "disk" (node.output_dir), "fhir" ([fhir] url), the named ones."""
+        names = ("disk",) if self.node.output_dir is not None else ()
+        names += ("fhir",) if self.fhir.url else ()
+        return names + tuple(self.destinations)
 
 
+DESTINATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _SECTIONS = {"node": NodeConfig, "mapping": MappingOptions, "fhir": FhirConfig,
              "security": SecurityConfig, "operations": OperationsConfig, "hooks": HooksConfig,
              "logging": LoggingConfig}
@@ -228,11 +274,64 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def config_from_mapping(raw: Mapping[str, Any], *, environ: Mapping[str, str], source: str = "config") -> Config:
+    raw = dict(raw)
+    senders = raw.pop("senders", [])
+    fhir = raw.get("fhir", {})
+    destinations: Mapping[str, Any] = {}
+    if isinstance(fhir, Mapping) and "destinations" in fhir:
+        fhir = dict(fhir)
+        destinations = fhir.pop("destinations")
+        raw["fhir"] = fhir
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
-        raise ConfigurationError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)}")
+        raise ConfigurationError(f"{source}: unknown section(s) {sorted(unknown)}; known: "
+                                 f"{sorted([*_SECTIONS, 'senders'])}")
     sections = {name: _build(cls, raw.get(name, {}), name, environ, source) for name, cls in _SECTIONS.items()}
-    return Config(**sections)
+    config = Config(**sections, senders=_senders(senders, environ, source),
+                    destinations=_destinations(destinations, environ, source))
+    _check_senders(config, source)
+    return config
+
+
+def _senders(raw: Any, environ: Mapping[str, str], source: str) -> tuple[SenderConfig, ...]:
+    if not isinstance(raw, list) or not all(isinstance(entry, Mapping) for entry in raw):
+        raise ConfigurationError(f"{source}: senders must be an array of tables ([[senders]])")
+    built = []
+    for number, entry in enumerate(raw, 1):
+        if "ae_title" not in entry:
+            raise ConfigurationError(f"{source}: [[senders]] entry {number}: ae_title is required")
+        built.append(_build(SenderConfig, entry, f"senders[{number}]", environ, source))
+    return tuple(built)
+
+
+def _destinations(raw: Any, environ: Mapping[str, str], source: str) -> dict[str, FhirConfig]:
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(f"{source}: fhir.destinations must be a table of [fhir.destinations.NAME]")
+    built = {}
+    for name, table in raw.items():
+        if not DESTINATION_NAME.fullmatch(name) or name in ("disk", "fhir"):
+            raise ConfigurationError(f"{source}: fhir.destinations.{name}: a name of letters, digits, - and _ "
+                                     f"(not disk or fhir, which name the disk output and [fhir] url)")
+        destination = _build(FhirConfig, table, f"fhir.destinations.{name}", environ, source)
+        if not destination.url:
+            raise ConfigurationError(f"{source}: fhir.destinations.{name}.url: required")
+        built[name] = destination
+    return built
+
+
+def _check_senders(config: Config, source: str) -> None:
+    """Each sender's settings make valid mapping options; its destinations exist."""
+    known = config.destination_names()
+    for number, sender in enumerate(config.senders, 1):
+        where = f"senders[{number}] ({sender.ae_title})"
+        try:
+            replace(config.mapping, **sender.mapping_overrides())
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{source}: {where}: {exc}") from None
+        for name in sender.destinations or ():
+            if name not in known:
+                raise ConfigurationError(f"{source}: {where}.destinations: {name!r} is not a destination; "
+                                         f"known: {', '.join(known) or 'none'}")
 
 
 def override(config: Config, section: str, **values: Any) -> Config:
@@ -277,6 +376,11 @@ def _coerce(value: Any, type_name: str, where: str) -> Any:
         if not isinstance(value, (str, Path)):
             raise ConfigurationError(f"{where}: expected a path, got {value!r}")
         return None if str(value) == "" and "None" in type_name else Path(value)
+    if "Mapping" in type_name:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in value.items()):
+            raise ConfigurationError(f"{where}: expected a table of strings (key = \"value\"), got {value!r}")
+        return dict(value)
     if "tuple" in type_name:
         if isinstance(value, str):
             value = [value]
@@ -370,6 +474,15 @@ def _parse_text(text: str, type_name: str, variable: str) -> Any:
     optional = "None" in type_name
     if text == "" and optional:
         return None  # unset, as the file's "" for paths and strings (a list would become [""])
+    if "Mapping" in type_name:  # DICOM_FHIR_SCP_MAPPING_ISSUER_SYSTEMS=HOSP_A=urn:oid:1.2.3,HOSP_B=urn:oid:1.2.4
+        table = {}
+        for item in (i.strip() for i in text.split(LIST_SEPARATOR)):
+            key, equals, value = item.partition("=")
+            if item and not equals:
+                raise ConfigurationError(f"{variable}: expected KEY=VALUE items separated by commas, got {item!r}")
+            if item:
+                table[key.strip()] = value.strip()
+        return table
     if "tuple" in type_name or "list" in type_name:
         return [item.strip() for item in text.split(LIST_SEPARATOR) if item.strip()]
     if "Path" in type_name or type_name.startswith("str"):

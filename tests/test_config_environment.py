@@ -121,6 +121,8 @@ def default_as_text(value) -> str:
         return ""
     if isinstance(value, tuple):
         return ",".join(value)
+    if hasattr(value, "items"):  # a table: KEY=VALUE,KEY=VALUE
+        return ",".join(f"{k}={v}" for k, v in value.items())
     return str(value)
 
 

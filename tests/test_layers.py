@@ -21,6 +21,7 @@ from tests.conftest import REPO
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("mapping",),  # pure DICOM → FHIR: imports nothing of scp
     ("scp", "scp.errors", "scp.config", "scp.logs"),  # what every layer shares
+    ("scp.senders",),  # who sent a study and what follows from it (receive and pipeline both read it)
     ("scp.dicom",),
     ("scp.store",),
     ("scp.ops",),
