@@ -30,6 +30,7 @@ from scp.pipeline.retry import RetryPolicy
 from scp.pipeline.worker import DeliveryWorker
 from scp.receive.handlers import StoreHandler
 from scp.receive.server import StorageServer
+from scp.senders import SenderTable
 from scp.sinks import Sink
 from scp.store.dead_letter import DeadLetterBox
 from scp.store.journal import Journal
@@ -66,7 +67,9 @@ class Node:
         self.dead_letters = DeadLetterBox(node.dead_letter_dir)
         self.sinks = list(default_sinks(config) if sinks is None else sinks)
         self.tracker = CompletionTracker(node.idle_timeout, on_complete or self._completed, clock=clock)
-        self.delivery = DeliveryWorker(self.spool, self.sinks, config.mapping, dead_letters=self.dead_letters,
+        # Each study mapped with its senders' options (scp.senders: [[senders]], else [mapping] for all).
+        self.delivery = DeliveryWorker(self.spool, self.sinks, senders=SenderTable.from_config(config),
+                                       dead_letters=self.dead_letters,
                                        journal=Journal.in_spool(node.spool_dir, max_bytes=node.journal_max_bytes),
                                        retry=RetryPolicy(max_backoff=config.fhir.max_backoff), clock=clock,
                                        metrics=metrics,

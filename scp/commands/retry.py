@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from scp.node import default_sinks
     from scp.pipeline.delivery import redeliver
     from scp.pipeline.hooks import delivered_from_report, hook_runner
+    from scp.senders import SenderTable
     from scp.store.dead_letter import DeadLetterBox
     from scp.store.journal import Journal
     from scp.store.spool import FileSpool
@@ -102,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
     hook = hook_runner(config.hooks)  # the node's end-of-study hook, checked before anything is sent
     spool_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal.in_spool(spool_dir, max_bytes=config.node.journal_max_bytes)
+    senders = SenderTable.from_config(config)  # as the node maps: each study with its senders' options
     failed = 0
     for uid in uids:
         try:
-            report = redeliver(uid, sinks, config.mapping, dead_letters=box, journal=journal)
+            report = redeliver(uid, sinks, dead_letters=box, journal=journal, senders=senders)
         except DeliveryRejected as exc:
             failed += 1
             print(f"study {uid}: still refused, kept in {box.folder(uid)}: {exc}")

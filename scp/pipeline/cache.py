@@ -5,7 +5,8 @@ hot path: a dict update under a lock). While no instance has arrived for a momen
 the delivery worker parses the waiting instances' headers, then converts the waiting
 studies, so that a completed study only leaves the sinks to run.
 
-Headers are kept per spool file version (an instance received again is parsed again);
+Headers are kept (with the sender their file meta records: what the worker puts is
+opaque here) per spool file version (an instance received again is parsed again);
 a study's conversion is kept with the exact set of instance versions it was made from
 and used only when the completed part is exactly that set. Once a part completes,
 its instances are the delivery's business (`completed`): they are no longer parsed

@@ -1,8 +1,10 @@
 """One study's delivery: spooled headers → mapping → every sink (no threads, no spool).
 
 `deliver_study` reads the headers one by one into mapping.InstanceHeader (memory stays
-flat), converts them with mapping.convert_study and hands the result to each sink that
-has not taken it yet. `redeliver` runs it for a dead-lettered study (the `retry`
+flat), noting each instance's sender (the calling AE title and address its file meta
+records), converts them with mapping.convert_study under the mapping options of those
+senders (scp.senders.SenderTable) and hands the result to each sink that has not taken
+it yet. `redeliver` runs it for a dead-lettered study (the `retry`
 command). The delivery thread around it, with retries and the dead letter, is
 scp.pipeline.worker.
 """
@@ -16,12 +18,14 @@ from dataclasses import dataclass, field
 
 from mapping import InstanceHeader, convert_study
 from mapping.errors import MappingError, PatientMismatchError
+from mapping.options import MappingOptions
 from scp.errors import DeliveryRejected
 from scp.pipeline.cache import ParseAheadCache
+from scp.senders import Sender, SenderConflict, SenderTable
 from scp.sinks import Sink
 from scp.store.dead_letter import DeadLetterBox
 from scp.store.journal import Journal
-from scp.store.part10 import header_dataset
+from scp.store.part10 import header_dataset, source_of
 from scp.store.spool import SpooledInstance, Version
 
 log = logging.getLogger("scp.pipeline.delivery")
@@ -40,6 +44,19 @@ class DeliveryReport:
     warnings: tuple[str, ...] = ()
     parsed_ahead: int = 0  # headers taken from the ParseAheadCache
     sink: str | None = None  # the sink being delivered to; when an exception ends the delivery, the one that failed
+    senders: tuple[Sender, ...] = ()  # who sent the instances read, each once, in the order first seen
+
+    def sender_titles(self) -> list[str]:
+        """The senders' AE titles, each once (the journal's "senders")."""
+        return list(dict.fromkeys(s.ae_title for s in self.senders))
+
+
+def table_for(options: MappingOptions | None, senders: SenderTable | None) -> SenderTable:
+    """The sender table to deliver with: `senders`, else one without [[senders]] entries whose options
+    are `options` (what callers that know only mapping options, like tests, mean)."""
+    if senders is not None:
+        return senders
+    return SenderTable(base=options if options is not None else MappingOptions())
 
 
 def read_header(instance: SpooledInstance) -> InstanceHeader:
@@ -52,28 +69,60 @@ def read_header(instance: SpooledInstance) -> InstanceHeader:
     return InstanceHeader.from_dataset(ds)
 
 
-def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: Sequence[Sink], options,
-                  *, done: dict[str, str] | None = None, report: DeliveryReport | None = None,
+def read_sender(instance: SpooledInstance) -> Sender:
+    """Who sent one spooled instance, from its file meta; Sender("") for a file without one (a copy
+    not written by the node: no [[senders]] entry matches it, so it is mapped with the global options)."""
+    try:
+        ae_title, address = source_of(instance.data)
+    except ValueError:
+        return Sender("")
+    return Sender(ae_title, address)
+
+
+def read_instance(instance: SpooledInstance) -> tuple[InstanceHeader, Sender]:
+    """The header and the sender of one spooled instance (what the ParseAheadCache keeps)."""
+    return read_header(instance), read_sender(instance)
+
+
+def study_options(study_uid: str, senders: Sequence[Sender], table: SenderTable) -> MappingOptions:
+    """The mapping options of a study whose instances came from `senders`; DeliveryRejected when their
+    identity settings differ (the reason names the senders and the settings, never patient values)."""
+    # In a fixed order: settings beyond identity come from the first sender, and the conversion made
+    # ahead (scp.pipeline.worker, instances in another order) must use the same options.
+    try:
+        return table.options_for(sorted(set(senders), key=lambda s: (s.ae_title, s.address)))
+    except SenderConflict as exc:
+        raise DeliveryRejected(f"SenderConflict: {exc}; send the study from one of them, "
+                               f"or give their [[senders]] entries the same identity settings, then retry") from exc
+
+
+def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: Sequence[Sink],
+                  options: MappingOptions | None = None, *, senders: SenderTable | None = None,
+                  done: dict[str, str] | None = None, report: DeliveryReport | None = None,
                   cache: ParseAheadCache | None = None) -> DeliveryReport:
     """Convert one study's spooled headers and hand them to every sink not in `done`.
 
+    The mapping options are the study's senders' (`senders.options_for`); without a table,
+    `options` for every sender.
     Raises DeliveryRetryable / DeliveryRejected from a sink, and DeliveryRejected when
-    the instances cannot be mapped together (PatientMismatchError, MappingError).
+    the instances cannot be mapped together (PatientMismatchError, MappingError, or
+    senders whose identity settings differ: SenderConflict).
     `done` (sink name -> result) is updated as sinks succeed, so a retry skips them.
     `report`, when given, is filled in as the work goes (the caller sees what was read
     even when an exception ends the delivery).
     """
     report = DeliveryReport(study_uid) if report is None else report
+    table = table_for(options, senders)
     done = {} if done is None else done
     headers = []
     series: set[str] = set()
+    seen: dict[Sender, None] = {}  # each sender once: a study's instances share a few (memory stays flat)
     ahead = 0
     for instance in instances:
-        header = None if cache is None else cache.get(study_uid, instance.sop_uid, instance.version)
-        ahead += header is not None
+        parsed = None if cache is None else cache.get(study_uid, instance.sop_uid, instance.version)
+        ahead += parsed is not None
         try:
-            if header is None:
-                header = read_header(instance)
+            header, sender = read_instance(instance) if parsed is None else parsed
             series.add(header.series_uid)
         except Exception as exc:  # a spool file is written atomically; this is a bug or a disk fault
             log.error("study %s: spooled instance %s cannot be used (%s); set aside as .corrupt",
@@ -83,15 +132,19 @@ def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: S
             report.unreadable[instance.sop_uid] = instance.version
             continue
         headers.append(header)
+        seen[sender] = None
         report.versions[instance.sop_uid] = instance.version
     report.instances, report.series = len(headers), len(series)
     report.parsed_ahead = ahead
+    report.senders = tuple(seen)
     if not headers:
         return report
+    study_mapping = study_options(study_uid, report.senders, table)
+    # Made ahead with the options of the same instance versions, hence of the same senders.
     resources = None if cache is None else cache.converted(study_uid, report.versions)
     try:
         if resources is None:
-            resources = convert_study(headers, options)
+            resources = convert_study(headers, study_mapping)
     except PatientMismatchError as exc:
         log.debug("study %s: %s", study_uid, exc)  # the text may quote patient IDs
         raise DeliveryRejected("PatientMismatchError: the study's instances disagree on PatientID; "
@@ -111,8 +164,9 @@ def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: S
     return report
 
 
-def redeliver(study_uid: str, sinks: Sequence[Sink], options, *, dead_letters: DeadLetterBox,
-               journal: Journal | None = None) -> DeliveryReport:
+def redeliver(study_uid: str, sinks: Sequence[Sink], options: MappingOptions | None = None, *,
+              dead_letters: DeadLetterBox, journal: Journal | None = None,
+              senders: SenderTable | None = None) -> DeliveryReport:
     """Deliver a dead-lettered study again (the `retry` command), with the node's pipeline.
 
     On success the delivered instances leave the dead-letter folder (the folder goes with
@@ -123,7 +177,7 @@ def redeliver(study_uid: str, sinks: Sequence[Sink], options, *, dead_letters: D
     """
     instances = dead_letters.read_instances(study_uid)
     try:
-        report = deliver_study(study_uid, instances, sinks, options)
+        report = deliver_study(study_uid, instances, sinks, options, senders=senders)
     except DeliveryRejected as exc:
         if exc.details:
             log.debug("study %s: %s", study_uid, exc.details, extra={"study_uid": study_uid})  # may quote patient IDs
@@ -136,5 +190,6 @@ def redeliver(study_uid: str, sinks: Sequence[Sink], options, *, dead_letters: D
              report.instances, report.series, "; ".join(f"{k}: {v}" for k, v in report.sinks.items()),
              extra={"study_uid": study_uid, "destination": ", ".join(report.sinks) or None})
     if journal is not None:
-        journal.append(study_uid, report.instances, "delivered (retry)", report.sinks, series=report.series)
+        journal.append(study_uid, report.instances, "delivered (retry)", report.sinks, series=report.series,
+                       senders=report.sender_titles())
     return report

@@ -31,8 +31,9 @@ from mapping import MappingOptions, convert_study
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.ops.metrics import Metrics
 from scp.pipeline.cache import ParseAheadCache
-from scp.pipeline.delivery import DeliveryReport, deliver_study, read_header
+from scp.pipeline.delivery import DeliveryReport, deliver_study, read_instance, study_options, table_for
 from scp.pipeline.retry import RetryPolicy
+from scp.senders import SenderTable
 from scp.sinks import Sink
 from scp.store.dead_letter import DeadLetterBox
 from scp.store.journal import Journal
@@ -57,14 +58,16 @@ class _Part:
 class DeliveryWorker:
     """The delivery thread (see the module docstring). `run_once(now)` drives it in tests."""
 
-    def __init__(self, spool: Spool, sinks: Sequence[Sink], options: MappingOptions, *,
-                 dead_letters: DeadLetterBox | None, journal: Journal | None,
+    def __init__(self, spool: Spool, sinks: Sequence[Sink], options: MappingOptions | None = None, *,
+                 dead_letters: DeadLetterBox | None, journal: Journal | None, senders: SenderTable | None = None,
                  retry: RetryPolicy = RetryPolicy(), clock: Callable[[], float] = time.monotonic,
                  rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
                  on_delivered: Callable[[DeliveryReport], None] | None = None) -> None:
         self.spool = spool
         self.sinks = list(sinks)
-        self.options = options
+        # Each study is mapped with its senders' options ([[senders]]); without a table, `options` for all.
+        self.senders = table_for(options, senders)
+        self.options = self.senders.base
         self.dead_letters = dead_letters
         self.journal = journal
         self.retry = retry
@@ -163,10 +166,10 @@ class DeliveryWorker:
         for study_uid, sop_uid in todo[:PREPARE_BATCH]:
             for instance in self.spool.read(study_uid, [sop_uid]):
                 try:
-                    header = read_header(instance)
+                    parsed = read_instance(instance)  # the header and its sender, kept together
                 except Exception:  # reported when the study is delivered
-                    header = None
-                self.cache.put(study_uid, sop_uid, instance.version, header)
+                    parsed = None
+                self.cache.put(study_uid, sop_uid, instance.version, parsed)
         if todo:
             return True
         # Every header is parsed: convert the waiting studies too, so that completion only
@@ -175,10 +178,12 @@ class DeliveryWorker:
             if self.cache.is_converted(study_uid, sop_uids) is False:
                 if quiet_for < QUIET:
                     return False
-                versions, headers = self.cache.parsed(study_uid, sop_uids)
+                versions, parsed = self.cache.parsed(study_uid, sop_uids)
                 try:
-                    resources = convert_study(headers, self.options)
-                except Exception:  # PatientMismatchError and the like: reported when it is delivered
+                    # The options the delivery will use: those of these instances' senders.
+                    options = study_options(study_uid, [sender for _, sender in parsed], self.senders)
+                    resources = convert_study([header for header, _ in parsed], options)
+                except Exception:  # SenderConflict, PatientMismatchError and the like: reported when it is delivered
                     resources = None
                 self.cache.put_converted(study_uid, versions, resources)
                 return True
@@ -240,7 +245,7 @@ class DeliveryWorker:
                 raise DeliveryRejected(f"study already in the dead-letter folder: "
                                        f"{self.dead_letters.get(uid).reason}")
             deliver_study(uid, self.spool.read(uid, sorted(part.sop_uids)), self.sinks,
-                          self.options, done=part.done, report=report, cache=self.cache)
+                          senders=self.senders, done=part.done, report=report, cache=self.cache)
         except DeliveryRetryable as exc:
             self._retry_later(part, exc, exc.retry_after, report.sink)
             return False
@@ -268,7 +273,7 @@ class DeliveryWorker:
                   extra={"study_uid": uid})
         if self.journal is not None:
             self.journal.append(uid, report.instances, "delivered", report.sinks, series=report.series,
-                                attempts=part.attempts, seconds=round(seconds, 3))
+                                attempts=part.attempts, seconds=round(seconds, 3), senders=report.sender_titles())
         self._notify_delivered(report)
         return True
 
@@ -306,7 +311,8 @@ class DeliveryWorker:
         if exc.details:
             log.debug("study %s: %s", uid, exc.details, extra={"study_uid": uid})  # may quote patient IDs
         if self.journal is not None:
-            self.journal.append(uid, len(versions), f"dead-lettered: {exc}", part.done, attempts=part.attempts)
+            self.journal.append(uid, len(versions), f"dead-lettered: {exc}", part.done, attempts=part.attempts,
+                                senders=report.sender_titles())
 
     def _count(self, name: str) -> None:
         if self._metrics is not None:

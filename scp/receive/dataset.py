@@ -87,14 +87,19 @@ def parse_received(data: bytes | memoryview, transfer_syntax: str) -> ReceivedIn
                             values["SOPClassUID"], header, header_syntax, data, transfer_syntax)
 
 
-def header_file(instance: ReceivedInstance, source_ae: str = "") -> list[bytes]:
-    """The spool file's contents (chunks): file meta + header bytes (scp.store.part10)."""
-    return [file_meta(instance.sop_class_uid, instance.sop_uid, instance.header_syntax, source_ae), instance.header]
+def header_file(instance: ReceivedInstance, source_ae: str = "", source_address: str = "") -> list[bytes]:
+    """The spool file's contents (chunks): file meta + header bytes (scp.store.part10).
+
+    source_ae, source_address: who sent it (the calling AE title, the peer's presentation address
+    URI), recorded in the file meta so that the sender travels with the instance to its delivery."""
+    return [file_meta(instance.sop_class_uid, instance.sop_uid, instance.header_syntax, source_ae, source_address),
+            instance.header]
 
 
-def full_file(instance: ReceivedInstance, source_ae: str = "") -> list[bytes | memoryview]:
-    """The archive file's contents (chunks): file meta + the data set exactly as received."""
-    return [file_meta(instance.sop_class_uid, instance.sop_uid, instance.transfer_syntax, source_ae),
+def full_file(instance: ReceivedInstance, source_ae: str = "", source_address: str = "") -> list[bytes | memoryview]:
+    """The archive file's contents (chunks): file meta (with the sender, as in the spool) + the data set
+    exactly as received."""
+    return [file_meta(instance.sop_class_uid, instance.sop_uid, instance.transfer_syntax, source_ae, source_address),
             instance.dataset]
 
 

@@ -21,6 +21,7 @@ from scp.receive import transport
 from scp.receive.dataset import BadInstance, full_file, header_file, parse_received
 from scp.logs import dimse_status
 from scp.receive.status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
+from scp.store.part10 import presentation_address
 from scp.store.spool import Spool
 
 log = logging.getLogger("scp.receive.handlers")
@@ -96,12 +97,12 @@ class StoreHandler:
                 instance = parse_received(view, str(event.context.transfer_syntax))
             except BadInstance as exc:
                 return self._fail(event, command_sop, exc)
-            calling = calling_aet(event)
+            calling, address = calling_aet(event), source_address(event)
             try:
                 if self.archive is not None:
-                    self.archive.store(instance.study_uid, instance.sop_uid, full_file(instance, calling))
+                    self.archive.store(instance.study_uid, instance.sop_uid, full_file(instance, calling, address))
                 make_durable = self.spool.store_deferred(instance.study_uid, instance.sop_uid,
-                                                         header_file(instance, calling))
+                                                         header_file(instance, calling, address))
             except OSError as exc:
                 log.error("C-STORE from %s: instance %s of study %s not stored: %s (answered 0x%04X "
                           "out of resources)", calling, instance.sop_uid, instance.study_uid, exc, OUT_OF_RESOURCES,
@@ -215,6 +216,16 @@ def peer(event) -> str:
         return f"{requestor.address}:{requestor.port}"
     except AttributeError:
         return "?"
+
+
+def source_address(event) -> str:
+    """The requestor's Source Presentation Address (a DICOM URI, scp.store.part10), for the file meta;
+    "" when unknown."""
+    try:
+        requestor = event.assoc.requestor
+        return presentation_address(str(requestor.address or ""), requestor.port)
+    except AttributeError:
+        return ""
 
 
 def log_fields(event, **known: str) -> dict[str, str]:
