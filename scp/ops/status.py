@@ -1,16 +1,19 @@
 """What the node holds right now, read from its on-disk layout (scp.store.layout).
 
-`build_report(spool_dir, dead_letter_dir, now)` is a pure read of the folders: it
-never opens a DICOM file (no patient data reaches the report: studies are named
-by StudyInstanceUID only), never writes, and tolerates a node running beside it
+`build_report(spool_dir, dead_letter_dir, now)` is a pure read of the folders: of a
+DICOM file it reads only the file meta (the sender: calling AE title), never the data
+set (no patient data reaches the report: studies are named by StudyInstanceUID only),
+never writes, and tolerates a node running beside it
 (a study delivered while it is being listed simply disappears from the report).
 
 What it reads:
 
     <spool_dir>/<StudyInstanceUID>/*.dcm       waiting study; instances = number of
-                                               .dcm files, last instance = newest mtime
+                                               .dcm files, last instance = newest mtime,
+                                               senders = the calling AE titles in the file
+                                               meta of the oldest and the newest file
     <dead_letter_dir>/<StudyInstanceUID>/      set-aside study; reason = first line of
-        reason.txt, instances/*.dcm            reason.txt, since = its mtime
+        reason.txt, instances/*.dcm            reason.txt, since = its mtime, senders as above
     <spool_dir>/deliveries.jsonl (and .1)      the last N lines (across a rotation), read with
                                                scp.store.journal (the format it writes)
 
@@ -28,6 +31,7 @@ from typing import Any
 
 from scp.store import journal
 from scp.store.layout import INSTANCES, JOURNAL, REASON, instance_uid, is_hidden
+from scp.store.part10 import read_source
 
 MAX_REASON = 300  # characters of a reason's first line shown
 
@@ -38,6 +42,7 @@ class WaitingStudy:
     instances: int
     last_instance: float  # epoch seconds (mtime of the newest instance file)
     idle_seconds: float
+    senders: tuple[str, ...] = ()  # calling AE titles (file meta of the oldest and newest file)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class DeadLetteredStudy:
     reason: str
     since: float  # epoch seconds (mtime of reason.txt, else of the folder)
     instances: int
+    senders: tuple[str, ...] = ()  # calling AE titles (file meta of the oldest and newest file)
 
 
 @dataclass(frozen=True)
@@ -72,8 +78,9 @@ class StatusReport:
             "dead_letter_dir": self.dead_letter_dir,
             "now": iso(self.now),
             "waiting": [dict(asdict(w), last_instance=iso(w.last_instance),
-                             idle_seconds=round(w.idle_seconds, 1)) for w in self.waiting],
-            "dead_lettered": [dict(asdict(d), since=iso(d.since)) for d in self.dead_lettered],
+                             idle_seconds=round(w.idle_seconds, 1), senders=list(w.senders)) for w in self.waiting],
+            "dead_lettered": [dict(asdict(d), since=iso(d.since), senders=list(d.senders))
+                              for d in self.dead_lettered],
             "recent_deliveries": [asdict(d) for d in self.deliveries],
             "notes": list(self.notes),
         }
@@ -82,19 +89,21 @@ class StatusReport:
 def build_report(spool_dir: Path, dead_letter_dir: Path, now: float, recent: int = 10) -> StatusReport:
     """The spool, dead-letter and delivery-log state at `now` (epoch seconds)."""
     notes: list[str] = []
-    waiting = [WaitingStudy(uid, count, newest, max(0.0, now - newest))
-               for uid, count, newest in _studies(Path(spool_dir), "spool", notes)]
+    waiting = [WaitingStudy(uid, count, newest, max(0.0, now - newest), senders)
+               for uid, count, newest, senders in _studies(Path(spool_dir), "spool", notes)]
     waiting.sort(key=lambda w: w.last_instance)
-    dead = [d for uid, count, _ in _studies(Path(dead_letter_dir), "dead-letter", notes, instances_under=INSTANCES)
-            if (d := _dead_lettered(Path(dead_letter_dir) / uid, uid, count)) is not None]
+    dead = [d for uid, count, _, senders in _studies(Path(dead_letter_dir), "dead-letter", notes,
+                                                     instances_under=INSTANCES)
+            if (d := _dead_lettered(Path(dead_letter_dir) / uid, uid, count, senders)) is not None]
     dead.sort(key=lambda d: d.since)
     deliveries = _recent_deliveries(Path(spool_dir) / JOURNAL, recent, notes)
     return StatusReport(str(spool_dir), str(dead_letter_dir), now, tuple(waiting), tuple(dead),
                         tuple(deliveries), tuple(notes))
 
 
-def _studies(root: Path, what: str, notes: list[str], instances_under: str = "") -> list[tuple[str, int, float]]:
-    """(UID, instance count, newest mtime) of each study folder under root."""
+def _studies(root: Path, what: str, notes: list[str],
+             instances_under: str = "") -> list[tuple[str, int, float, tuple[str, ...]]]:
+    """(UID, instance count, newest mtime, senders) of each study folder under root."""
     try:
         with os.scandir(root) as it:
             entries = [e for e in it if not is_hidden(e.name) and e.is_dir()]
@@ -109,12 +118,18 @@ def _studies(root: Path, what: str, notes: list[str], instances_under: str = "")
     for entry in entries:
         folder = Path(entry.path) / instances_under if instances_under else Path(entry.path)
         count, newest = 0, 0.0
+        oldest: tuple[float, str] | None = None
+        newest_path = ""
         try:
             with os.scandir(folder) as files:
                 for f in files:
                     if instance_uid(f.name) is not None and f.is_file():
                         count += 1
-                        newest = max(newest, f.stat().st_mtime)
+                        mtime = f.stat().st_mtime
+                        if mtime >= newest:
+                            newest, newest_path = mtime, f.path
+                        if oldest is None or mtime < oldest[0]:
+                            oldest = (mtime, f.path)
         except FileNotFoundError:
             if not instances_under:
                 continue  # delivered and removed while we looked
@@ -122,11 +137,27 @@ def _studies(root: Path, what: str, notes: list[str], instances_under: str = "")
             notes.append(f"{what} study {entry.name}: cannot read: {exc.strerror or exc}")
             continue
         if count or instances_under:  # an empty spool folder waits for nothing
-            found.append((entry.name, count, newest))
+            paths = [] if oldest is None else [oldest[1], newest_path]
+            found.append((entry.name, count, newest, _senders(paths)))
     return found
 
 
-def _dead_lettered(folder: Path, uid: str, instances: int) -> DeadLetteredStudy | None:
+def _senders(paths: list[str]) -> tuple[str, ...]:
+    """The calling AE titles recorded in these files' meta (each once). Two files per study, the oldest
+    and the newest, keep `status` cheap on a large spool and still show a study split across two
+    associations; a file without a sender (written by hand, being replaced) is left out."""
+    titles: dict[str, None] = {}
+    for path in paths:
+        try:
+            ae_title, _address = read_source(path)
+        except (OSError, ValueError):
+            continue
+        if ae_title:
+            titles[ae_title] = None
+    return tuple(titles)
+
+
+def _dead_lettered(folder: Path, uid: str, instances: int, senders: tuple[str, ...] = ()) -> DeadLetteredStudy | None:
     try:
         since = (folder / REASON).stat().st_mtime
         with open(folder / REASON, encoding="utf-8", errors="replace") as fh:
@@ -139,7 +170,7 @@ def _dead_lettered(folder: Path, uid: str, instances: int) -> DeadLetteredStudy 
         reason = f"({REASON} missing: being set aside right now, or that was interrupted)"
     if len(reason) > MAX_REASON:
         reason = reason[:MAX_REASON - 1] + "…"
-    return DeadLetteredStudy(uid, reason or "(no reason given)", since, instances)
+    return DeadLetteredStudy(uid, reason or "(no reason given)", since, instances, senders)
 
 
 def _recent_deliveries(log: Path, recent: int, notes: list[str]) -> list[Delivery]:
@@ -190,15 +221,16 @@ def format_report(report: StatusReport) -> list[str]:
     out: list[str] = []
     n = len(report.waiting)
     out.append(f"Waiting in the spool ({report.spool_dir}): {n} stud{'y' if n == 1 else 'ies'}")
-    out += _table(("STUDY", "INSTANCES", "LAST INSTANCE", "IDLE"),
-                  [(w.study, str(w.instances), iso(w.last_instance), format_age(w.idle_seconds))
-                   for w in report.waiting])
+    out += _table(("STUDY", "SENDER", "INSTANCES", "LAST INSTANCE", "IDLE"),
+                  [(w.study, _sender_column(w.senders), str(w.instances), iso(w.last_instance),
+                    format_age(w.idle_seconds)) for w in report.waiting])
     n = len(report.dead_lettered)
     out.append("")
     out.append(f"Dead-lettered ({report.dead_letter_dir}): {n} stud{'y' if n == 1 else 'ies'}"
                + (" — fix the cause, then `dicom-fhir-scp retry`" if n else ""))
-    out += _table(("STUDY", "INSTANCES", "SINCE", "REASON"),
-                  [(d.study, str(d.instances), iso(d.since), d.reason) for d in report.dead_lettered])
+    out += _table(("STUDY", "SENDER", "INSTANCES", "SINCE", "REASON"),
+                  [(d.study, _sender_column(d.senders), str(d.instances), iso(d.since), d.reason)
+                   for d in report.dead_lettered])
     out.append("")
     out.append(f"Recent deliveries ({Path(report.spool_dir) / JOURNAL}): {len(report.deliveries)} shown")
     out += _table(("TIME", "STUDY", "INSTANCES", "RESULT"),
@@ -208,6 +240,10 @@ def format_report(report: StatusReport) -> list[str]:
         out.append("")
         out += [f"note: {note}" for note in report.notes]
     return out
+
+
+def _sender_column(senders: tuple[str, ...]) -> str:
+    return ",".join(senders) or "-"
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
