@@ -5,7 +5,7 @@ A line, as `Journal.append` writes it::
     {"time": "2027-01-15T08:00:00+00:00", "study": "<StudyInstanceUID>", "instances": 12,
      "result": "delivered" | "delivered (retry)" | "dead-lettered: <reason>",
      "sinks": {"disk": "wrote ...", "fhir": "ImagingStudy/17 created at ..."},
-     ...further fields of the writer's: series, attempts, seconds}
+     ...further fields of the writer's: series, attempts, seconds, senders (calling AE titles)}
 
 Lines are appended with one write on an O_APPEND descriptor, so lines of concurrent
 writers (the node and `retry`) never interleave. When a line would take the file past
