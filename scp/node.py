@@ -30,6 +30,7 @@ from scp.pipeline.retry import RetryPolicy
 from scp.pipeline.worker import DeliveryWorker
 from scp.receive.handlers import StoreHandler
 from scp.receive.server import StorageServer
+from scp.senders import SenderTable
 from scp.sinks import Sink
 from scp.store.dead_letter import DeadLetterBox
 from scp.store.journal import Journal
@@ -72,7 +73,7 @@ class Node:
                                        metrics=metrics,
                                        on_delivered=self._delivered if self.hooks is not None else None)
         self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics)
-        self.server = StorageServer(node, config.security, self.handler)
+        self.server = StorageServer(node, config.security, self.handler, SenderTable.from_config(config))
         self.readiness = Readiness(self._readiness_checks(clock))
         if metrics is not None:  # read at scrape time, never on the C-STORE path
             metrics.watch("spool_studies", self.spool.depth)
