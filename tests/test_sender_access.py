@@ -8,6 +8,7 @@ this machine's on Linux; pynetdicom's bind_address picks the sender's).
   one with an entry stores.
 - Without [[senders]] any AE title from any address stores, as before the table existed.
 - [security] allow-lists and [[senders]] combine: both must allow (pure, AccessPolicy).
+- The node as run (tests/scp_node.py) takes [[senders]] from its file to the association.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from scp.receive.status import REJECT_CALLING_AE
 from scp.senders import SenderTable
 from scp.store.spool import FileSpool
 from tests.dicomgen import generate_study
+from tests.scp_node import NodeProcess, instance_uids
 from tests.scu import keep_responses
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
@@ -173,3 +175,21 @@ def test_an_address_off_the_allow_list_is_refused_before_the_senders_table_is_as
     both = policy(node_config(security={"allowed_addresses": ["10.0.5.0/24"]},
                               senders=[{"ae_title": "CT_A", "addresses": ["10.0.9.9"]}]))
     assert both.check("CT_A", "FHIRSCP", "10.0.9.9")[1] == "peer address 10.0.9.9 is not in security.allowed_addresses"
+
+
+# --- the node as run (python -m scp serve): [[senders]] from the file reach the association ------
+
+
+def test_the_node_refuses_an_unpaired_address_from_its_config_file_and_stores_from_the_paired_one(tmp_path):
+    node = NodeProcess(tmp_path / "node", config=f'[[senders]]\nae_title = "CT_A"\naddresses = ["{OTHER}"]\n').start()
+    try:
+        attempt = Attempt(node.port, "CT_A", PAIRED)
+        assert attempt.assoc.is_rejected and attempt.rejection == (1, 1, 3)
+        study = generate_study(tmp_path / "study", 2, 1)
+        assert Attempt(node.port, "CT_A", OTHER).store(study.files) == [SUCCESS, SUCCESS]
+        node.wait_for_deliveries(study.study_uid)
+        assert instance_uids(node.output_of(study.study_uid)) == set(study.sop_uids)
+    finally:
+        node.stop()
+    assert (f"association from CT_A at {PAIRED} (called FHIRSCP) rejected: calling AE title 'CT_A' is paired "
+            f"with {OTHER} in [[senders]], not with {PAIRED}") in node.log()
