@@ -7,7 +7,6 @@ this machine's on Linux; pynetdicom's bind_address picks the sender's).
 - With security.allow_unknown_senders = false an AE title without an entry is refused,
   one with an entry stores.
 - Without [[senders]] any AE title from any address stores, as before the table existed.
-- [security] allow-lists and [[senders]] combine: both must allow (pure, AccessPolicy).
 - The node as run (tests/scp_node.py) takes [[senders]] from its file to the association.
 """
 
@@ -22,7 +21,6 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
 from scp.config import Config, NodeConfig, config_from_mapping
-from scp.receive.access import AccessPolicy
 from scp.receive.handlers import StoreHandler
 from scp.receive.server import StorageServer
 from scp.receive.status import REJECT_CALLING_AE
@@ -148,33 +146,6 @@ def test_with_unknown_senders_on_an_ae_title_without_an_entry_stores_beside_pair
 @pytest.mark.parametrize("address", [PAIRED, OTHER])
 def test_without_senders_any_ae_title_from_any_address_stores(serve, tmp_path, address):
     assert stores(serve(Config()), tmp_path, "ANYONE", address)
-
-
-# --- [security] allow-lists and [[senders]] together: both must allow (no sockets) ---------------
-
-
-def policy(config: Config) -> AccessPolicy:
-    return AccessPolicy.from_config(config.node, config.security, SenderTable.from_config(config))
-
-
-def test_an_ae_title_on_the_allow_list_is_still_refused_from_an_unpaired_address():
-    both = policy(node_config(security={"allowed_calling_aets": ["CT_A"]},
-                              senders=[{"ae_title": "CT_A", "addresses": ["10.0.5.21"]}]))
-    assert both.check("CT_A", "FHIRSCP", "10.0.5.21") is None
-    assert both.check("CT_A", "FHIRSCP", "10.0.9.9")[1].startswith("calling AE title 'CT_A' is paired with")
-
-
-def test_an_ae_title_with_a_senders_entry_is_still_refused_when_the_allow_list_omits_it():
-    both = policy(node_config(security={"allowed_calling_aets": ["CT_A"], "allow_unknown_senders": False},
-                              senders=[{"ae_title": "CT_A"}, {"ae_title": "CT_B"}]))
-    assert both.check("CT_B", "FHIRSCP", "10.0.5.21") == (
-        REJECT_CALLING_AE, "calling AE title 'CT_B' is not in security.allowed_calling_aets")
-
-
-def test_an_address_off_the_allow_list_is_refused_before_the_senders_table_is_asked():
-    both = policy(node_config(security={"allowed_addresses": ["10.0.5.0/24"]},
-                              senders=[{"ae_title": "CT_A", "addresses": ["10.0.9.9"]}]))
-    assert both.check("CT_A", "FHIRSCP", "10.0.9.9")[1] == "peer address 10.0.9.9 is not in security.allowed_addresses"
 
 
 # --- the node as run (python -m scp serve): [[senders]] from the file reach the association ------
