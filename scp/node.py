@@ -75,7 +75,7 @@ class Node:
                                        metrics=metrics,
                                        on_delivered=self._delivered if self.hooks is not None else None)
         self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics)
-        self.server = StorageServer(node, config.security, self.handler)
+        self.server = StorageServer(node, config.security, self.handler, SenderTable.from_config(config))
         self.readiness = Readiness(self._readiness_checks(clock))
         if metrics is not None:  # read at scrape time, never on the C-STORE path
             metrics.watch("spool_studies", self.spool.depth)

@@ -1,11 +1,13 @@
 """Configuration is validated at start-up with errors that name the key."""
 
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from mapping.errors import ConfigurationError
-from scp.config import Config, config_from_mapping, load_config, override
+from scp.config import Config, SenderConfig, config_from_mapping, load_config, override
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,3 +56,31 @@ def test_command_line_overrides_file():
 def test_invalid_timezone_is_rejected():
     with pytest.raises(ConfigurationError, match="timezone"):
         config_from_mapping({"mapping": {"timezone": "Mars/Olympus"}}, environ={})
+
+
+# A commented example line: a table header ("# [fhir.destinations.b]", "# [[senders]]") or a key ("# url = ...").
+COMMENTED_EXAMPLE = re.compile(r"^# (\[\[?[a-z_.]+\]\]?\s*$|[a-z_]+ = )")
+
+
+def uncommented_examples(text: str) -> str:
+    return "\n".join(line[2:] if COMMENTED_EXAMPLE.match(line) else line for line in text.splitlines())
+
+
+def test_every_commented_example_of_the_documented_config_loads_when_uncommented(tmp_path):
+    copy = tmp_path / "examples.toml"
+    copy.write_text(uncommented_examples((REPO / "config" / "dicom-fhir-scp.toml").read_text()))
+    secrets = {name: "x" for name in ("FHIR_TOKEN", "FHIR_PASSWORD", "FHIR_CLIENT_SECRET", "HOSPITAL_B_FHIR_TOKEN")}
+    config = load_config(copy, secrets)
+    assert [s.ae_title for s in config.senders] == ["CT_HOSP_A", "MR_HOSP_B", "PACS_MAIN"]
+    assert config.senders[1].destinations == ("fhir", "hospital_b")
+    assert config.destinations["hospital_b"].url == "https://fhir.hospital-b.example/R4"
+    assert config.destinations["hospital_b"].token == "x"
+    assert config.mapping.issuer_systems["HOSP_B"] == config.senders[1].patient_identifier_system
+    assert config.senders[2].issuer_systems == config.mapping.issuer_systems
+    assert config.security.allow_unknown_senders is True
+
+
+def test_every_senders_key_is_described_in_the_documented_config():
+    text = (REPO / "config" / "dicom-fhir-scp.toml").read_text()
+    described = set(re.findall(r"^#   ([a-z_]+) ", text, re.MULTILINE))
+    assert {f.name for f in fields(SenderConfig)} <= described

@@ -32,6 +32,10 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports the configuration lazily (start-up time)
+    from scp.config import Config
 
 log = logging.getLogger("scp.commands.serve")
 
@@ -109,6 +113,17 @@ def warn_about_mapping(options) -> list[str]:
     return warnings
 
 
+def warn_about_senders(config: Config) -> list[str]:
+    """Warnings for a [[senders]] set-up that refuses every sender (logged at start).
+
+    A warning, not an error: closing the node to everyone (while the entries are being
+    written, or to stop a flood) is a thing an administrator may mean."""
+    if not config.security.allow_unknown_senders and not config.senders:
+        return ["security.allow_unknown_senders = false and no [[senders]] entry: every association will be "
+                "refused (calling AE title not recognized); add an entry per sender or set it to true"]
+    return []
+
+
 def run(args: argparse.Namespace) -> int:
     from mapping.errors import ConfigurationError
     from scp.ops.metrics import Metrics
@@ -117,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load(args)
     check_folders(config.node)
-    for warning in warn_about_mapping(config.mapping):
+    for warning in warn_about_mapping(config.mapping) + warn_about_senders(config):
         log.warning("%s", warning)
     metrics = Metrics()
     node = Node(config, metrics=metrics)

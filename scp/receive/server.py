@@ -23,6 +23,7 @@ from scp.receive import transport
 from scp.receive.access import AccessPolicy
 from scp.receive.handlers import StoreHandler, handle_echo
 from scp.receive.tls import TlsHandshake, tls_context
+from scp.senders import SenderTable
 
 log = logging.getLogger("scp.receive.server")
 
@@ -35,9 +36,12 @@ DIMSE_TIMEOUT = 60
 class StorageServer:
     """The AE and its listening socket. `start()` returns the bound (address, port)."""
 
-    def __init__(self, node: NodeConfig, security: SecurityConfig, handler: StoreHandler) -> None:
+    def __init__(self, node: NodeConfig, security: SecurityConfig, handler: StoreHandler,
+                 senders: SenderTable | None = None) -> None:
+        """senders: the [[senders]] table (SenderTable.from_config); None = no entries, every AE title allowed
+        (the security allow-lists still apply)."""
         self.node = node
-        self.policy = AccessPolicy.from_config(node, security)
+        self.policy = AccessPolicy.from_config(node, security, senders)
         self.ssl_context = tls_context(security)
         self.handler = handler
         self.ae = self._build_ae()
