@@ -97,9 +97,15 @@ def test_unchanged_ignores_meta():
 
 def test_patient_identifiers_agree_when_system_and_value_match():
     assert same_identifier({("urn:mrn", "123")}, {("urn:mrn", "123"), ("urn:other", "9")})
-    assert same_identifier({(None, "123")}, {("urn:mrn", "123")})
+    assert same_identifier({(None, "123")}, {(None, "123")})
     assert not same_identifier({("urn:mrn", "123")}, {("urn:mrn", "124")})
     assert not same_identifier({("urn:a", "123")}, {("urn:b", "123")})
+
+
+def test_a_bare_patient_identifier_never_matches_one_with_a_system_either_way():
+    # issue #11: a bare value cannot prove identity once a system is known
+    assert not same_identifier({(None, "123")}, {("urn:mrn", "123")})
+    assert not same_identifier({("urn:mrn", "123")}, {(None, "123")})
 
 
 def test_the_server_subject_and_endpoint_replace_bundle_local_references():
