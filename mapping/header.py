@@ -434,9 +434,7 @@ def _identity(item: Dataset, clean: Callable[[str], str]) -> PatientIdentity | N
     patient_id = _item_text(item, "PatientID", clean)
     if not patient_id:
         return None
-    sequence = item.get("IssuerOfPatientIDQualifiersSequence")
-    qualifiers = None
-    if sequence is not None and len(sequence.value):
-        qualifiers = _qualifiers(sequence.value[0], clean)
+    sequence = item.get("IssuerOfPatientIDQualifiersSequence")  # its value: a Sequence, or None
+    qualifiers = _qualifiers(sequence[0], clean) if sequence else None
     return PatientIdentity(patient_id, _item_text(item, "IssuerOfPatientID", clean),
                            " ".join(_item_text(item, "TypeOfPatientID", clean).split()), qualifiers)
