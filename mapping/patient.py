@@ -75,7 +75,13 @@ def other_identifiers(identities: tuple[PatientIdentity, ...], primary: dict[str
     """Further Patient.identifier entries from OtherPatientIDsSequence (0010,1002) items, in their
     order: each with its own issuer's system (issuer_system). An item whose issuer gives no system
     is left out with a warning (a bare value would pass for the primary namespace's); one equal
-    to an identifier already present (same system and value) is left out silently."""
+    to an identifier already present (same system and value) is left out silently.
+
+    Unless issuers are configured to give systems (use_issuer_of_patient_id or issuer_systems),
+    no item can have one: the sequence is then not used at all, silently (as before issue #11).
+    """
+    if not options.use_issuer_of_patient_id and not options.issuer_systems:
+        return []
     seen = {(primary.get("system"), primary["value"])}
     result = []
     for identity in identities:

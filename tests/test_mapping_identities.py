@@ -219,6 +219,12 @@ def test_an_other_patient_id_without_a_resolvable_system_is_left_out_with_a_warn
     assert "SECRET-X" not in warning and "HOSP_C" not in warning
 
 
+def test_without_issuers_configured_other_patient_ids_are_not_used_and_give_no_warning():
+    # CT_small's items carry no issuer: at the default configuration no item can have a system
+    resources = convert(read(CT_SMALL))
+    assert len(resources.patient["identifier"]) == 1 and resources.warnings == ()
+
+
 def test_an_other_patient_id_equal_to_the_primary_is_not_repeated():
     ds = instance(PatientID="P9", IssuerOfPatientID="HOSP_A", OtherPatientIDsSequence=[
         other_id("P9", "HOSP_A"), other_id("B-7", "HOSP_B"), other_id("B-7", "HOSP_B")])
