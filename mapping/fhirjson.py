@@ -106,16 +106,28 @@ def identifier_pairs(identifiers: Any) -> set[Identifier]:
     return {(i.get("system"), i["value"]) for i in identifiers or [] if isinstance(i, dict) and i.get("value")}
 
 
+def primary_identifier(identifiers: Any) -> Identifier | None:
+    """The (system, value) of the first identifier with a value: what a Patient is matched on."""
+    for i in identifiers or []:
+        if isinstance(i, dict) and i.get("value"):
+            return i.get("system"), i["value"]
+    return None
+
+
 def same_identifier(ours: set[Identifier], theirs: set[Identifier]) -> bool:
-    """True when one of our identifiers is one of theirs (a missing system matches any system)."""
-    return any(value == v and (system is None or s is None or system == s)
-               for system, value in ours for s, v in theirs)
+    """True when one of our identifiers is one of theirs: equal values under equal systems.
+
+    An identifier without a system matches only one without a system: a bare value cannot
+    prove identity once a system is known (the same MRN under another issuer is another patient).
+    """
+    return not ours.isdisjoint(theirs)
 
 
 def same_patient(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> bool:
-    """False only when both sides carry identifiers and none agrees (a missing system matches any)."""
-    a, b = identifier_pairs(ours), identifier_pairs(theirs)
-    return not a or not b or same_identifier(a, b)
+    """False only when both sides carry identifiers and our primary one (the first) is none of
+    theirs (same_identifier: system and value equal)."""
+    primary, b = primary_identifier(ours), identifier_pairs(theirs)
+    return primary is None or not b or same_identifier({primary}, b)
 
 
 # --- search -----------------------------------------------------------------------------------

@@ -42,6 +42,27 @@ class Issuer:
 
 
 @dataclass(frozen=True, slots=True)
+class IdQualifiers:
+    """IssuerOfPatientIDQualifiersSequence (0010,0024) item: the issuer as a universal ID."""
+
+    universal: str = ""  # UniversalEntityID (0040,0032)
+    universal_type: str = ""  # UniversalEntityIDType (0040,0033): ISO, URI, UUID, DNS, ...
+    type_code: str = ""  # IdentifierTypeCode (0040,0035): an HL7 v2 table 0203 code (MR, PI, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class PatientIdentity:
+    """A patient ID with its issuer: the instance's own PatientID (0010,0020) or an item of
+    OtherPatientIDsSequence (0010,1002), each with IssuerOfPatientID (0010,0021),
+    TypeOfPatientID (0010,0022) and IssuerOfPatientIDQualifiersSequence (0010,0024)."""
+
+    patient_id: str = ""
+    issuer: str = ""  # IssuerOfPatientID (0010,0021)
+    type_of_patient_id: str = ""  # TypeOfPatientID (0010,0022): TEXT, RFID, BARCODE (the medium)
+    qualifiers: IdQualifiers | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceHeader:
     """What the mapping reads from one instance (strings decoded, unusable values dropped)."""
 
@@ -52,6 +73,8 @@ class InstanceHeader:
     # patient
     patient_id: str = ""
     issuer_of_patient_id: str = ""
+    patient_id_qualifiers: IdQualifiers | None = None  # IssuerOfPatientIDQualifiersSequence (0010,0024)
+    other_patient_ids: tuple[PatientIdentity, ...] = ()  # OtherPatientIDsSequence (0010,1002)
     patient_name: PersonName | None = None
     patient_sex: str = ""
     patient_birth_date: str = ""
@@ -85,6 +108,11 @@ class InstanceHeader:
     image_type: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
+    @property
+    def patient_identity(self) -> PatientIdentity:
+        """The instance's own PatientID with its issuer (the primary identifier)."""
+        return PatientIdentity(self.patient_id, self.issuer_of_patient_id, "", self.patient_id_qualifiers)
+
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceHeader:
         """Read the header values from a pydicom Dataset (see the module docstring).
@@ -103,6 +131,8 @@ class InstanceHeader:
             sop_class_uid=r.uid(0x00080016, sop_instance_uid),
             patient_id=r.text(0x00100020),
             issuer_of_patient_id=r.text(0x00100021),
+            patient_id_qualifiers=r.first_item(0x00100024, _qualifiers),
+            other_patient_ids=r.all_items(0x00101002, _identity),
             patient_name=r.person(0x00100010),
             patient_sex=r.code_string(0x00100040),
             patient_birth_date=r.code_string(0x00100030),
@@ -310,6 +340,19 @@ class _Reader:
                 result.append(code)
         return tuple(result)
 
+    def all_items(self, tag: int, build: Callable[[Dataset, Callable[[str], str]], Any]) -> tuple[Any, ...]:
+        """Every item built (None results left out); an item that cannot be read is dropped with a warning."""
+        result = []
+        for item in self.items(tag):
+            try:
+                built = build(item, lambda text: self.clean(tag, text))
+            except Exception as exc:
+                self._warn(tag, f"unusable item ({type(exc).__name__})")
+                continue
+            if built is not None:
+                result.append(built)
+        return tuple(result)
+
     def first_item(self, tag: int, build: Callable[[Dataset], Any]) -> Any:
         items = self.items(tag)
         if not items:
@@ -377,3 +420,21 @@ def _issuer(item: Dataset, clean: Callable[[str], str]) -> Issuer | None:
     issuer = Issuer(_item_text(item, "LocalNamespaceEntityID", clean), _item_text(item, "UniversalEntityID", clean),
                     _item_text(item, "UniversalEntityIDType", clean))
     return issuer if issuer.local or issuer.universal else None
+
+
+def _qualifiers(item: Dataset, clean: Callable[[str], str]) -> IdQualifiers | None:
+    qualifiers = IdQualifiers(_item_text(item, "UniversalEntityID", clean),
+                              " ".join(_item_text(item, "UniversalEntityIDType", clean).split()),
+                              " ".join(_item_text(item, "IdentifierTypeCode", clean).split()))
+    return qualifiers if qualifiers.universal or qualifiers.type_code else None
+
+
+def _identity(item: Dataset, clean: Callable[[str], str]) -> PatientIdentity | None:
+    """An OtherPatientIDsSequence (0010,1002) item; None when it has no PatientID."""
+    patient_id = _item_text(item, "PatientID", clean)
+    if not patient_id:
+        return None
+    sequence = item.get("IssuerOfPatientIDQualifiersSequence")  # its value: a Sequence, or None
+    qualifiers = _qualifiers(sequence[0], clean) if sequence else None
+    return PatientIdentity(patient_id, _item_text(item, "IssuerOfPatientID", clean),
+                           " ".join(_item_text(item, "TypeOfPatientID", clean).split()), qualifiers)

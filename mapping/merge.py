@@ -130,7 +130,7 @@ def _counted(element: dict[str, Any], name: str, count: int, order: Order) -> di
 
 def _merge_subject(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     old_id, new_id = existing.get("identifier"), new.get("identifier")
-    if old_id and new_id and not same_patient([old_id], [new_id]):
+    if old_id and new_id and not same_patient([new_id], [old_id]):
         raise PatientMismatchError("the new part's subject has a different patient identifier than the "
                                    "existing ImagingStudy's subject")
     if not old_id and new_id and existing.get("reference") == new.get("reference"):
@@ -152,11 +152,17 @@ def merge_imaging_study(existing: dict[str, Any], new: dict[str, Any]) -> dict[s
 
 
 def _merge_patient(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Fill in what the existing Patient lacks; never overwrite (``unknown`` gender counts as absent)."""
+    """Fill in what the existing Patient lacks; never overwrite (``unknown`` gender counts as absent).
+    Identifiers the existing Patient lacks (by system and value) are added after its own."""
     merged = dict(existing)
     for name, value in new.items():
         if name not in merged or (name == "gender" and merged[name] == "unknown"):
             merged[name] = value
+        elif name == "identifier" and isinstance(value, list) and isinstance(merged[name], list):
+            known = {_identifier_key(i) for i in merged[name]}
+            added = [i for i in value if _identifier_key(i) not in known]
+            if added:
+                merged[name] = [*merged[name], *added]
     return in_order(merged, PATIENT_ORDER) if len(merged) > len(existing) else merged
 
 
@@ -169,7 +175,7 @@ def merge_resources(existing: StudyResources, new: StudyResources) -> StudyResou
     if existing.study_uid != new.study_uid:
         raise MappingError(f"cannot merge study {new.study_uid} into study {existing.study_uid}")
     old_patient, new_patient = existing.patient, new.patient
-    if not same_patient(old_patient.get("identifier") or [], new_patient.get("identifier") or []):
+    if not same_patient(new_patient.get("identifier") or [], old_patient.get("identifier") or []):
         raise PatientMismatchError(f"study {new.study_uid}: the new part's PatientID differs from the "
                                    f"existing study's")
     patient = _merge_patient(old_patient, new_patient)

@@ -17,10 +17,10 @@ from pydicom.dataset import Dataset
 from mapping.endpoint import endpoint_address, endpoint_json
 from mapping.errors import MappingError, MultipleStudiesError, PatientMismatchError
 from mapping.fhirjson import validated
-from mapping.header import InstanceHeader
+from mapping.header import InstanceHeader, PatientIdentity
 from mapping.imaging_study import MAX_UNSIGNED_INT, first, first_number, imaging_study_json
 from mapping.options import MappingOptions
-from mapping.patient import patient_identifier, patient_json
+from mapping.patient import identifier_system, other_identifiers, patient_identifier, patient_json
 
 # Fixed namespace of this project's uuid5 fullUrls (never change: it would change every output).
 NAMESPACE = uuid.UUID("0b7b8f4e-5c8a-5d1e-9a51-6d1c0f9c4a11")
@@ -97,12 +97,13 @@ def canonical_series(headers: Iterable[InstanceHeader]) -> list[list[InstanceHea
 
 
 def _check_one_patient(study_uid: str, headers: list[InstanceHeader], options: MappingOptions) -> None:
-    seen: dict[tuple[str, str], str] = {}
+    # Compared as matched: the resolved system and the value of each instance's PatientID.
+    seen: dict[tuple[str | None, str], str] = {}
     for header in headers:
         if not header.patient_id:
             continue  # no PatientID says nothing about whose images these are
-        issuer = header.issuer_of_patient_id if options.use_issuer_of_patient_id else ""
-        seen.setdefault((issuer, header.patient_id), header.sop_instance_uid)
+        system = identifier_system(header.patient_identity, options, [])  # its warnings come with the Patient
+        seen.setdefault((system, header.patient_id), header.sop_instance_uid)
     if len(seen) > 1:
         instances = ", ".join(list(seen.values())[:2])
         # The IDs themselves stay out of the message: it is logged.
@@ -144,9 +145,13 @@ def convert_study(instances: Iterable[InstanceHeader | Dataset],
     headers = [h for s in series for h in s]
     warnings: list[str] = [w for h in headers for w in h.warnings]
 
-    identifier = patient_identifier(first(headers, lambda h: h.patient_id) or "",
-                                    first(headers, lambda h: h.issuer_of_patient_id) or "", options, warnings)
-    patient_data = patient_json(identifier, first(headers, lambda h: h.patient_name),
+    identity = PatientIdentity(first(headers, lambda h: h.patient_id) or "",
+                               first(headers, lambda h: h.issuer_of_patient_id) or "", "",
+                               first(headers, lambda h: h.patient_id_qualifiers))
+    identifier = patient_identifier(identity, options, warnings)
+    identifiers = [] if identifier is None else [identifier, *other_identifiers(
+        first(headers, lambda h: h.other_patient_ids) or (), identifier, options, warnings)]
+    patient_data = patient_json(identifiers, first(headers, lambda h: h.patient_name),
                                 first(headers, lambda h: h.patient_sex) or "",
                                 first(headers, lambda h: h.patient_birth_date) or "", warnings)
     subject: dict[str, Any] = {"reference": patient_url(study_uid)}

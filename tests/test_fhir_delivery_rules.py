@@ -13,8 +13,10 @@ import pytest
 from scp.sinks.fhir.auth import BasicAuth, BearerAuth, ClientCredentials, renewal_delay, tls_verify
 from scp.config import FhirConfig
 from scp.sinks.fhir.client import display_url, is_retryable_status, outcome_diagnostics, parse_retry_after
+from mapping import StudyResources
 from mapping.fhirjson import same_identifier
-from scp.sinks.fhir.sink import ServerStudy, as_compared, keep_server_references, update_request
+from scp.errors import DeliveryRejected
+from scp.sinks.fhir.sink import ServerStudy, as_compared, check_same_patient, keep_server_references, update_request
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -97,9 +99,38 @@ def test_unchanged_ignores_meta():
 
 def test_patient_identifiers_agree_when_system_and_value_match():
     assert same_identifier({("urn:mrn", "123")}, {("urn:mrn", "123"), ("urn:other", "9")})
-    assert same_identifier({(None, "123")}, {("urn:mrn", "123")})
+    assert same_identifier({(None, "123")}, {(None, "123")})
     assert not same_identifier({("urn:mrn", "123")}, {("urn:mrn", "124")})
     assert not same_identifier({("urn:a", "123")}, {("urn:b", "123")})
+
+
+def test_a_bare_patient_identifier_never_matches_one_with_a_system_either_way():
+    # issue #11: a bare value cannot prove identity once a system is known
+    assert not same_identifier({(None, "123")}, {("urn:mrn", "123")})
+    assert not same_identifier({("urn:mrn", "123")}, {(None, "123")})
+
+
+def _server_study(*identifiers: dict) -> ServerStudy:
+    patient = {"resourceType": "Patient", "id": "7", "identifier": list(identifiers)}
+    return ServerStudy("s1", "1", {"resourceType": "ImagingStudy", "subject": {"reference": "Patient/7"}}, (patient,))
+
+
+def _ours(*identifiers: dict) -> StudyResources:
+    return StudyResources("1.2.3", {"resourceType": "Patient", "identifier": list(identifiers)}, {})
+
+
+@pytest.mark.parametrize("theirs", [{"system": "urn:b", "value": "P1"}, {"value": "P1"}])
+def test_the_sink_rejects_a_server_patient_with_our_value_under_another_or_no_system(theirs):
+    with pytest.raises(DeliveryRejected, match="PatientMismatchError"):
+        check_same_patient(_server_study(theirs), _ours({"system": "urn:a", "value": "P1"}), "study 1.2.3")
+
+
+def test_the_sink_matches_our_primary_identifier_only_against_any_of_the_servers():
+    server = _server_study({"system": "urn:x", "value": "X"}, {"system": "urn:a", "value": "P1"})
+    check_same_patient(server, _ours({"system": "urn:a", "value": "P1"}, {"system": "urn:b", "value": "B"}), "s")
+    with pytest.raises(DeliveryRejected):  # a further identifier of ours proves nothing
+        check_same_patient(_server_study({"system": "urn:b", "value": "B"}),
+                           _ours({"system": "urn:a", "value": "P1"}, {"system": "urn:b", "value": "B"}), "s")
 
 
 def test_the_server_subject_and_endpoint_replace_bundle_local_references():

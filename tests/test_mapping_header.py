@@ -6,9 +6,11 @@ import dataclasses
 
 import pytest
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from mapping import InstanceHeader, MappingError
+from mapping.header import IdQualifiers, PatientIdentity
 from tests.mapping_cases import CT_SMALL, charset_file, convert, instance, read, reread
 
 # Several cases set invalid values on purpose; pydicom warns about them when they are set.
@@ -126,3 +128,27 @@ def test_nul_padding_of_uids_is_no_control_character():
 def test_image_type_values_lose_embedded_nul_characters():
     header = InstanceHeader.from_dataset(instance(ImageType=["ORIGINAL\x00X", "PRIMARY"]))
     assert header.image_type == ("ORIGINALX", "PRIMARY")
+
+
+def test_other_patient_ids_and_the_issuer_qualifiers_are_read_as_typed_values():
+    qualifier = Dataset()
+    qualifier.UniversalEntityID, qualifier.UniversalEntityIDType, qualifier.IdentifierTypeCode = "1.2.3", "ISO", "PI"
+    item = Dataset()
+    item.PatientID, item.IssuerOfPatientID, item.TypeOfPatientID = "B-7", "HOSP_B", "TEXT"
+    item.IssuerOfPatientIDQualifiersSequence = [qualifier]
+    empty = Dataset()  # an item without PatientID says nothing: left out
+    empty.IssuerOfPatientID = "HOSP_C"
+    header = InstanceHeader.from_dataset(reread(instance(OtherPatientIDsSequence=[item, empty],
+                                                         IssuerOfPatientIDQualifiersSequence=[qualifier])))
+    assert header.other_patient_ids == (PatientIdentity("B-7", "HOSP_B", "TEXT", IdQualifiers("1.2.3", "ISO", "PI")),)
+    assert header.patient_id_qualifiers == IdQualifiers("1.2.3", "ISO", "PI")
+    assert header.patient_identity == PatientIdentity("PID-1", "", "", IdQualifiers("1.2.3", "ISO", "PI"))
+    assert header.warnings == ()
+
+
+def test_an_other_patient_ids_sequence_that_is_not_a_sequence_is_dropped_with_a_warning():
+    ds = instance()
+    ds.add_new(0x00101002, "LO", "not a sequence")
+    header = InstanceHeader.from_dataset(ds)
+    assert header.other_patient_ids == ()
+    assert any(w.startswith("OtherPatientIDsSequence (0010,1002)") for w in header.warnings)

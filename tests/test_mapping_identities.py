@@ -128,3 +128,123 @@ def test_configured_systems_must_be_absolute_uris(option):
     with pytest.raises(ConfigurationError, match=option):
         MappingOptions(**{option: "MRN"})
     assert getattr(MappingOptions(**{option: "urn:oid:1.2.3"}), option) == "urn:oid:1.2.3"
+
+
+# --- issue #11: the issuer table, the qualifiers, OtherPatientIDsSequence -----------------------
+
+SITES = {"HOSP_A": "urn:oid:1.2.3.1", "HOSP_B": "https://b.example/mrn"}
+
+
+def other_id(patient_id: str, issuer_of_patient_id: str | None = None, **values) -> Dataset:
+    item = issuer(PatientID=patient_id, **values)
+    if issuer_of_patient_id is not None:
+        item.IssuerOfPatientID = issuer_of_patient_id
+    return item
+
+
+def qualifiers(**values: str) -> list[Dataset]:
+    return [issuer(**values)]
+
+
+def test_a_listed_issuer_of_patient_id_takes_its_system_from_issuer_systems():
+    ds = instance(PatientID="P9", IssuerOfPatientID="HOSP_A")
+    assert patient_of(ds, use_issuer_of_patient_id=True, issuer_systems=SITES)["identifier"][0]["system"] == \
+        "urn:oid:1.2.3.1"
+
+
+def test_issuer_systems_is_consulted_even_with_use_issuer_of_patient_id_off():
+    ds = instance(PatientID="P9", IssuerOfPatientID="HOSP_B")
+    assert patient_of(ds, issuer_systems=SITES, patient_identifier_system="urn:fallback")["identifier"][0][
+        "system"] == "https://b.example/mrn"
+
+
+def test_issuer_systems_wins_over_an_issuer_that_is_itself_an_oid():
+    ds = instance(PatientID="P9", IssuerOfPatientID="1.2.840.99")
+    options = {"use_issuer_of_patient_id": True, "issuer_systems": {"1.2.840.99": "urn:site:x"}}
+    assert patient_of(ds, **options)["identifier"][0]["system"] == "urn:site:x"
+
+
+def test_an_unlisted_bare_issuer_falls_back_to_the_configured_system_with_the_warning():
+    resources = convert(instance(PatientID="P9", IssuerOfPatientID="HOSP_C"), use_issuer_of_patient_id=True,
+                        issuer_systems=SITES, patient_identifier_system="urn:fallback")
+    assert resources.patient["identifier"][0]["system"] == "urn:fallback"
+    assert any(w.startswith("IssuerOfPatientID (0010,0021)") for w in resources.warnings)
+
+
+def test_the_qualifiers_universal_entity_id_is_the_system_when_the_issuer_is_a_bare_name():
+    ds = instance(PatientID="P9", IssuerOfPatientID="HOSP_C",
+                  IssuerOfPatientIDQualifiersSequence=qualifiers(UniversalEntityID="2.16.840.1.9",
+                                                                 UniversalEntityIDType="ISO"))
+    resources = convert(ds, use_issuer_of_patient_id=True)
+    assert resources.patient["identifier"][0]["system"] == "urn:oid:2.16.840.1.9"
+    assert not any("0010,0021" in w for w in resources.warnings)
+
+
+def test_the_qualifiers_are_ignored_unless_use_issuer_of_patient_id_is_on():
+    ds = instance(PatientID="P9", IssuerOfPatientIDQualifiersSequence=qualifiers(UniversalEntityID="2.16.840.1.9"))
+    assert "system" not in patient_of(ds)["identifier"][0]
+
+
+def test_the_qualifiers_identifier_type_code_is_the_identifier_type():
+    ds = instance(PatientID="P9", IssuerOfPatientIDQualifiersSequence=qualifiers(IdentifierTypeCode="PI"))
+    assert patient_of(ds)["identifier"][0]["type"]["coding"][0]["code"] == "PI"
+
+
+def test_other_patient_ids_become_further_identifiers_each_with_its_issuers_system():
+    ds = instance(PatientID="P9", IssuerOfPatientID="HOSP_A", OtherPatientIDsSequence=[
+        other_id("B-7", "HOSP_B"), other_id("C-3", "1.2.840.77")])
+    identifiers = patient_of(ds, use_issuer_of_patient_id=True, issuer_systems=SITES)["identifier"]
+    assert [(i.get("system"), i["value"]) for i in identifiers] == [
+        ("urn:oid:1.2.3.1", "P9"), ("https://b.example/mrn", "B-7"), ("urn:oid:1.2.840.77", "C-3")]
+
+
+def test_an_other_patient_id_uses_its_qualifiers_and_identifier_type_code():
+    ds = instance(PatientID="P9", OtherPatientIDsSequence=[other_id(
+        "S-1", "NATIONAL", IssuerOfPatientIDQualifiersSequence=qualifiers(
+            UniversalEntityID="2.16.840.1.113883.4.1", UniversalEntityIDType="ISO", IdentifierTypeCode="SS"))])
+    identifier = patient_of(ds, use_issuer_of_patient_id=True)["identifier"][1]
+    assert identifier == {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                               "code": "SS"}]},
+                          "system": "urn:oid:2.16.840.1.113883.4.1", "value": "S-1"}
+
+
+@pytest.mark.parametrize("item_issuer", [None, "HOSP_C", "1.2.840.77"])
+def test_an_other_patient_id_without_a_resolvable_system_is_left_out_with_a_warning_naming_the_tag(item_issuer):
+    # "1.2.840.77" resolves only with use_issuer_of_patient_id on (it is off here); the configured
+    # patient_identifier_system is the PatientID's namespace, never another issuer's.
+    resources = convert(instance(PatientID="P9", OtherPatientIDsSequence=[other_id("SECRET-X", item_issuer)]),
+                        issuer_systems=SITES, patient_identifier_system="urn:fallback")
+    assert [i["value"] for i in resources.patient["identifier"]] == ["P9"]
+    [warning] = [w for w in resources.warnings if "OtherPatientIDsSequence (0010,1002)" in w]
+    assert "SECRET-X" not in warning and "HOSP_C" not in warning
+
+
+def test_without_issuers_configured_other_patient_ids_are_not_used_and_give_no_warning():
+    # CT_small's items carry no issuer: at the default configuration no item can have a system
+    resources = convert(read(CT_SMALL))
+    assert len(resources.patient["identifier"]) == 1 and resources.warnings == ()
+
+
+def test_an_other_patient_id_equal_to_the_primary_is_not_repeated():
+    ds = instance(PatientID="P9", IssuerOfPatientID="HOSP_A", OtherPatientIDsSequence=[
+        other_id("P9", "HOSP_A"), other_id("B-7", "HOSP_B"), other_id("B-7", "HOSP_B")])
+    identifiers = patient_of(ds, issuer_systems=SITES)["identifier"]
+    assert [i["value"] for i in identifiers] == ["P9", "B-7"]
+
+
+def test_without_a_patient_id_other_patient_ids_give_no_identifier():
+    ds = instance(PatientID=None, OtherPatientIDsSequence=[other_id("B-7", "HOSP_B")])
+    assert "identifier" not in patient_of(ds, issuer_systems=SITES)
+
+
+def test_the_subject_carries_only_the_primary_identifier():
+    ds = instance(PatientID="P9", IssuerOfPatientID="HOSP_A", OtherPatientIDsSequence=[other_id("B-7", "HOSP_B")])
+    assert study_of(ds, issuer_systems=SITES)["subject"]["identifier"]["value"] == "P9"
+
+
+def test_other_patient_ids_come_from_the_first_instance_that_has_them():
+    first = instance(1, 1, PatientID="P9")
+    second = instance(1, 2, PatientID="P9", OtherPatientIDsSequence=[other_id("B-7", "HOSP_B")])
+    third = instance(1, 3, PatientID="P9", OtherPatientIDsSequence=[other_id("B-8", "HOSP_B")])
+    identifiers = patient_of(third, second, first, issuer_systems=SITES)["identifier"]
+    assert [i["value"] for i in identifiers] == ["P9", "B-7"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from pydicom.dataset import Dataset
 
 from mapping import MappingError, PatientMismatchError, merge_imaging_study, merge_resources, render
+from mapping.fhirjson import same_patient
 from tests.mapping_cases import as_json, convert, instance
 
 WADO = "https://pacs.example.org/dicom-web"
@@ -117,3 +119,70 @@ def test_a_changed_endpoint_replaces_the_old_one_without_a_dangling_reference():
     urls = {e["fullUrl"] for e in document["entry"]}
     study = document["entry"][-1]["resource"]
     assert [e["reference"] for e in study["endpoint"]] and all(e["reference"] in urls for e in study["endpoint"])
+
+
+# --- issue #11: the Patient is matched on its primary identifier, system and value ------------
+
+def _identifier(system, value="P1"):
+    return {"value": value} if system is None else {"system": system, "value": value}
+
+
+@pytest.mark.parametrize("ours,theirs,same", [
+    ("urn:a", "urn:a", True),  # same system, same value
+    ("urn:a", "urn:b", False),  # the same value under another issuer is another patient
+    ("urn:a", None, False),  # a bare value cannot prove identity once a system is known
+    (None, "urn:a", False),  # ... either way
+    (None, None, True),  # both bare: the value is all either side knows
+])
+def test_patient_match_matrix(ours, theirs, same):
+    assert same_patient([_identifier(ours)], [_identifier(theirs)]) is same
+    assert same_patient([_identifier(ours)], [_identifier(ours, "P2")]) is False
+
+
+def test_only_our_primary_identifier_is_matched_against_all_of_theirs():
+    ours = [_identifier("urn:a", "P1"), _identifier("urn:b", "B-7")]
+    assert same_patient(ours, [_identifier("urn:x", "X"), _identifier("urn:a", "P1")])
+    assert not same_patient(ours, [_identifier("urn:b", "B-7")])
+
+
+def test_subjects_with_the_same_value_under_different_systems_are_never_merged():
+    with pytest.raises(PatientMismatchError):
+        merge_imaging_study(convert(instance(PatientID="P1"), patient_identifier_system="urn:a").imaging_study,
+                            convert(instance(1, 2, PatientID="P1"), patient_identifier_system="urn:b").imaging_study)
+
+
+def test_a_bare_subject_is_never_merged_with_one_that_has_a_system():
+    with pytest.raises(PatientMismatchError):
+        merge_imaging_study(convert(instance(PatientID="P1")).imaging_study,
+                            convert(instance(1, 2, PatientID="P1"), patient_identifier_system="urn:a").imaging_study)
+
+
+def test_merge_resources_refuses_the_same_patient_id_under_another_system():
+    with pytest.raises(PatientMismatchError):
+        merge_resources(convert(instance(PatientID="P1"), patient_identifier_system="urn:a"),
+                        convert(instance(1, 2, PatientID="P1")))
+
+
+def test_merge_resources_adds_the_other_identifiers_the_existing_patient_lacks():
+    other = Dataset()
+    other.PatientID, other.IssuerOfPatientID = "B-7", "HOSP_B"
+    options = {"patient_identifier_system": "urn:a", "issuer_systems": {"HOSP_B": "urn:b"}}
+    existing = convert(instance(PatientID="P1"), **options)
+    new = convert(instance(1, 2, PatientID="P1", OtherPatientIDsSequence=[other]), **options)
+    patient = as_json(merge_resources(existing, new).patient)
+    assert [(i["system"], i["value"]) for i in patient["identifier"]] == [("urn:a", "P1"), ("urn:b", "B-7")]
+    assert merge_resources(new, existing).patient["identifier"] == patient["identifier"]
+
+
+def test_instances_whose_issuers_resolve_to_the_same_system_are_one_patient():
+    options = {"use_issuer_of_patient_id": True, "issuer_systems": {"HOSP_A": "urn:oid:1.2.3"}}
+    resources = convert(instance(1, 1, PatientID="P1", IssuerOfPatientID="HOSP_A"),
+                        instance(1, 2, PatientID="P1", IssuerOfPatientID="1.2.3"), **options)
+    assert resources.patient["identifier"][0]["system"] == "urn:oid:1.2.3"
+
+
+def test_instances_with_the_same_patient_id_under_different_resolved_systems_disagree():
+    options = {"issuer_systems": {"HOSP_A": "urn:a", "HOSP_B": "urn:b"}}
+    with pytest.raises(PatientMismatchError, match="2 different values"):
+        convert(instance(1, 1, PatientID="P1", IssuerOfPatientID="HOSP_A"),
+                instance(1, 2, PatientID="P1", IssuerOfPatientID="HOSP_B"), **options)

@@ -35,7 +35,8 @@ from typing import Any
 
 from mapping import StudyResources, merge_imaging_study, render, validate_resources
 from mapping.errors import MappingError, PatientMismatchError
-from mapping.fhirjson import canonical, identifier_pairs, model_json, same_identifier, study_search, validated
+from mapping.fhirjson import (canonical, identifier_pairs, model_json, primary_identifier, same_identifier, study_search,
+                              validated)
 from mapping.options import MappingOptions
 from mapping.shapes import check_study_structure
 from scp.config import FhirConfig
@@ -318,7 +319,9 @@ def _imaging_study_result(sent: dict[str, Any], body: Any, context: str) -> tupl
 
 
 def _ours(resources: StudyResources) -> set[tuple[str | None, str]]:
-    return identifier_pairs((resources.patient or {}).get("identifier"))
+    """The Patient's primary identifier (the first): what it is matched on, as in ifNoneExist."""
+    primary = primary_identifier((resources.patient or {}).get("identifier"))
+    return set() if primary is None else {primary}
 
 
 def _subject_identifiers(study: ServerStudy) -> set[tuple[str | None, str]]:
