@@ -20,7 +20,6 @@ pydicom converts an element only when it is read and the mapping reads a few doz
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from typing import Any
 from urllib.parse import urlsplit
