@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from mapping.errors import ConfigurationError
     from scp.config import load_config, override
     from scp.errors import DeliveryRejected, DeliveryRetryable
-    from scp.node import default_sinks
+    from scp.node import default_sinks, study_route
     from scp.pipeline.delivery import redeliver
     from scp.pipeline.hooks import delivered_from_report, hook_runner
     from scp.store.dead_letter import DeadLetterBox
@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     for uid in uids:
         try:
-            report = redeliver(uid, sinks, config.mapping, dead_letters=box, journal=journal)
+            report = redeliver(uid, sinks, config.mapping, dead_letters=box, journal=journal,
+                               route=study_route(config))
         except DeliveryRejected as exc:
             failed += 1
             print(f"study {uid}: still refused, kept in {box.folder(uid)}: {exc}")
