@@ -8,9 +8,10 @@ the server's answer (outcome.json) next to the Bundle that was sent (bundle.json
 
 Fix the cause (the configuration, the server's data, the sender's data), then run
 this command: each study named (or every one, with --all) is converted again from its
-kept instance headers with the current configuration and delivered to every sink of
-the configuration (the disk sink and the FHIR server, as the node does; delivering a
-study a sink already holds changes nothing there). A delivered study leaves the
+kept instance headers with the current configuration and delivered to each of its
+destinations (the disk sink, the FHIR servers, as the node does; [[senders]]
+destinations apply) that has not taken it yet: a destination listed in the folder's
+delivered.json (it took the study when another refused it) is never sent it again. A delivered study leaves the
 dead-letter folder and is recorded in the spool's deliveries.jsonl; a study still
 refused keeps its folder, with the new reason and documents; a study the server could
 not take right now (down, 5xx, 429) is kept unchanged. The node's end-of-study hook
@@ -19,7 +20,9 @@ changes nothing here (logged, like the node).
 
 With --requeue the instances go back into the spool instead, and the node delivers
 them when it next starts (use this while the node is stopped, to let it retry with
-backoff itself).
+backoff itself). The spool keeps no per-destination record, so a study that some
+destination already took is not requeued (it would be sent there again): it stays,
+and the command says to retry it without --requeue.
 
 Studies are named by StudyInstanceUID; no patient names or IDs are printed.
 
@@ -91,10 +94,17 @@ def run(args: argparse.Namespace) -> int:
     spool_dir = Path(config.node.spool_dir)
     if args.requeue:
         spool = FileSpool(spool_dir)
+        kept = 0
         for uid in uids:
+            took = box.delivered(uid)
+            if took:
+                kept += 1
+                print(f"study {uid}: not requeued, kept in {box.folder(uid)}: {', '.join(took)} already took it "
+                      f"and the node would send it there again; retry it without --requeue")
+                continue
             moved = box.requeue(uid, spool)
             print(f"study {uid}: {moved} instance(s) back in the spool {spool_dir}; delivered when the node starts")
-        return 0
+        return 1 if kept else 0
 
     sinks = default_sinks(config)
     if not sinks:

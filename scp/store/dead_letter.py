@@ -120,7 +120,7 @@ class DeadLetterBox:
 
     def delivered(self, study_uid: str) -> dict[str, str]:
         """The destinations that took the study ({} for a folder without delivered.json)."""
-        return _read_delivered(self.folder(study_uid))
+        return read_delivered(self.folder(study_uid))
 
     def get(self, study_uid: str) -> DeadLetter:
         folder = self.folder(study_uid)
@@ -135,7 +135,7 @@ class DeadLetterBox:
         documents = {p.name: p for p in sorted(folder.iterdir())
                      if p.is_file() and p.name not in (REASON, DELIVERED) and not is_hidden(p.name)}
         return DeadLetter(study_uid, folder, first, rest.strip(), since, instances, documents,
-                          _read_delivered(folder), read_refusals(folder))
+                          read_delivered(folder), read_refusals(folder))
 
     def list(self) -> list[DeadLetter]:
         """Every set-aside study, oldest first."""
@@ -231,7 +231,7 @@ def _write_reason(folder: Path, reason: str, details: str, documents: Mapping[st
     write_atomically(folder / REASON, text.encode("utf-8"))
 
 
-def _read_delivered(folder: Path) -> dict[str, str]:
+def read_delivered(folder: Path) -> dict[str, str]:
     try:
         data = json.loads((folder / DELIVERED).read_text(encoding="utf-8"))
     except FileNotFoundError:
