@@ -294,3 +294,13 @@ def test_requeue_keeps_a_study_that_a_destination_took(tmp_path, clock, capsys):
     assert "a already took it" in capsys.readouterr().out
     assert DeadLetterBox(tmp_path / "dead").contains(STUDY)
     assert not (tmp_path / "spool" / STUDY).exists()
+
+
+def test_a_destination_that_took_the_study_counts_as_delivered_to_while_another_is_down(tmp_path, clock):
+    spool = MemorySpool()
+    sop = spool_instance(spool, STUDY)
+    worker = make_worker(tmp_path, spool, [RecordingSink("up"), RecordingSink("down", [DeliveryRetryable("503")])],
+                         clock)
+    worker.submit(STUDY, {sop})
+    assert worker.run_once()
+    assert worker.last_delivered == {"up": clock.now}  # what the readiness check of "up" reads

@@ -251,10 +251,12 @@ class DeliveryWorker:
         report = DeliveryReport(uid)
         held = self._held_in_dead_letter(uid)
         refused = {**held, **part.refused}
+        took_before = set(part.done)
         try:
             deliver_study(uid, self.spool.read(uid, sorted(part.sop_uids)), self.sinks, self.options,
                           done=part.done, report=report, cache=self.cache, route=self.route, refused=refused)
         except DeliveryRetryable as exc:
+            self._took(set(part.done) - took_before)  # a destination that took it is up, whatever the others do
             part.refused.update(report.refused)
             for name, refusal in report.refused.items():
                 log.error("study %s refused by %s: %s; set aside for it once the other destinations are done",
@@ -263,6 +265,7 @@ class DeliveryWorker:
             self._retry_later(part, exc, exc.retry_after, report.sink)
             return False
         except DeliveryRejected as exc:
+            self._took(set(part.done) - took_before)
             part.refused.update(report.refused)
             if not report.refused:  # not mapped: no destination was asked, every one not done refuses
                 for sink in study_destinations(self.sinks, report.senders, self.route):
@@ -270,6 +273,7 @@ class DeliveryWorker:
                         part.refused[sink.name] = exc
             self._dead_letter(part, report, exc, held, whole_study=not report.refused)
             return True
+        self._took(set(part.done) - took_before)
         if held or part.refused:  # what was done is done; the rest is set aside for the others
             first = next(iter({**part.refused, **held}.values()))
             self._dead_letter(part, report, first, held)
@@ -282,8 +286,6 @@ class DeliveryWorker:
         self.spool.remove(uid, report.versions)
         self.cache.drop(uid)
         now = self._clock()
-        for name in part.done:
-            self.last_delivered[name] = now
         seconds = now - part.completed_at
         if self._metrics is not None:
             self._metrics.delivered(seconds)
@@ -317,6 +319,12 @@ class DeliveryWorker:
         log.warning("study %s: delivery attempt %d failed, next in %.1f s (the study stays in the spool): %s",
                     part.study_uid, part.attempts, delay, exc,
                     extra={"study_uid": part.study_uid, "destination": sink, "exc_type": type(exc).__name__})
+
+    def _took(self, names: set[str]) -> None:
+        """These destinations just took a delivery (the readiness checks read when)."""
+        now = self._clock()
+        for name in names:
+            self.last_delivered[name] = now
 
     def _held_in_dead_letter(self, uid: str) -> dict[str, DeliveryRejected]:
         """The destinations a study already in the dead-letter folder is set aside for: its
