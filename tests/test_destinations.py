@@ -286,21 +286,12 @@ def test_status_of_an_older_dead_letter_shows_no_destinations(tmp_path):
     assert study.reason == "HTTP 422: old" and study.delivered == {} and study.refused == {}
 
 
-def test_requeue_keeps_a_study_that_a_destination_took(tmp_path, clock, capsys):
+def test_requeue_says_which_destinations_will_be_sent_the_study_again(tmp_path, clock, capsys):
+    # The spool keeps no per-destination record: a requeued study goes to every destination.
     dead_letter_one_refused(tmp_path, clock)
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\nspool_dir = "{tmp_path / "spool"}"\ndead_letter_dir = "{tmp_path / "dead"}"\n')
-    assert cli_main(["retry", "-c", str(config), "--requeue", STUDY]) == 1
-    assert "a already took it" in capsys.readouterr().out
-    assert DeadLetterBox(tmp_path / "dead").contains(STUDY)
-    assert not (tmp_path / "spool" / STUDY).exists()
-
-
-def test_a_destination_that_took_the_study_counts_as_delivered_to_while_another_is_down(tmp_path, clock):
-    spool = MemorySpool()
-    sop = spool_instance(spool, STUDY)
-    worker = make_worker(tmp_path, spool, [RecordingSink("up"), RecordingSink("down", [DeliveryRetryable("503")])],
-                         clock)
-    worker.submit(STUDY, {sop})
-    assert worker.run_once()
-    assert worker.last_delivered == {"up": clock.now}  # what the readiness check of "up" reads
+    assert cli_main(["retry", "-c", str(config), "--requeue", STUDY]) == 0
+    assert "note: a already took it; the node sends it there again" in capsys.readouterr().out
+    assert not DeadLetterBox(tmp_path / "dead").contains(STUDY)
+    assert len(list((tmp_path / "spool" / STUDY).glob("*.dcm"))) == 2

@@ -20,9 +20,10 @@ changes nothing here (logged, like the node).
 
 With --requeue the instances go back into the spool instead, and the node delivers
 them when it next starts (use this while the node is stopped, to let it retry with
-backoff itself). The spool keeps no per-destination record, so a study that some
-destination already took is not requeued (it would be sent there again): it stays,
-and the command says to retry it without --requeue.
+backoff itself). The spool keeps no per-destination record: a requeued study goes to
+every one of its destinations again, also to those in its delivered.json (a sink merges
+what it already holds, so nothing changes there, but it is sent); the command names
+them. To send it only where it was refused, retry without --requeue.
 
 Studies are named by StudyInstanceUID; no patient names or IDs are printed.
 
@@ -94,17 +95,14 @@ def run(args: argparse.Namespace) -> int:
     spool_dir = Path(config.node.spool_dir)
     if args.requeue:
         spool = FileSpool(spool_dir)
-        kept = 0
         for uid in uids:
             took = box.delivered(uid)
-            if took:
-                kept += 1
-                print(f"study {uid}: not requeued, kept in {box.folder(uid)}: {', '.join(took)} already took it "
-                      f"and the node would send it there again; retry it without --requeue")
-                continue
             moved = box.requeue(uid, spool)
             print(f"study {uid}: {moved} instance(s) back in the spool {spool_dir}; delivered when the node starts")
-        return 1 if kept else 0
+            if took:
+                print(f"study {uid}: note: {', '.join(took)} already took it; the node sends it there again "
+                      f"(merged, nothing changes there)")
+        return 0
 
     sinks = default_sinks(config)
     if not sinks:
