@@ -24,7 +24,7 @@ from scp.config import Config
 from scp.ops.metrics import Metrics
 from scp.ops.readiness import Check, DestinationCheck, Readiness, listening_check, spool_check
 from scp.pipeline.completion import CompletionTracker
-from scp.pipeline.delivery import DeliveryReport
+from scp.pipeline.delivery import DeliveryReport, Route
 from scp.pipeline.hooks import BackgroundHooks, delivered_from_report, hook_runner
 from scp.pipeline.retry import RetryPolicy
 from scp.pipeline.worker import DeliveryWorker
@@ -42,15 +42,27 @@ PROBE_TIMEOUT = 3.0  # seconds a /readyz probe of a FHIR server may take (scrape
 
 
 def default_sinks(config: Config) -> list[Sink]:
-    """The disk sink when node.output_dir is set, the FHIR sink when fhir.url is set (both may be)."""
+    """One sink per destination, named as Config.destination_names() names them: "disk" when
+    node.output_dir is set, "fhir" when [fhir] url is set, then each [fhir.destinations.NAME]."""
     sinks: list[Sink] = []
     if config.node.output_dir is not None:
         from scp.sinks.disk import DiskSink
         sinks.append(DiskSink(config.node.output_dir, config.node.shape))
-    if config.fhir.url:
+    if config.fhir.url or config.destinations:
         from scp.sinks.fhir.sink import FhirSink
-        sinks.append(FhirSink(config.fhir, config.mapping))
+        if config.fhir.url:
+            sinks.append(FhirSink(config.fhir, config.mapping))
+        for name, fhir in config.destinations.items():
+            sinks.append(FhirSink(fhir, config.mapping, name=name))
     return sinks
+
+
+def study_route(config: Config) -> Route | None:
+    """Where a study goes by its senders ([[senders]] destinations); None without [[senders]]:
+    every sink, as before (also sinks a caller gives that are no configured destination)."""
+    if not config.senders:
+        return None
+    return SenderTable.from_config(config).destinations_for
 
 
 class Node:
@@ -73,7 +85,8 @@ class Node:
                                        journal=Journal.in_spool(node.spool_dir, max_bytes=node.journal_max_bytes),
                                        retry=RetryPolicy(max_backoff=config.fhir.max_backoff), clock=clock,
                                        metrics=metrics,
-                                       on_delivered=self._delivered if self.hooks is not None else None)
+                                       on_delivered=self._delivered if self.hooks is not None else None,
+                                       route=study_route(config))
         self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics)
         self.server = StorageServer(node, config.security, self.handler, SenderTable.from_config(config))
         self.readiness = Readiness(self._readiness_checks(clock))
@@ -93,10 +106,11 @@ class Node:
             client = getattr(sink, "client", None)
             if not isinstance(client, FhirClient):
                 continue
-            # Its own client (a short timeout), sharing the sink's credentials and token cache.
-            probe_client = FhirClient(replace(self.config.fhir, url=client.base,
-                                              timeout=min(PROBE_TIMEOUT, self.config.fhir.timeout)),
-                                      auth=client.auth)
+            # Its own client (a short timeout), sharing the sink's credentials and token cache; the
+            # destination's own settings (TLS, timeout), [fhir]'s for a sink built without them.
+            fhir = getattr(sink, "fhir", None) or self.config.fhir
+            probe_client = FhirClient(replace(fhir, url=client.base, timeout=min(PROBE_TIMEOUT, fhir.timeout)),
+                                      auth=client.auth, name=sink.name)
             checks[sink.name] = DestinationCheck(
                 lambda c=probe_client: c.request("GET", "metadata", expect=(200,)),
                 lambda name=sink.name: self.delivery.last_delivered.get(name),

@@ -8,9 +8,10 @@ the server's answer (outcome.json) next to the Bundle that was sent (bundle.json
 
 Fix the cause (the configuration, the server's data, the sender's data), then run
 this command: each study named (or every one, with --all) is converted again from its
-kept instance headers with the current configuration and delivered to every sink of
-the configuration (the disk sink and the FHIR server, as the node does; delivering a
-study a sink already holds changes nothing there). A delivered study leaves the
+kept instance headers with the current configuration and delivered to each of its
+destinations (the disk sink, the FHIR servers, as the node does; [[senders]]
+destinations apply) that has not taken it yet: a destination listed in the folder's
+delivered.json (it took the study when another refused it) is never sent it again. A delivered study leaves the
 dead-letter folder and is recorded in the spool's deliveries.jsonl; a study still
 refused keeps its folder, with the new reason and documents; a study the server could
 not take right now (down, 5xx, 429) is kept unchanged. The node's end-of-study hook
@@ -19,7 +20,10 @@ changes nothing here (logged, like the node).
 
 With --requeue the instances go back into the spool instead, and the node delivers
 them when it next starts (use this while the node is stopped, to let it retry with
-backoff itself).
+backoff itself). The spool keeps no per-destination record: a requeued study goes to
+every one of its destinations again, also to those in its delivered.json (a sink merges
+what it already holds, so nothing changes there, but it is sent); the command names
+them. To send it only where it was refused, retry without --requeue.
 
 Studies are named by StudyInstanceUID; no patient names or IDs are printed.
 
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from mapping.errors import ConfigurationError
     from scp.config import load_config, override
     from scp.errors import DeliveryRejected, DeliveryRetryable
-    from scp.node import default_sinks
+    from scp.node import default_sinks, study_route
     from scp.pipeline.delivery import redeliver
     from scp.pipeline.hooks import delivered_from_report, hook_runner
     from scp.senders import SenderTable
@@ -93,8 +97,12 @@ def run(args: argparse.Namespace) -> int:
     if args.requeue:
         spool = FileSpool(spool_dir)
         for uid in uids:
+            took = box.delivered(uid)
             moved = box.requeue(uid, spool)
             print(f"study {uid}: {moved} instance(s) back in the spool {spool_dir}; delivered when the node starts")
+            if took:
+                print(f"study {uid}: note: {', '.join(took)} already took it; the node sends it there again "
+                      f"(merged, nothing changes there)")
         return 0
 
     sinks = default_sinks(config)
@@ -107,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     for uid in uids:
         try:
-            report = redeliver(uid, sinks, dead_letters=box, journal=journal, senders=senders)
+            report = redeliver(uid, sinks, dead_letters=box, journal=journal, senders=senders,
+                               route=study_route(config))
         except DeliveryRejected as exc:
             failed += 1
             print(f"study {uid}: still refused, kept in {box.folder(uid)}: {exc}")

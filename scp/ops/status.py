@@ -14,6 +14,8 @@ What it reads:
                                                meta of the oldest and the newest file
     <dead_letter_dir>/<StudyInstanceUID>/      set-aside study; reason = first line of
         reason.txt, instances/*.dcm            reason.txt, since = its mtime, senders as above
+        delivered.json                         the destinations that took it
+        destinations/<name>/reason.txt         the destinations that refused it, and why
     <spool_dir>/deliveries.jsonl (and .1)      the last N lines (across a rotation), read with
                                                scp.store.journal (the format it writes)
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from scp.store import journal
+from scp.store.dead_letter import read_delivered, read_refusals
 from scp.store.layout import INSTANCES, JOURNAL, REASON, instance_uid, is_hidden
 from scp.store.part10 import read_source
 
@@ -52,6 +55,8 @@ class DeadLetteredStudy:
     since: float  # epoch seconds (mtime of reason.txt, else of the folder)
     instances: int
     senders: tuple[str, ...] = ()  # calling AE titles (file meta of the oldest and newest file)
+    delivered: dict[str, str] = field(default_factory=dict)  # destination -> result: took it
+    refused: dict[str, str] = field(default_factory=dict)  # destination -> first line of its reason
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,9 @@ def _dead_lettered(folder: Path, uid: str, instances: int, senders: tuple[str, .
         reason = f"({REASON} missing: being set aside right now, or that was interrupted)"
     if len(reason) > MAX_REASON:
         reason = reason[:MAX_REASON - 1] + "…"
-    return DeadLetteredStudy(uid, reason or "(no reason given)", since, instances, senders)
+    return DeadLetteredStudy(uid, reason or "(no reason given)", since, instances, senders,
+                             {k: _one_line(v) for k, v in read_delivered(folder).items()},
+                             {k: _one_line(v) for k, v in read_refusals(folder).items()})
 
 
 def _recent_deliveries(log: Path, recent: int, notes: list[str]) -> list[Delivery]:
@@ -231,6 +238,11 @@ def format_report(report: StatusReport) -> list[str]:
     out += _table(("STUDY", "SENDER", "INSTANCES", "SINCE", "REASON"),
                   [(d.study, _sender_column(d.senders), str(d.instances), iso(d.since), d.reason)
                    for d in report.dead_lettered])
+    for d in report.dead_lettered:  # per destination, when the study was refused by some only
+        if d.delivered or d.refused:
+            out.append(f"  {d.study}:")
+            out += [f"    {name}: took it ({result})" for name, result in d.delivered.items()]
+            out += [f"    {name}: refused: {reason}" for name, reason in d.refused.items()]
     out.append("")
     out.append(f"Recent deliveries ({Path(report.spool_dir) / JOURNAL}): {len(report.deliveries)} shown")
     out += _table(("TIME", "STUDY", "INSTANCES", "RESULT"),

@@ -1,34 +1,42 @@
-"""One study's delivery: spooled headers → mapping → every sink (no threads, no spool).
+"""One study's delivery: spooled headers → mapping → its destinations (no threads, no spool).
 
 `deliver_study` reads the headers one by one into mapping.InstanceHeader (memory stays
 flat), noting each instance's sender (the calling AE title and address its file meta
 records), converts them with mapping.convert_study under the mapping options of those
 senders (scp.senders.SenderTable) and hands the result to each sink that has not taken
-it yet. `redeliver` runs it for a dead-lettered study (the `retry`
-command). The delivery thread around it, with retries and the dead letter, is
-scp.pipeline.worker.
+it yet, among the study's destinations.
+
+Destinations: each sink is one destination, named by `sink.name` ("disk", "fhir", a
+[fhir.destinations] NAME). `route`, when given, names a study's destinations from the
+senders of its instances (scp.senders.SenderTable.destinations_for). Without `route`,
+every sink is a destination. Each destination succeeds, waits or refuses on its own: a
+refusal or a fault at one never keeps the study from the others. `redeliver` runs it
+for a dead-lettered study (the `retry` command). The delivery thread around it, with
+retries and the dead letter, is scp.pipeline.worker.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mapping import InstanceHeader, convert_study
 from mapping.errors import MappingError, PatientMismatchError
 from mapping.options import MappingOptions
-from scp.errors import DeliveryRejected
+from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.pipeline.cache import ParseAheadCache
 from scp.senders import Sender, SenderConflict, SenderTable
 from scp.sinks import Sink
-from scp.store.dead_letter import DeadLetterBox
+from scp.store.dead_letter import DeadLetterBox, DestinationRefusal
 from scp.store.journal import Journal
 from scp.store.part10 import header_dataset, source_of
 from scp.store.spool import SpooledInstance, Version
 
 log = logging.getLogger("scp.pipeline.delivery")
+
+Route = Callable[[Iterable[Sender]], Sequence[str]]  # a study's senders -> its destinations' names
 
 
 @dataclass
@@ -45,6 +53,9 @@ class DeliveryReport:
     parsed_ahead: int = 0  # headers taken from the ParseAheadCache
     sink: str | None = None  # the sink being delivered to; when an exception ends the delivery, the one that failed
     senders: tuple[Sender, ...] = ()  # who sent the instances read, each once, in the order first seen
+    destinations: tuple[str, ...] = ()  # the study's destinations that have a sink (route applied)
+    waiting: dict[str, DeliveryRetryable] = field(default_factory=dict)  # destination -> its retryable fault
+    refused: dict[str, DeliveryRejected] = field(default_factory=dict)  # destination -> its refusal
 
     def sender_titles(self) -> list[str]:
         """The senders' AE titles, each once (the journal's "senders")."""
@@ -99,21 +110,27 @@ def study_options(study_uid: str, senders: Sequence[Sender], table: SenderTable)
 def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: Sequence[Sink],
                   options: MappingOptions | None = None, *, senders: SenderTable | None = None,
                   done: dict[str, str] | None = None, report: DeliveryReport | None = None,
-                  cache: ParseAheadCache | None = None) -> DeliveryReport:
-    """Convert one study's spooled headers and hand them to every sink not in `done`.
+                  cache: ParseAheadCache | None = None, route: Route | None = None,
+                  refused: dict[str, DeliveryRejected] | None = None) -> DeliveryReport:
+    """Convert one study's spooled headers and hand them to each of its destinations not in
+    `done` nor in `refused`; every one is tried, whatever the others do.
 
     The mapping options are the study's senders' (`senders.options_for`); without a table,
     `options` for every sender.
-    Raises DeliveryRetryable / DeliveryRejected from a sink, and DeliveryRejected when
-    the instances cannot be mapped together (PatientMismatchError, MappingError, or
-    senders whose identity settings differ: SenderConflict).
-    `done` (sink name -> result) is updated as sinks succeed, so a retry skips them.
+    Afterwards report.waiting and report.refused hold the destinations that raised
+    DeliveryRetryable / DeliveryRejected, and the first of them is raised (a retryable
+    fault first: the study then waits in the spool for it). DeliveryRejected too when the
+    instances cannot be mapped together (PatientMismatchError, MappingError, or senders
+    whose identity settings differ: SenderConflict): no destination was asked.
+    `done` (destination -> result) is updated as sinks succeed, so a retry skips them;
+    `refused` (destination -> refusal) likewise as they refuse, and is never asked again.
     `report`, when given, is filled in as the work goes (the caller sees what was read
     even when an exception ends the delivery).
     """
     report = DeliveryReport(study_uid) if report is None else report
     table = table_for(options, senders)
     done = {} if done is None else done
+    refused = {} if refused is None else refused
     headers = []
     series: set[str] = set()
     seen: dict[Sender, None] = {}  # each sender once: a study's instances share a few (memory stays flat)
@@ -155,41 +172,79 @@ def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: S
     report.warnings = tuple(resources.warnings)
     for warning in resources.warnings:
         log.warning("study %s: %s", study_uid, warning, extra={"study_uid": study_uid})
-    for sink in sinks:
-        if sink.name not in done:
-            report.sink = sink.name
+    targets = study_destinations(sinks, report.senders, route)
+    report.destinations = tuple(sink.name for sink in targets)
+    for sink in targets:
+        if sink.name in done or sink.name in refused:
+            continue
+        report.sink = sink.name
+        try:
             done[sink.name] = sink.deliver(resources)
+        except DeliveryRetryable as exc:
+            report.waiting[sink.name] = exc
+        except DeliveryRejected as exc:
+            report.refused[sink.name] = refused[sink.name] = exc
     report.sink = None
     report.sinks = dict(done)
+    for name, exc in [*report.waiting.items(), *report.refused.items()]:
+        report.sink = name  # the one that failed, for the caller's log line
+        raise exc
     return report
 
 
+def study_destinations(sinks: Sequence[Sink], senders: Iterable[Sender], route: Route | None) -> list[Sink]:
+    """The sinks a study goes to: those `route` names for its senders (every sink without a route).
+
+    A destination named without a sink (not configured where this runs, e.g. `retry` without
+    node.output_dir) is left out: nothing can be sent there.
+    """
+    if route is None:
+        return list(sinks)
+    names = set(route(senders))
+    return [sink for sink in sinks if sink.name in names]
+
+
 def redeliver(study_uid: str, sinks: Sequence[Sink], options: MappingOptions | None = None, *,
-              dead_letters: DeadLetterBox, journal: Journal | None = None,
-              senders: SenderTable | None = None) -> DeliveryReport:
-    """Deliver a dead-lettered study again (the `retry` command), with the node's pipeline.
+              dead_letters: DeadLetterBox, journal: Journal | None = None, senders: SenderTable | None = None,
+              route: Route | None = None) -> DeliveryReport:
+    """Deliver a dead-lettered study again (the `retry` command), with the node's pipeline,
+    to its destinations not in the folder's delivered.json (those are never sent it again).
 
     On success the delivered instances leave the dead-letter folder (the folder goes with
     the last; instances set aside meanwhile stay) and a deliveries.jsonl line is appended.
-    DeliveryRejected: the folder stays; reason.txt and the documents are updated, and the
-    exception is raised again. DeliveryRetryable: the folder stays untouched; raised.
+    DeliveryRejected: the folder stays; reason.txt, the refusing destinations' reasons and
+    the documents are updated, delivered.json names the destinations that took it now too,
+    and the exception is raised again. DeliveryRetryable: the folder stays, only
+    delivered.json gains the destinations that took it now; raised.
     KeyError when the study is not in the dead-letter folder.
     """
     instances = dead_letters.read_instances(study_uid)
+    before = dead_letters.delivered(study_uid)
+    done = dict(before)
+    report = DeliveryReport(study_uid)
     try:
-        report = deliver_study(study_uid, instances, sinks, options, senders=senders)
+        deliver_study(study_uid, instances, sinks, options, senders=senders, done=done, report=report, route=route)
     except DeliveryRejected as exc:
         if exc.details:
             log.debug("study %s: %s", study_uid, exc.details, extra={"study_uid": study_uid})  # may quote patient IDs
-        dead_letters.record(study_uid, str(exc), details=exc.details, documents=exc.documents)
+        refused = {name: DestinationRefusal(str(e), e.details, e.documents) for name, e in report.refused.items()}
+        reason = str(exc) if len(refused) <= 1 else "; ".join(f"{n}: {r.reason}" for n, r in refused.items())
+        dead_letters.record(study_uid, reason, details=exc.details, documents=exc.documents,
+                            delivered=done, refused=refused)
+        raise
+    except DeliveryRetryable:
+        if done != before:  # those that took it now are not asked again at the next retry
+            dead_letters.record_delivered(study_uid, done)
         raise
     if not dead_letters.remove_delivered(study_uid, report.versions):
+        # delivered.json stays as the node wrote it joining them: who took these is not known here.
         log.warning("study %s: more instances were set aside while it was delivered; they stay in %s",
                     study_uid, dead_letters.folder(study_uid), extra={"study_uid": study_uid})
+    sent = {name: result for name, result in report.sinks.items() if name not in before}
     log.info("study %s delivered from the dead-letter folder: %d instance(s) in %d series -> %s", study_uid,
-             report.instances, report.series, "; ".join(f"{k}: {v}" for k, v in report.sinks.items()),
-             extra={"study_uid": study_uid, "destination": ", ".join(report.sinks) or None})
+             report.instances, report.series, "; ".join(f"{k}: {v}" for k, v in sent.items()) or "nothing left to send",
+             extra={"study_uid": study_uid, "destination": ", ".join(sent) or None})
     if journal is not None:
-        journal.append(study_uid, report.instances, "delivered (retry)", report.sinks, series=report.series,
+        journal.append(study_uid, report.instances, "delivered (retry)", sent, series=report.series,
                        senders=report.sender_titles())
     return report

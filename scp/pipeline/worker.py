@@ -3,15 +3,25 @@
 One worker thread takes completed parts (`submit`, called by the completion timer) and
 delivers them one at a time, so reception never waits for conversion or a FHIR server.
 
-- every sink took it: the delivered spool files are removed (only the versions that
-  were read: an instance received again meanwhile stays for the next completion), and
-  one line is appended to the journal, then the `on_delivered` observer is told (the
+Each sink is a destination, and each of a study's destinations (`route`, see
+scp.pipeline.delivery) has its own outcome:
+
+- every destination took it: the delivered spool files are removed (only the versions
+  that were read: an instance received again meanwhile stays for the next completion),
+  and one line is appended to the journal, then the `on_delivered` observer is told (the
   end-of-study hook, scp.pipeline.hooks: it runs on a thread of its own);
-- DeliveryRetryable (or an unexpected error): the part stays in the spool and is tried
-  again later (scp.pipeline.retry), without an attempt limit; sinks that already took
-  this part are not asked again;
-- DeliveryRejected, or instances that disagree on PatientID: the part is set aside in
-  the dead-letter folder (scp.store.dead_letter) with the reason and the sink's documents.
+- DeliveryRetryable at a destination (or an unexpected error): the part stays in the
+  spool and is tried again later (scp.pipeline.retry), without an attempt limit, at the
+  destinations that have neither taken nor refused it (`done`, `refused`: those are never
+  asked again);
+- DeliveryRejected at a destination: once no destination waits any more, the part is set
+  aside in the dead-letter folder (scp.store.dead_letter) for the refusing destinations,
+  with each one's reason and documents, and delivered.json naming the ones that took it.
+  Instances that disagree on PatientID (no destination asked) are set aside for all.
+
+A study already in the dead-letter folder is set aside there for the destinations not in
+its delivered.json (never half a study at one destination); its further parts still go to
+the destinations that took the rest.
 
 A part completing while an earlier part of the same study waits for a retry joins it.
 While nothing is due, the worker parses and converts ahead (`work_ahead`, with the
@@ -31,11 +41,12 @@ from mapping import MappingOptions, convert_study
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.ops.metrics import Metrics
 from scp.pipeline.cache import ParseAheadCache
-from scp.pipeline.delivery import DeliveryReport, deliver_study, read_instance, study_options, table_for
+from scp.pipeline.delivery import (DeliveryReport, Route, deliver_study, read_instance, study_destinations,
+                                   study_options, table_for)
 from scp.pipeline.retry import RetryPolicy
 from scp.senders import SenderTable
 from scp.sinks import Sink
-from scp.store.dead_letter import DeadLetterBox
+from scp.store.dead_letter import DeadLetterBox, DestinationRefusal
 from scp.store.journal import Journal
 from scp.store.spool import Spool
 
@@ -52,7 +63,8 @@ class _Part:
     due_at: float
     completed_at: float
     attempts: int = 0
-    done: dict[str, str] = field(default_factory=dict)
+    done: dict[str, str] = field(default_factory=dict)  # destination -> result: took this part
+    refused: dict[str, DeliveryRejected] = field(default_factory=dict)  # destination -> its refusal of this part
 
 
 class DeliveryWorker:
@@ -62,8 +74,10 @@ class DeliveryWorker:
                  dead_letters: DeadLetterBox | None, journal: Journal | None, senders: SenderTable | None = None,
                  retry: RetryPolicy = RetryPolicy(), clock: Callable[[], float] = time.monotonic,
                  rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
-                 on_delivered: Callable[[DeliveryReport], None] | None = None) -> None:
+                 on_delivered: Callable[[DeliveryReport], None] | None = None,
+                 route: Route | None = None) -> None:
         self.spool = spool
+        self.route = route  # a study's senders -> its destinations (None: every sink)
         self.sinks = list(sinks)
         # Each study is mapped with its senders' options ([[senders]]); without a table, `options` for all.
         self.senders = table_for(options, senders)
@@ -103,6 +117,7 @@ class DeliveryWorker:
             else:  # an earlier part waits for a retry: deliver both together, to every sink
                 part.sop_uids.update(sop_uids)
                 part.done.clear()
+                part.refused.clear()
             self._changed.notify()
 
     # --- the worker -------------------------------------------------------------------------
@@ -231,6 +246,7 @@ class DeliveryWorker:
                     else:  # a new part completed meanwhile: one delivery of both, to every sink
                         again.sop_uids.update(part.sop_uids)
                         again.done.clear()
+                        again.refused.clear()
                         again.attempts = part.attempts
                         again.due_at = part.due_at
                 self._changed.notify_all()
@@ -239,18 +255,34 @@ class DeliveryWorker:
         """One delivery attempt: True when the part is finished with, False when it waits for a retry."""
         uid = part.study_uid
         report = DeliveryReport(uid)
+        held = self._held_in_dead_letter(uid)
+        refused = {**held, **part.refused}
+        took_before = set(part.done)
         try:
-            if self.dead_letters is not None and self.dead_letters.contains(uid):
-                # Never deliver half a study whose other half was set aside.
-                raise DeliveryRejected(f"study already in the dead-letter folder: "
-                                       f"{self.dead_letters.get(uid).reason}")
-            deliver_study(uid, self.spool.read(uid, sorted(part.sop_uids)), self.sinks,
-                          senders=self.senders, done=part.done, report=report, cache=self.cache)
+            deliver_study(uid, self.spool.read(uid, sorted(part.sop_uids)), self.sinks, senders=self.senders,
+                          done=part.done, report=report, cache=self.cache, route=self.route, refused=refused)
         except DeliveryRetryable as exc:
+            self._took(set(part.done) - took_before)  # a destination that took it is up, whatever the others do
+            part.refused.update(report.refused)
+            for name, refusal in report.refused.items():
+                log.error("study %s refused by %s: %s; set aside for it once the other destinations are done",
+                          uid, name, refusal, extra={"study_uid": uid, "destination": name,
+                                                     "exc_type": type(refusal).__name__})
             self._retry_later(part, exc, exc.retry_after, report.sink)
             return False
         except DeliveryRejected as exc:
-            self._dead_letter(part, report, exc)
+            self._took(set(part.done) - took_before)
+            part.refused.update(report.refused)
+            if not report.refused:  # not mapped: no destination was asked, every one not done refuses
+                for sink in study_destinations(self.sinks, report.senders, self.route):
+                    if sink.name not in part.done and sink.name not in held:
+                        part.refused[sink.name] = exc
+            self._dead_letter(part, report, exc, held, whole_study=not report.refused)
+            return True
+        self._took(set(part.done) - took_before)
+        if held or part.refused:  # what was done is done; the rest is set aside for the others
+            first = next(iter({**part.refused, **held}.values()))
+            self._dead_letter(part, report, first, held)
             return True
         for sop_uid, version in report.unreadable.items():
             self.spool.mark_corrupt(uid, sop_uid, version)
@@ -260,8 +292,6 @@ class DeliveryWorker:
         self.spool.remove(uid, report.versions)
         self.cache.drop(uid)
         now = self._clock()
-        for name in part.done:
-            self.last_delivered[name] = now
         seconds = now - part.completed_at
         if self._metrics is not None:
             self._metrics.delivered(seconds)
@@ -296,14 +326,37 @@ class DeliveryWorker:
                     part.study_uid, part.attempts, delay, exc,
                     extra={"study_uid": part.study_uid, "destination": sink, "exc_type": type(exc).__name__})
 
-    def _dead_letter(self, part: _Part, report: DeliveryReport, exc: DeliveryRejected) -> None:
+    def _took(self, names: set[str]) -> None:
+        """These destinations just took a delivery (the readiness checks read when)."""
+        now = self._clock()
+        for name in names:
+            self.last_delivered[name] = now
+
+    def _held_in_dead_letter(self, uid: str) -> dict[str, DeliveryRejected]:
+        """The destinations a study already in the dead-letter folder is set aside for: its
+        further parts join it there (a destination never holds half a study); {} when it is not."""
+        if self.dead_letters is None or not self.dead_letters.contains(uid):
+            return {}
+        letter = self.dead_letters.get(uid)
+        exc = DeliveryRejected(f"study already in the dead-letter folder: {letter.reason}")
+        return {sink.name: exc for sink in self.sinks if sink.name not in letter.delivered}
+
+    def _dead_letter(self, part: _Part, report: DeliveryReport, exc: DeliveryRejected,
+                     held: dict[str, DeliveryRejected], *, whole_study: bool = False) -> None:
         uid = part.study_uid
         self._count("deliveries_failed")
         versions = report.versions or {i.sop_uid: i.version for i in self.spool.read(uid, sorted(part.sop_uids))}
-        folder = self.dead_letters.put(uid, str(exc), documents=exc.documents, spool=self.spool,
-                                       versions=versions,
+        # A whole-study refusal (not mapped, or joining a dead letter) keeps reason.txt alone; a
+        # destination's refusal also gets destinations/<name>/ (its own documents: two FHIR
+        # servers' outcome.json must not overwrite each other).
+        per_destination = {} if whole_study else {name: DestinationRefusal(str(e), e.details, e.documents)
+                                                  for name, e in part.refused.items()}
+        reason = str(exc) if len(part.refused) <= 1 else "; ".join(f"{n}: {e}" for n, e in part.refused.items())
+        folder = self.dead_letters.put(uid, reason, documents=exc.documents, spool=self.spool,
+                                       versions=versions, delivered=part.done, refused=per_destination,
                                        details=f"instances: {len(versions)}\nattempts: {part.attempts}\n"
-                                               f"sinks that took it: {', '.join(part.done) or 'none'}"
+                                               f"sinks that took it: {', '.join(part.done) or 'none'}\n"
+                                               f"refused by: {', '.join([*part.refused, *held]) or 'none'}"
                                                + (f"\n{exc.details}" if exc.details else ""))
         self.cache.drop(uid)
         log.error("study %s set aside in %s: %s", uid, folder, exc,

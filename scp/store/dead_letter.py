@@ -6,6 +6,13 @@ Layout (scp.store.layout)::
         reason.txt          first line: the reason (no patient names or IDs); then details
         instances/<SOPInstanceUID>.dcm   the spooled instance headers, moved here
         bundle.json, outcome.json, ...   documents explaining the reason (from the sink)
+        delivered.json      the destinations that took it (never sent it again)
+        destinations/<name>/reason.txt   why that destination refused it (+ its documents)
+
+Each destination has its own outcome: a study one destination took and another
+refused is set aside for the one that refused only; `retry` delivers it to the
+destinations not in delivered.json. A folder without delivered.json (an older
+version's) waits for every destination.
 
 A study lands here when a sink raises DeliveryRejected or its instances disagree on
 PatientID. Further parts of a study already set aside join it here (never delivered
@@ -17,16 +24,18 @@ instances back into a spool with `DeadLetterBox.requeue` (through the spool's ow
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from scp.store.files import write_atomically
-from scp.store.layout import (INSTANCES, INSTANCE_SUFFIX, REASON, instance_file, instance_uid, is_hidden,
-                              is_safe_uid, removing_folder)
+from scp.store.layout import (DELIVERED, DESTINATIONS, INSTANCES, INSTANCE_SUFFIX, REASON, instance_file,
+                              instance_uid, is_hidden, is_safe_uid, removing_folder)
 from scp.store.spool import Spool, SpooledInstance, Version
 
 log = logging.getLogger("scp.store.dead_letter")
@@ -41,6 +50,17 @@ class DeadLetter:
     since: float  # epoch seconds (reason.txt's mtime)
     instances: tuple[Path, ...]
     documents: dict[str, Path] = field(default_factory=dict)
+    delivered: dict[str, str] = field(default_factory=dict)  # destination -> result: those that took it
+    refused: dict[str, str] = field(default_factory=dict)  # destination -> the first line of its reason
+
+
+@dataclass(frozen=True)
+class DestinationRefusal:
+    """Why one destination refused a study (written to destinations/<name>/)."""
+
+    reason: str
+    details: str = ""
+    documents: Mapping[str, bytes] = field(default_factory=dict)
 
 
 class DeadLetterBox:
@@ -56,31 +76,51 @@ class DeadLetterBox:
         return (self.folder(study_uid) / REASON).exists()
 
     def put(self, study_uid: str, reason: str, *, details: str = "", documents: dict[str, bytes] | None = None,
-            spool: Spool, versions: dict[str, Version]) -> Path:
-        """Move the given spooled instances here and record why (reason.txt is rewritten)."""
+            spool: Spool, versions: dict[str, Version], delivered: Mapping[str, str] | None = None,
+            refused: Mapping[str, DestinationRefusal] | None = None) -> Path:
+        """Move the given spooled instances here and record why (reason.txt is rewritten).
+
+        `delivered`: the destinations that took these instances. Joining a study already here,
+        a destination counts as having taken it only if it had taken what was here too.
+        """
+        if delivered is not None and self.contains(study_uid):
+            before = self.delivered(study_uid)
+            delivered = {name: result for name, result in delivered.items() if name in before}
         # The reason is written before the instances move: a crash in between leaves them in
         # the spool (delivered or set aside again after the restart), never in a folder that
         # list() and `retry` would not show.
-        folder = self.record(study_uid, reason, details=details, documents=documents)
+        folder = self.record(study_uid, reason, details=details, documents=documents, delivered=delivered,
+                             refused=refused)
         moved = spool.remove(study_uid, versions, move_to=folder / INSTANCES)
         log.debug("study %s: %d instance(s) moved to %s", study_uid, moved, folder)
         return folder
 
     def record(self, study_uid: str, reason: str, *, details: str = "",
-               documents: dict[str, bytes] | None = None) -> Path:
-        """Write the documents and reason.txt (first line: the reason) into the study's folder."""
+               documents: Mapping[str, bytes] | None = None, delivered: Mapping[str, str] | None = None,
+               refused: Mapping[str, DestinationRefusal] | None = None) -> Path:
+        """Write the documents and reason.txt (first line: the reason) into the study's folder;
+        with `delivered`, delivered.json (the destinations that took it; their refusals go);
+        with `refused`, each destination's reason and documents under destinations/<name>/."""
         folder = self.folder(study_uid)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, data in (documents or {}).items():
-            safe = Path(name).name
-            if safe in (REASON, INSTANCES) or not safe:
-                safe = f"document-{safe or 'unnamed'}"
-            write_atomically(folder / safe, data)
-        text = reason.strip().replace("\n", " ") + "\n"
-        if details:
-            text += details.rstrip() + "\n"
-        write_atomically(folder / REASON, text.encode("utf-8"))
+        for name, refusal in (refused or {}).items():
+            _write_reason(folder / DESTINATIONS / _safe_name(name), refusal.reason, refusal.details,
+                          refusal.documents)
+        if delivered is not None:
+            self.record_delivered(study_uid, delivered)
+        _write_reason(folder, reason, details, documents or {})
         return folder
+
+    def record_delivered(self, study_uid: str, delivered: Mapping[str, str]) -> None:
+        """Rewrite delivered.json: these destinations took the study (a refusal of theirs is dropped)."""
+        folder = self.folder(study_uid)
+        write_atomically(folder / DELIVERED, json.dumps(dict(delivered), indent=2, sort_keys=True).encode("utf-8"))
+        for name in delivered:
+            shutil.rmtree(folder / DESTINATIONS / _safe_name(name), ignore_errors=True)
+
+    def delivered(self, study_uid: str) -> dict[str, str]:
+        """The destinations that took the study ({} for a folder without delivered.json)."""
+        return read_delivered(self.folder(study_uid))
 
     def get(self, study_uid: str) -> DeadLetter:
         folder = self.folder(study_uid)
@@ -93,8 +133,9 @@ class DeadLetterBox:
         instances = tuple(sorted(p for p in (folder / INSTANCES).glob(f"*{INSTANCE_SUFFIX}")
                                  if instance_uid(p.name) is not None)) if (folder / INSTANCES).is_dir() else ()
         documents = {p.name: p for p in sorted(folder.iterdir())
-                     if p.is_file() and p.name != REASON and not is_hidden(p.name)}
-        return DeadLetter(study_uid, folder, first, rest.strip(), since, instances, documents)
+                     if p.is_file() and p.name not in (REASON, DELIVERED) and not is_hidden(p.name)}
+        return DeadLetter(study_uid, folder, first, rest.strip(), since, instances, documents,
+                          read_delivered(folder), read_refusals(folder))
 
     def list(self) -> list[DeadLetter]:
         """Every set-aside study, oldest first."""
@@ -167,3 +208,54 @@ class DeadLetterBox:
         moved = spool.adopt(study_uid, letter.instances)
         self.remove(study_uid)
         return moved
+
+
+def _safe_name(name: str) -> str:
+    """A destination name as a folder name (config allows letters, digits, - and _ only)."""
+    safe = Path(name).name
+    if not safe or is_hidden(safe):
+        raise ValueError(f"destination: not usable as a folder name: {name!r}")
+    return safe
+
+
+def _write_reason(folder: Path, reason: str, details: str, documents: Mapping[str, bytes]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in documents.items():
+        safe = Path(name).name
+        if safe in (REASON, INSTANCES, DELIVERED, DESTINATIONS) or not safe:
+            safe = f"document-{safe or 'unnamed'}"
+        write_atomically(folder / safe, data)
+    text = reason.strip().replace("\n", " ") + "\n"
+    if details:
+        text += details.rstrip() + "\n"
+    write_atomically(folder / REASON, text.encode("utf-8"))
+
+
+def read_delivered(folder: Path) -> dict[str, str]:
+    try:
+        data = json.loads((folder / DELIVERED).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (ValueError, OSError) as exc:
+        # Not knowing who took it must not lose a destination: as if none did (a resend is merged).
+        log.warning("%s: unreadable (%s); the study goes to every destination", folder / DELIVERED, exc)
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def read_refusals(folder: Path) -> dict[str, str]:
+    """destination -> the first line of its reason, from destinations/<name>/reason.txt."""
+    refusals: dict[str, str] = {}
+    try:
+        entries = sorted(os.scandir(folder / DESTINATIONS), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return refusals
+    for entry in entries:
+        if is_hidden(entry.name) or not entry.is_dir():
+            continue
+        try:
+            with open(os.path.join(entry.path, REASON), encoding="utf-8", errors="replace") as fh:
+                refusals[entry.name] = fh.readline().strip()
+        except FileNotFoundError:
+            continue  # being written or removed right now
+    return refusals

@@ -23,6 +23,15 @@ don't, without reading the old names too.
         its spooled instance headers, moved here
     <dead_letter_dir>/<StudyInstanceUID>/<document>
         what explains the reason (bundle.json sent, outcome.json received, ...)
+    <dead_letter_dir>/<StudyInstanceUID>/delivered.json
+        {"<destination>": "<its result>"}: the destinations that took every instance in the
+        folder; they are never sent it again (`retry` skips them). No file: none took it
+        (a dead letter of an older version, or a study no destination took)
+    <dead_letter_dir>/<StudyInstanceUID>/destinations/<destination>/reason.txt
+        why that destination refused it (same format as reason.txt), with its documents
+        beside it; one folder per refusing destination. No destinations/ folder: the study
+        was refused as a whole (reason.txt: it could not be mapped, or an older version)
+        — every destination not in delivered.json waits for it
     <dead_letter_dir>/.removing-<StudyInstanceUID>-<pid>-<ns>
         a set-aside study being removed (renamed first, so no reader sees half of it)
     <output_dir>/<StudyInstanceUID>.json
@@ -44,6 +53,8 @@ JOURNAL = "deliveries.jsonl"
 ROTATED_SUFFIX = ".1"
 REASON = "reason.txt"
 INSTANCES = "instances"
+DELIVERED = "delivered.json"
+DESTINATIONS = "destinations"
 OUTPUT_SUFFIX = ".json"
 REMOVING_PREFIX = ".removing-"
 

@@ -148,11 +148,12 @@ class FhirClient:
 
     def __init__(self, fhir: FhirConfig, *, auth: Auth | None = None,
                  session_factory: Callable[[], requests.Session] = requests.Session,
-                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc), name: str = "fhir") -> None:
         if not fhir.url:
             raise ValueError("fhir.url: required for the FHIR client")
         self.base = fhir.url.rstrip("/")
         self.shown_base = display_url(self.base)
+        self.name = name  # the destination it serves, for the log lines
         self._timeout = fhir.timeout
         self._max_backoff = fhir.max_backoff
         self._verify = tls_verify(fhir)
@@ -175,7 +176,7 @@ class FhirClient:
         response = self._send(method, path, data, params, headers, context, stats)
         if response.status_code == 401 and self.auth.unauthorized():
             log.info("%s: HTTP 401 from %s; fetching new credentials and trying once more",
-                     context or "FHIR", self.shown_base, extra={"destination": "fhir"})
+                     context or "FHIR", self.shown_base, extra={"destination": self.name})
             response = self._send(method, path, data, params, headers, context, stats)
         reply = Reply(response.status_code, response.headers, _json_or_text(response))
         if response.status_code in set(expect):

@@ -67,12 +67,12 @@ class Outcome:
 class FhirSink:
     """The node's FHIR sink (scp.sinks.Sink): ``deliver(resources) -> str``."""
 
-    name = "fhir"
-
-    def __init__(self, fhir: FhirConfig, options: MappingOptions | None = None, *,
+    def __init__(self, fhir: FhirConfig, options: MappingOptions | None = None, *, name: str = "fhir",
                  client: FhirClient | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name  # the destination's name: "fhir" for [fhir], NAME for [fhir.destinations.NAME]
+        self.fhir = fhir  # its settings (the readiness probe builds its own client from them)
         self.options = options or MappingOptions()
-        self.client = client or FhirClient(fhir)
+        self.client = client or FhirClient(fhir, name=name)
         self._clock = clock
 
     def deliver(self, resources: StudyResources) -> str:
