@@ -74,7 +74,7 @@ def test_a_study_goes_only_to_the_destinations_its_route_names(tmp_path, clock):
     assert worker.run_once()
     assert a.delivered == [] and b.delivered == [{sop}]
     assert spool.studies() == {}  # delivered: to every destination it has
-    assert seen == [set()]  # the seam: the senders read with the headers (none recorded yet)
+    assert seen == [{Sender("TEST")}]  # the senders recorded with the instances (spooled as AE TEST)
 
 
 def test_a_study_without_known_senders_goes_to_every_configured_destination(tmp_path):
