@@ -10,7 +10,6 @@ are done; `status` shows each destination's outcome.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

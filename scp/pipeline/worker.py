@@ -351,7 +351,9 @@ class DeliveryWorker:
         # servers' outcome.json must not overwrite each other).
         per_destination = {} if whole_study else {name: DestinationRefusal(str(e), e.details, e.documents)
                                                   for name, e in part.refused.items()}
-        reason = str(exc) if len(part.refused) <= 1 else "; ".join(f"{n}: {e}" for n, e in part.refused.items())
+        # One reason for the whole study (not mapped: every destination refused it alike), else each one's.
+        reason = str(exc) if whole_study or len(part.refused) <= 1 else \
+            "; ".join(f"{n}: {e}" for n, e in part.refused.items())
         folder = self.dead_letters.put(uid, reason, documents=exc.documents, spool=self.spool,
                                        versions=versions, delivered=part.done, refused=per_destination,
                                        details=f"instances: {len(versions)}\nattempts: {part.attempts}\n"
