@@ -4,7 +4,6 @@ over HTTP on port 0), fed by a pynetdicom sender and delivering to the real FHIR
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -173,8 +172,8 @@ def test_metrics_after_a_study_from_modality(tmp_path, running):
 def test_metrics_time_a_delivery_and_empty_the_spool_gauges(tmp_path, running):
     r = running(config(tmp_path))
     send(r.node.port, generate_study(tmp_path / "in", 2, 1))
-    got = wait_for(lambda: (s := r.samples())[("dicom_fhir_scp_deliveries_ok_total", ())] == 1 and s,
-                   30, "the delivery")
+    delivered = ("dicom_fhir_scp_deliveries_ok_total", (("calling_aet", SENDER),))
+    got = wait_for(lambda: (s := r.samples()).get(delivered) == 1 and s, 30, "the delivery")
     assert got[("dicom_fhir_scp_study_delivery_seconds_count", ())] == 1
     assert got[("dicom_fhir_scp_studies_completed_total", ())] == 1
     assert got[("dicom_fhir_scp_spool_bytes", ())] == 0

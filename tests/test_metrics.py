@@ -84,14 +84,14 @@ def test_instance_and_association_counters_carry_the_calling_aet():
 
 def test_a_counter_without_a_sender_label_refuses_one():
     with pytest.raises(ValueError, match="calling_aet"):
-        Metrics().inc("deliveries_ok", calling_aet="MODALITY")
+        Metrics().inc("studies_completed", calling_aet="MODALITY")
 
 
-def test_a_delivery_is_counted_and_timed():
+def test_a_delivery_is_counted_under_its_studys_sender_and_timed():
     m = Metrics()
-    m.delivered(1.5)
+    m.delivered(1.5, "CT_A")
     got = samples(m)
-    assert got[("dicom_fhir_scp_deliveries_ok_total", ())] == 1
+    assert got[("dicom_fhir_scp_deliveries_ok_total", (("calling_aet", "CT_A"),))] == 1
     assert got[("dicom_fhir_scp_study_delivery_seconds_count", ())] == 1
     assert got[("dicom_fhir_scp_study_delivery_seconds_sum", ())] == 1.5
     assert got[("dicom_fhir_scp_study_delivery_seconds_bucket", (("le", "2.5"),))] == 1
@@ -127,3 +127,23 @@ def test_two_nodes_metrics_do_not_share_counts():
     a.inc("studies_completed")
     assert b.snapshot()["studies_completed"] == 0
     assert samples(b)[("dicom_fhir_scp_studies_completed_total", ())] == 0
+
+
+def test_a_delivery_counts_under_the_calling_ae_its_instances_were_spooled_with(tmp_path):
+    from scp.store.spool import MemorySpool
+    from tests.clocks import FakeClock
+    from tests.spooled import make_worker, spool_instance
+
+    class Sink:
+        name = "disk"
+
+        def deliver(self, resources) -> str:
+            return "ok"
+
+    m = Metrics()
+    spool = MemorySpool()
+    sop = spool_instance(spool, "1.2.3")  # spooled as calling AE TEST
+    worker = make_worker(tmp_path, spool, [Sink()], FakeClock(), metrics=m)
+    worker.submit("1.2.3", {sop})
+    assert worker.run_once()
+    assert samples(m)[("dicom_fhir_scp_deliveries_ok_total", (("calling_aet", "TEST"),))] == 1

@@ -4,7 +4,9 @@ Each Metrics owns its own CollectorRegistry, never prometheus_client's global on
 tests start several nodes in one process, and each must count only its own work.
 
 - counters: COUNTERS (exported as dicom_fhir_scp_<name>_total); those in SENDER_COUNTERS
-  carry a ``calling_aet`` label (who sent the instances);
+  carry a ``calling_aet`` label (who sent the instances; for a delivery, the study's sender —
+  the first by AE title when several sent parts of it, "?" before its headers were read).
+  studies_completed has none: a study completes on its idle timer, before its senders are read;
 - histograms: HISTOGRAMS (C-STORE handling time, completion → delivered);
 - gauges read at scrape time: GAUGES, through the callables given to ``watch`` (they
   read the disk, so they run only when Prometheus asks, never on the C-STORE path);
@@ -39,7 +41,8 @@ COUNTERS: dict[str, str] = {
     "deliveries_ok": "Study deliveries that succeeded on every sink.",
     "deliveries_failed": "Study delivery attempts that failed (retried later or dead-lettered).",
 }
-SENDER_COUNTERS = frozenset({"instances_received", "instances_failed", "associations"})
+SENDER_COUNTERS = frozenset({"instances_received", "instances_failed", "associations", "deliveries_ok",
+                             "deliveries_failed"})
 SENDER_LABEL = "calling_aet"
 
 HISTOGRAMS: dict[str, str] = {
@@ -139,9 +142,9 @@ class Metrics:
                              self._counters["associations"].labels(aet),
                              self.store_seconds.labels(aet))
 
-    def delivered(self, seconds: float) -> None:
-        """A study delivered to every sink, `seconds` after its completion."""
-        self._counters["deliveries_ok"].inc()
+    def delivered(self, seconds: float, calling_aet: str | None = None) -> None:
+        """A study (sent by calling_aet) delivered to every sink, `seconds` after its completion."""
+        self._counters["deliveries_ok"].labels(calling_aet or UNKNOWN_SENDER).inc()
         self.delivery_seconds.observe(seconds)
 
     def watch(self, name: str, read: Callable[[], float]) -> None:

@@ -268,7 +268,7 @@ class DeliveryWorker:
                 log.error("study %s refused by %s: %s; set aside for it once the other destinations are done",
                           uid, name, refusal, extra={"study_uid": uid, "destination": name,
                                                      "exc_type": type(refusal).__name__})
-            self._retry_later(part, exc, exc.retry_after, report.sink)
+            self._retry_later(part, exc, exc.retry_after, report.sink, report)
             return False
         except DeliveryRejected as exc:
             self._took(set(part.done) - took_before)
@@ -294,7 +294,7 @@ class DeliveryWorker:
         now = self._clock()
         seconds = now - part.completed_at
         if self._metrics is not None:
-            self._metrics.delivered(seconds)
+            self._metrics.delivered(seconds, _study_sender(report))
         where = "; ".join(f"{name}: {result}" for name, result in report.sinks.items()) or "no sink configured"
         log.info("study %s delivered: %d instance(s) in %d series -> %s (%.1f s after completion)", uid,
                  report.instances, report.series, where, seconds,
@@ -317,8 +317,9 @@ class DeliveryWorker:
         except Exception:
             log.exception("study %s: delivered, but telling the end-of-study hook failed", report.study_uid)
 
-    def _retry_later(self, part: _Part, exc: Exception, retry_after: float | None, sink: str | None) -> None:
-        self._count("deliveries_failed")
+    def _retry_later(self, part: _Part, exc: Exception, retry_after: float | None, sink: str | None,
+                     report: DeliveryReport | None = None) -> None:
+        self._count("deliveries_failed", report)
         self.cache.drop(part.study_uid)  # parsed again on the next attempt: memory stays flat while it waits
         delay = self.retry.delay(part.attempts, retry_after=retry_after, rand=self._rand)
         part.due_at = self._clock() + delay
@@ -344,7 +345,7 @@ class DeliveryWorker:
     def _dead_letter(self, part: _Part, report: DeliveryReport, exc: DeliveryRejected,
                      held: dict[str, DeliveryRejected], *, whole_study: bool = False) -> None:
         uid = part.study_uid
-        self._count("deliveries_failed")
+        self._count("deliveries_failed", report)
         versions = report.versions or {i.sop_uid: i.version for i in self.spool.read(uid, sorted(part.sop_uids))}
         # A whole-study refusal (not mapped, or joining a dead letter) keeps reason.txt alone; a
         # destination's refusal also gets destinations/<name>/ (its own documents: two FHIR
@@ -369,7 +370,13 @@ class DeliveryWorker:
             self.journal.append(uid, len(versions), f"dead-lettered: {exc}", part.done, attempts=part.attempts,
                                 senders=report.sender_titles())
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, report: DeliveryReport | None = None) -> None:
         if self._metrics is not None:
-            self._metrics.inc(name)
+            self._metrics.inc(name, calling_aet=_study_sender(report))
+
+
+def _study_sender(report: DeliveryReport | None) -> str | None:
+    """The label of a study's delivery counters: its sender (the first by AE title when several)."""
+    titles = sorted(report.sender_titles()) if report is not None else []
+    return titles[0] if titles else None
 
