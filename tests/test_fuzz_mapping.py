@@ -29,7 +29,7 @@ import struct
 import pydicom
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
-from hypothesis import HealthCheck, assume, event, example, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, reject, settings
 from hypothesis import strategies as st
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -110,7 +110,16 @@ def _printable_uid(value: bytes, fallback: str) -> str:
 
 
 def read(data: bytes) -> pydicom.Dataset:
-    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except AttributeError as exc:
+        # pydicom 3.0 itself crashes reading some SpecificCharacterSet encodings (values.convert_value
+        # asks a DataElement for .length): no Dataset exists to map, so the example is not one. The
+        # node never meets this: the folder converter skips such a file as corrupt, the receiver
+        # does not use dcmread. Seen with @reproduce_failure('6.170.17', b'AXicjVCJCYBADGsEcQ...').
+        if "length" not in str(exc):
+            raise
+        reject()
 
 
 # ---------------------------------------------------------------------------------------------
