@@ -24,23 +24,11 @@ from scp.senders import Sender
 from scp.store.dead_letter import DeadLetterBox
 from scp.store.spool import FileSpool, MemorySpool
 from tests.clocks import FakeClock
-from tests.spooled import make_worker, spool_instance
+from tests.spooled import RecordingSink, make_worker, spool_instance
 
 STUDY = "1.2.3"
 
 
-class RecordingSink:
-    def __init__(self, name: str, failures: list[Exception] | None = None) -> None:
-        self.name = name
-        self.failures = list(failures or [])
-        self.delivered: list[set[str]] = []
-
-    def deliver(self, resources) -> str:
-        if self.failures:
-            raise self.failures.pop(0)
-        uids = {i["uid"] for s in resources.imaging_study["series"] for i in s["instance"]}
-        self.delivered.append(uids)
-        return f"{len(uids)} instance(s)"
 
 
 def refusal(text: str, **documents: bytes) -> DeliveryRejected:

@@ -14,13 +14,10 @@ import pytest
 import requests
 
 from scp.cli import main as cli_main
-from scp.config import load_config
-from scp.node import Node
-from scp.ops.metrics import Metrics
 from tests.clocks import wait_for
 from tests.dicomgen import generate_study
 from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process, start_or_skip  # noqa: F401
-from tests.test_fhir_node import MRN, delivered, duplicate_patients, only, send
+from tests.fhir_nodes import MRN, delivered, duplicate_patients, node_factory, only, send  # noqa: F401
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
@@ -49,21 +46,6 @@ url = "{site2_url}"
 timeout = 5
 """, encoding="utf-8")
     return path
-
-
-@pytest.fixture
-def node_factory():
-    nodes: list[Node] = []
-
-    def start(config_path: Path) -> Node:
-        node = Node(load_config(config_path), metrics=Metrics())
-        node.start()
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        node.stop(grace=2)
 
 
 def posts(engine: FhirEngine) -> list[tuple[str, str, int]]:

@@ -13,21 +13,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
 
 from scp.cli import main as cli_main
-from scp.config import load_config
-from scp.ops.metrics import Metrics
-from scp.node import Node
 from tests.clocks import wait_for
-from tests.dicomgen import GeneratedStudy, generate_study
-from tests.scu import keep_responses
+from tests.dicomgen import generate_study
 from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process, start_or_skip  # noqa: F401
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
-MRN = "http://hospital.example/mrn"
+from tests.fhir_nodes import (MRN, delivered, duplicate_patients, journal, node_factory,  # noqa: F401
+                              only, send)
 
 
 def write_config(tmp_path: Path, fhir_url: str) -> Path:
@@ -50,48 +45,6 @@ timeout = 5
 max_backoff = 0.5
 """, encoding="utf-8")
     return path
-
-
-def send(port: int, study: GeneratedStudy) -> None:
-    ae = AE(ae_title="SENDER")
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title="FHIRSCP"))
-    assert assoc.is_established
-    try:
-        for path in study.files:
-            status = assoc.send_c_store(path)
-            assert status and status.Status == 0x0000, status
-    finally:
-        assoc.release()
-
-
-def journal(tmp_path: Path) -> list[dict]:
-    path = tmp_path / "spool" / "deliveries.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def delivered(tmp_path: Path) -> list[dict]:
-    return [line for line in journal(tmp_path) if line["result"].startswith("delivered")]
-
-
-@pytest.fixture
-def node_factory():
-    nodes: list[Node] = []
-
-    def start(config_path: Path) -> Node:
-        node = Node(load_config(config_path), metrics=Metrics())
-        node.start()
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        node.stop(grace=2)
-
-
-def only(resources: list[dict]) -> dict:
-    assert len(resources) == 1, f"expected one resource, the server holds {len(resources)}"
-    return resources[0]
 
 
 def test_a_study_received_while_the_fhir_server_is_down_is_delivered_once_when_it_is_back(
@@ -127,13 +80,6 @@ def test_a_server_answering_503_for_a_while_gets_the_study_once(tmp_path, node_f
     imaging = only(fhir_engine.resources("ImagingStudy"))
     assert imaging["numberOfInstances"] == 4 and len(fhir_engine.resources("Patient")) == 1
     assert delivered(tmp_path)[0]["attempts"] == 4
-
-
-def duplicate_patients(engine: FhirEngine, patient_id: str) -> list[str]:
-    """Two master records with one MRN: a server-side data error a conditional create cannot resolve."""
-    patient = {"resourceType": "Patient", "identifier": [{"system": MRN, "value": patient_id}]}
-    return [requests.post(f"{engine.base_url}/Patient", json=patient, timeout=30,
-                          headers={"Content-Type": "application/fhir+json"}).json()["id"] for _ in range(2)]
 
 
 def test_a_study_the_server_refuses_is_set_aside_and_retry_delivers_it_once_the_cause_is_fixed(

@@ -20,22 +20,10 @@ from scp.sinks.disk import DiskSink
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.store.spool import FileSpool, MemorySpool
 from tests.clocks import FakeClock
-from tests.spooled import make_worker, spool_instance
+from tests.spooled import RecordingSink, make_worker, spool_instance
 
 
 
-class RecordingSink:
-    def __init__(self, name: str = "rec", failures: list[Exception] | None = None) -> None:
-        self.name = name
-        self.failures = list(failures or [])
-        self.delivered: list[set[str]] = []
-
-    def deliver(self, resources) -> str:
-        if self.failures:
-            raise self.failures.pop(0)
-        uids = {i["uid"] for s in resources.imaging_study["series"] for i in s["instance"]}
-        self.delivered.append(uids)
-        return f"{len(uids)} instance(s)"
 
 
 @pytest.fixture

@@ -6,27 +6,25 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from mapping.options import MappingOptions
 from scp.config import config_from_mapping
 from scp.errors import DeliveryRejected
 from scp.ops.status import build_report, format_report
 from scp.pipeline.delivery import deliver_study, redeliver
-from scp.receive.dataset import full_file, header_file, parse_received
+from scp.receive.dataset import full_file, header_file
 from scp.senders import Sender, SenderTable
 from scp.store.dead_letter import DeadLetterBox
 from scp.store.part10 import EXPLICIT_LE, file_meta, presentation_address, read_source, source_of
 from scp.store.spool import FileSpool, MemorySpool
 from tests.clocks import FakeClock
-from tests.spooled import make_worker, spool_instance
+from tests.spooled import make_worker, received, spool_instance
 
 CT = get_testdata_file("CT_small.dcm")
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
@@ -39,20 +37,6 @@ TABLE = SenderTable.from_config(config_from_mapping({
                 {"ae_title": "CT_B", "patient_identifier_system": SYSTEM_B},
                 {"ae_title": "CT_B2", "patient_identifier_system": SYSTEM_B},
                 {"ae_title": "TEST", "patient_identifier_system": SYSTEM_B}]}, environ={}))
-
-
-def received(study_uid: str, patient_id: str = PATIENT_ID):
-    """A real CT data set as a C-STORE carries it, parsed as the handler parses it."""
-    ds = pydicom.dcmread(CT)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, study_uid + ".1"
-    ds.SOPInstanceUID = generate_uid()
-    ds.PatientID = patient_id
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    raw = buffer.getvalue()
-    (meta_length,) = struct.unpack_from("<L", raw, 140)
-    return parse_received(raw[144 + meta_length:], EXPLICIT_LE)
 
 
 def spool_from(spool, study_uid: str, ae_title: str, ip: str = "", patient_id: str = PATIENT_ID) -> str:
@@ -102,7 +86,7 @@ def test_a_file_meta_of_the_current_release_without_an_address_reads_with_addres
 
 
 def test_the_sender_is_read_from_the_file_meta_alone(tmp_path):
-    instance = received("1.2.3")
+    instance = received("1.2.3", PATIENT_ID)
     path = tmp_path / "x.dcm"
     meta = header_file(instance, "CT_A", presentation_address("10.0.5.21", 40001))[0]
     path.write_bytes(meta + b"\xff" * 100_000)  # no data set anyone could parse: only the meta is read
@@ -110,7 +94,7 @@ def test_the_sender_is_read_from_the_file_meta_alone(tmp_path):
 
 
 def test_the_archive_file_records_the_sender_as_the_spool_file_does():
-    instance = received("1.2.3")
+    instance = received("1.2.3", PATIENT_ID)
     address = presentation_address("10.0.5.21", 40001)
     archived = b"".join(bytes(c) for c in full_file(instance, "CT_A", address))
     assert source_of(archived) == ("CT_A", "10.0.5.21")
