@@ -61,7 +61,7 @@ class NodeProcess:
         env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                         stderr=open(self.log_path, "ab"))
-        wait_for(lambda: "ready" in self.log()[offset:] or self.process.poll() is not None, 30, "the node to start")
+        wait_for(lambda: " ready on " in self.log()[offset:] or self.process.poll() is not None, 30, "the node to start")
         if self.process.poll() is not None:
             raise AssertionError(f"the node exited with {self.process.returncode}:\n{self.log()[-3000:]}")
         listening = LISTENING.search(self.log()[offset:])

@@ -30,7 +30,7 @@ def test_an_environment_only_node_serves_dicom_and_metrics(tmp_path):
             **env, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=log_file)
     try:
         log = lambda: log_path.read_text(errors="replace")  # noqa: E731
-        wait_for(lambda: "ready" in log() or process.poll() is not None, 30, "the node to start")
+        wait_for(lambda: " ready on " in log() or process.poll() is not None, 30, "the node to start")
         assert process.poll() is None, log()
         assert LISTENING.search(log()), log()
         ops = OPS_LISTENING.search(log())
