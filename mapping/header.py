@@ -329,25 +329,17 @@ class _Reader:
         return list(value)
 
     def codes(self, tag: int) -> tuple[CodedValue, ...]:
-        result = []
-        for item in self.items(tag):
-            try:
-                code = _code(item, lambda text: self.clean(tag, text))
-            except Exception as exc:
-                self._warn(tag, f"unusable code item ({type(exc).__name__})")
-                continue
-            if code is not None:
-                result.append(code)
-        return tuple(result)
+        return self.all_items(tag, _code, what="code item")
 
-    def all_items(self, tag: int, build: Callable[[Dataset, Callable[[str], str]], Any]) -> tuple[Any, ...]:
+    def all_items(self, tag: int, build: Callable[[Dataset, Callable[[str], str]], Any],
+                  what: str = "item") -> tuple[Any, ...]:
         """Every item built (None results left out); an item that cannot be read is dropped with a warning."""
         result = []
         for item in self.items(tag):
             try:
                 built = build(item, lambda text: self.clean(tag, text))
             except Exception as exc:
-                self._warn(tag, f"unusable item ({type(exc).__name__})")
+                self._warn(tag, f"unusable {what} ({type(exc).__name__})")
                 continue
             if built is not None:
                 result.append(built)

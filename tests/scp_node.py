@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.clocks import wait_for
 from tests.conftest import REPO
 
@@ -119,3 +121,18 @@ class NodeProcess:
     def spooled(self, study_uid: str) -> set[str]:
         folder = self.spool / study_uid
         return {p.stem for p in folder.glob("*.dcm")} if folder.is_dir() else set()
+
+
+@pytest.fixture
+def node(tmp_path):
+    """start(*args, **kwargs) -> a NodeProcess in its own folder under tmp_path; all stopped at the end."""
+    started: list[NodeProcess] = []
+
+    def start(*args: str, **kwargs) -> NodeProcess:
+        process = NodeProcess(tmp_path / f"node{len(started)}", *args, **kwargs).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

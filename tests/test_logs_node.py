@@ -13,26 +13,12 @@ import pydicom
 import pytest
 
 from tests.dicomgen import generate_study
-from tests.scp_node import NodeProcess
+from tests.scp_node import NodeProcess, node  # noqa: F401 (fixture)
 from tests.scu import associate
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 ZONED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d")
-
-
-@pytest.fixture
-def node(tmp_path):
-    started: list[NodeProcess] = []
-
-    def start(*args: str, **kwargs) -> NodeProcess:
-        process = NodeProcess(tmp_path / f"node{len(started)}", *args, **kwargs).start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def send(scp: NodeProcess, files, calling: str = "LOGSCU") -> list[int]:

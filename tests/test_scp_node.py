@@ -22,27 +22,13 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from tests.clocks import wait_for
 from tests.conftest import require_tool
 from tests.dicomgen import generate_study
-from tests.scp_node import NodeProcess, imaging_study, instance_uids
+from tests.scp_node import NodeProcess, imaging_study, instance_uids, node  # noqa: F401 (fixture)
 from tests.scu import keep_responses
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
 COMPRESSED = ["693_J2KI.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_jpeg_gdcm.dcm",
               "SC_rgb_rle.dcm", "image_dfl.dcm"]
-
-
-@pytest.fixture
-def node(tmp_path):
-    started: list[NodeProcess] = []
-
-    def start(*args: str, **kwargs) -> NodeProcess:
-        process = NodeProcess(tmp_path / f"node{len(started)}", *args, **kwargs).start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def storescu(node: NodeProcess, *paths: Path, calling: str = "STORESCU") -> subprocess.CompletedProcess:
