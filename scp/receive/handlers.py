@@ -37,6 +37,7 @@ class _AssociationStats:
     stored: int = 0
     failed: int = 0
     sender: SenderMetrics | None = None  # this calling AE title's counters, looked up once
+    source: str = ""  # the Source Presentation Address every spooled instance of it records
 
 
 class StoreHandler:
@@ -97,7 +98,11 @@ class StoreHandler:
                 instance = parse_received(view, str(event.context.transfer_syntax))
             except BadInstance as exc:
                 return self._fail(event, command_sop, exc)
-            calling, address = calling_aet(event), source_address(event)
+            stats = self._stats.get(id(event.assoc))  # who is known once per association, not per instance
+            if stats is not None:
+                calling, address = stats.calling_aet or "?", stats.source
+            else:
+                calling, address = calling_aet(event), source_address(event)
             try:
                 if self.archive is not None:
                     self.archive.store(instance.study_uid, instance.sop_uid, full_file(instance, calling, address))
@@ -126,8 +131,9 @@ class StoreHandler:
         else:
             gate.hold(self._syncer.submit(make_durable), f"instance {sop_uid} of study {study_uid}")
         self.on_stored(study_uid, sop_uid)
-        log.debug("C-STORE from %s: instance %s of study %s stored", calling_aet(event), sop_uid, study_uid,
-                  extra=log_fields(event, study_uid=study_uid, instance_uid=sop_uid, status=dimse_status(SUCCESS)))
+        if log.isEnabledFor(logging.DEBUG):  # the hot path builds no log fields it would throw away
+            log.debug("C-STORE from %s: instance %s of study %s stored", calling_aet(event), sop_uid, study_uid,
+                      extra=log_fields(event, study_uid=study_uid, instance_uid=sop_uid, status=dimse_status(SUCCESS)))
         return SUCCESS
 
     def _fail(self, event, sop_uid: str, exc: BadInstance) -> int:
@@ -141,7 +147,7 @@ class StoreHandler:
         """EVT_ACCEPTED: start this association's statistics."""
         requestor = event.assoc.requestor
         stats = _AssociationStats(requestor.ae_title.strip(), f"{requestor.address}:{requestor.port}",
-                                  time.monotonic())
+                                  time.monotonic(), source=source_address(event))
         if self.metrics is not None:
             stats.sender = self.metrics.for_sender(stats.calling_aet)
             stats.sender.associations.inc()
