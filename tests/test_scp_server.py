@@ -46,3 +46,13 @@ def test_an_unexpected_error_is_answered_with_a_failure_status_and_logged_with_t
         handler.shutdown()
     (record,) = caplog.records
     assert "MODALITY" in record.getMessage() and ds.SOPInstanceUID in record.getMessage()
+
+
+def test_every_status_and_rejection_the_node_sends_is_in_the_status_table():
+    """scp.receive.status is the one place an administrator reads them: nothing answered is missing."""
+    from scp.receive import status
+
+    answered = {v for k, v in vars(status).items() if k.isupper() and isinstance(v, int)}
+    rejections = {v for k, v in vars(status).items() if k.startswith("REJECT_")}
+    assert answered and answered == set(status.DIMSE_STATUSES)
+    assert rejections and rejections == set(status.ASSOCIATE_REJECTIONS)

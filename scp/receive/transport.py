@@ -46,11 +46,6 @@ def _association_socket(event) -> Any:
     return event.assoc.dul.socket  # pynetdicom.transport.AssociationSocket
 
 
-def raw_socket(event) -> socket.socket | None:
-    """The connection's socket.socket (None when pynetdicom has none, e.g. already closed)."""
-    return getattr(_association_socket(event), "socket", None)
-
-
 def close_connection(event) -> None:
     _association_socket(event).close()
 
