@@ -61,18 +61,15 @@ def in_order(element: dict[str, Any], order: Order) -> dict[str, Any]:
 
 
 def as_written(datetime_text: str) -> str:
-    """A FHIR dateTime in the form fhir.resources writes it: microseconds in six digits (none
-    when zero), UTC as ``Z``; a partial date or a leap second as it is.
-
-    Outputs were written through the models until the mapping worked on dicts; writing the
-    same form keeps every output file byte-identical, so an unchanged study merges unchanged.
+    """A FHIR dateTime in the form our outputs use: the fraction of a second as DICOM gave it
+    (``.123`` stays ``.123``: the contract keeps the precision, never pads it to six digits),
+    UTC as ``Z`` (as fhir.resources writes it, which earlier outputs went through).
     """
     match = _FULL_DATETIME.fullmatch(datetime_text)
-    if match is None or match.group(2) == "60":
+    if match is None:
         return datetime_text
     head, _, fraction, zone = match.groups()
-    microseconds = int((fraction or "0").ljust(6, "0"))
-    return (head + (f".{microseconds:06d}" if microseconds else "")
+    return (head + (f".{fraction}" if fraction else "")
             + ("Z" if zone in ("Z", "+00:00", "-00:00") else zone))
 
 

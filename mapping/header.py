@@ -42,6 +42,20 @@ class Issuer:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestAttributes:
+    """RequestAttributesSequence (0040,0275) item: the request (order) the instance was acquired for."""
+
+    accession_number: str = ""  # AccessionNumber (0008,0050)
+    accession_issuer: Issuer | None = None  # IssuerOfAccessionNumberSequence (0008,0051)
+    requested_procedure_id: str = ""  # RequestedProcedureID (0040,1001)
+    placer_order: str = ""  # PlacerOrderNumberImagingServiceRequest (0040,2016)
+    placer_issuer: Issuer | None = None  # OrderPlacerIdentifierSequence (0040,0026)
+    filler_order: str = ""  # FillerOrderNumberImagingServiceRequest (0040,2017)
+    filler_issuer: Issuer | None = None  # OrderFillerIdentifierSequence (0040,0027)
+    reason_codes: tuple[CodedValue, ...] = ()  # ReasonForRequestedProcedureCodeSequence (0040,100A)
+
+
+@dataclass(frozen=True, slots=True)
 class IdQualifiers:
     """IssuerOfPatientIDQualifiersSequence (0010,0024) item: the issuer as a universal ID."""
 
@@ -90,6 +104,7 @@ class InstanceHeader:
     procedure_codes: tuple[CodedValue, ...] = ()
     reason_codes: tuple[CodedValue, ...] = ()
     reason_text: str = ""
+    request_attributes: tuple[RequestAttributes, ...] = ()  # RequestAttributesSequence (0040,0275)
     institution_name: str = ""
     department_name: str = ""
     # series
@@ -101,6 +116,8 @@ class InstanceHeader:
     image_laterality: str = ""
     series_date: str = ""
     series_time: str = ""
+    performing_physicians: tuple[PersonName, ...] = ()  # PerformingPhysicianName (0008,1050)
+    operators: tuple[PersonName, ...] = ()  # OperatorsName (0008,1070)
     # instance
     instance_number: int | None = None
     concept_name: CodedValue | None = None
@@ -147,6 +164,7 @@ class InstanceHeader:
             procedure_codes=r.codes(0x00081032),
             reason_codes=r.codes(0x0040100A),
             reason_text=r.text(0x00401002),
+            request_attributes=r.all_items(0x00400275, _request, what="request item"),
             institution_name=r.text(0x00080080),
             department_name=r.text(0x00081040),
             modality=r.code_string(0x00080060),
@@ -157,6 +175,8 @@ class InstanceHeader:
             image_laterality=r.code_string(0x00200062),
             series_date=r.code_string(0x00080021),
             series_time=r.code_string(0x00080031),
+            performing_physicians=r.people(0x00081050),
+            operators=r.people(0x00081070),
             instance_number=r.integer(0x00200013),
             concept_name=r.first_item(0x0040A043, _code),
             document_title=r.text(0x00420010, multi=False),
@@ -430,3 +450,23 @@ def _identity(item: Dataset, clean: Callable[[str], str]) -> PatientIdentity | N
     qualifiers = _qualifiers(sequence[0], clean) if sequence else None
     return PatientIdentity(patient_id, _item_text(item, "IssuerOfPatientID", clean),
                            " ".join(_item_text(item, "TypeOfPatientID", clean).split()), qualifiers)
+
+
+def _first_issuer(item: Dataset, keyword: str, clean: Callable[[str], str]) -> Issuer | None:
+    sequence = item.get(keyword)  # its value: a Sequence, or None
+    return _issuer(sequence[0], clean) if sequence else None
+
+
+def _request(item: Dataset, clean: Callable[[str], str]) -> RequestAttributes | None:
+    """A RequestAttributesSequence (0040,0275) item; None when it names no request and gives no reason."""
+    codes = (_code(code, clean) for code in item.get("ReasonForRequestedProcedureCodeSequence") or ())
+    request = RequestAttributes(
+        accession_number=_item_text(item, "AccessionNumber", clean),
+        accession_issuer=_first_issuer(item, "IssuerOfAccessionNumberSequence", clean),
+        requested_procedure_id=_item_text(item, "RequestedProcedureID", clean),
+        placer_order=_item_text(item, "PlacerOrderNumberImagingServiceRequest", clean),
+        placer_issuer=_first_issuer(item, "OrderPlacerIdentifierSequence", clean),
+        filler_order=_item_text(item, "FillerOrderNumberImagingServiceRequest", clean),
+        filler_issuer=_first_issuer(item, "OrderFillerIdentifierSequence", clean),
+        reason_codes=tuple(c for c in codes if c is not None))
+    return request if request != RequestAttributes() else None

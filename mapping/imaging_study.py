@@ -15,7 +15,7 @@ from mapping.bodysite import body_site, laterality
 from mapping.codes import DCM_SYSTEM, CodedValue, codeable_concept
 from mapping.datetimes import Zone, combine, study_zone
 from mapping.fhirjson import STUDY_UID_SYSTEM, as_written, study_uid_value
-from mapping.header import InstanceHeader
+from mapping.header import InstanceHeader, Issuer
 from mapping.names import display_name
 from mapping.options import MappingOptions
 from mapping.systems import as_system
@@ -55,19 +55,77 @@ def accession_identifier(headers: Sequence[InstanceHeader], options: MappingOpti
     number = first(headers, lambda h: h.accession_number)
     if not number:
         return None
-    identifier: dict[str, Any] = {"type": {"coding": [{"system": IDENTIFIER_TYPE_SYSTEM, "code": "ACSN"}]}}
-    issuer = first(headers, lambda h: h.accession_issuer)
+    return typed_identifier("ACSN", number, first(headers, lambda h: h.accession_issuer),
+                            options.accession_system, warnings,
+                            "IssuerOfAccessionNumberSequence (0008,0051)", "the accession identifier's")
+
+
+def typed_identifier(type_code: str, value: str, issuer: Issuer | None, fallback_system: str | None,
+                     warnings: list[str], issuer_tag: str, what: str) -> dict[str, Any]:
+    """An Identifier of a v2-0203 type (ACSN, PLAC, FILL) with its system from the issuer (an HL7 v2
+    HD: the local namespace when it is an OID or URI, else the universal ID), else fallback_system."""
+    identifier: dict[str, Any] = {"type": {"coding": [{"system": IDENTIFIER_TYPE_SYSTEM, "code": type_code}]}}
     system = None
     if issuer is not None:
         system = as_system(issuer.local) or as_system(issuer.universal, issuer.universal_type)
         if system is None:
-            warnings.append("IssuerOfAccessionNumberSequence (0008,0051): neither an OID nor a URI, "
-                            "not used as the accession identifier's system")
-    system = system or options.accession_system
+            warnings.append(f"{issuer_tag}: neither an OID nor a URI, not used as {what} system")
+    system = system or fallback_system
     if system:
         identifier["system"] = system
-    identifier["value"] = number
+    identifier["value"] = value
     return identifier
+
+
+def based_on(headers: Sequence[InstanceHeader], accession: dict[str, Any] | None, options: MappingOptions,
+             warnings: list[str]) -> list[dict[str, Any]]:
+    """basedOn: one ServiceRequest reference by identifier per distinct order identifier: the
+    study's accession identifier, then each RequestAttributesSequence item's accession number
+    (ACSN), placer order number (PLAC) and filler order number (FILL), in canonical order.
+    RequestedProcedureID is not used: it is unique only within its accession (mapping/README.md)."""
+    identifiers = [] if accession is None else [accession]
+    issuer_tag = "RequestAttributesSequence (0040,0275) > "
+    for header in headers:
+        for request in header.request_attributes:
+            if request.accession_number:
+                # An item without its own issuer shares the study's (the same order filler).
+                issuer = request.accession_issuer or header.accession_issuer
+                identifiers.append(typed_identifier(
+                    "ACSN", request.accession_number, issuer, options.accession_system, warnings,
+                    issuer_tag + "IssuerOfAccessionNumberSequence (0008,0051)", "the accession identifier's"))
+            if request.placer_order:
+                identifiers.append(typed_identifier(
+                    "PLAC", request.placer_order, request.placer_issuer, None, warnings,
+                    issuer_tag + "OrderPlacerIdentifierSequence (0040,0026)", "the placer order number's"))
+            if request.filler_order:
+                identifiers.append(typed_identifier(
+                    "FILL", request.filler_order, request.filler_issuer, None, warnings,
+                    issuer_tag + "OrderFillerIdentifierSequence (0040,0027)", "the filler order number's"))
+    unique: dict[tuple[str, str | None, str], dict[str, Any]] = {}
+    for identifier in identifiers:
+        key = (identifier["type"]["coding"][0]["code"], identifier.get("system"), identifier["value"])
+        unique.setdefault(key, identifier)
+    return [{"type": "ServiceRequest", "identifier": i} for i in unique.values()]
+
+
+PARTICIPATION_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+# ImagingStudy.series.performer.function (extensible: series-performer-function, v3 ParticipationType).
+PERFORMING_PHYSICIAN_FUNCTION = {"system": PARTICIPATION_TYPE_SYSTEM, "code": "PRF", "display": "performer"}
+OPERATOR_FUNCTION = {"system": PARTICIPATION_TYPE_SYSTEM, "code": "SPRF", "display": "secondary performer"}
+
+
+def series_performers(instances: Series) -> list[dict[str, Any]]:
+    """series.performer: PerformingPhysicianName (PRF) then OperatorsName (SPRF), names as display
+    (the first instance of the series that has each element), without duplicates."""
+    performers: dict[tuple[str, str], dict[str, Any]] = {}
+    for function, read in ((PERFORMING_PHYSICIAN_FUNCTION, lambda h: h.performing_physicians),
+                           (OPERATOR_FUNCTION, lambda h: h.operators)):
+        for person in first(instances, read) or ():
+            name = display_name(person)
+            if name:
+                performers.setdefault((function["code"], name), {
+                    "function": {"coding": [dict(function)]}, "actor": {"display": name}})
+    return list(performers.values())
 
 
 def _unique_codes(headers: Sequence[InstanceHeader], read: Callable[[InstanceHeader], tuple[CodedValue, ...]]
@@ -118,7 +176,8 @@ def sop_class_coding(sop_class_uid: str) -> dict[str, Any]:
     return result
 
 
-def series_json(instances: Series, zone: Zone, warnings: list[str]) -> dict[str, Any]:
+def series_json(instances: Series, zone: Zone, warnings: list[str],
+                endpoints: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     head = instances[0]
     series: dict[str, Any] = {"uid": head.series_uid}
     number = _number(first_number(instances, lambda h: h.series_number), "SeriesNumber (0020,0011)", warnings)
@@ -133,6 +192,9 @@ def series_json(instances: Series, zone: Zone, warnings: list[str]) -> dict[str,
     if description:
         series["description"] = description
     series["numberOfInstances"] = len(instances)
+    if endpoints:
+        # IHE MADO: every series says where its instances are retrieved from.
+        series["endpoint"] = [dict(e) for e in endpoints]
     site = body_site(first(instances, lambda h: h.body_part) or "")
     if site is not None:
         series["bodySite"] = site
@@ -148,6 +210,9 @@ def series_json(instances: Series, zone: Zone, warnings: list[str]) -> dict[str,
                       zone, warnings, date_tag="SeriesDate (0008,0021)", time_tag="SeriesTime (0008,0031)")
     if started is not None:
         series["started"] = as_written(started)
+    performers = series_performers(instances)
+    if performers:
+        series["performer"] = performers
     sop_classes: dict[str, dict[str, Any]] = {}
     series["instance"] = [_instance_json(h, sop_classes, warnings) for h in instances]
     return series
@@ -169,9 +234,11 @@ def _instance_json(header: InstanceHeader, sop_classes: dict[str, dict[str, Any]
 
 
 def imaging_study_json(study_uid: str, series: Sequence[Series], options: MappingOptions, *,
-                       subject: dict[str, Any], endpoint_reference: str | None,
+                       subject: dict[str, Any], endpoints: Sequence[dict[str, Any]] = (),
                        warnings: list[str]) -> dict[str, Any]:
-    """The ImagingStudy as a JSON dict; series and their instances already in canonical order."""
+    """The ImagingStudy as a JSON dict; series and their instances already in canonical order.
+
+    endpoints: the References to the study's Endpoints, set on the study and on every series."""
     headers = [h for s in series for h in s]
     study: dict[str, Any] = {"resourceType": "ImagingStudy", "identifier": [study_identifier(study_uid)]}
     accession = accession_identifier(headers, options, warnings)
@@ -179,7 +246,7 @@ def imaging_study_json(study_uid: str, series: Sequence[Series], options: Mappin
         study["identifier"].append(accession)
     study["status"] = "available"
     zone = study_zone(first(headers, lambda h: h.timezone_offset), options.timezone, warnings)
-    series_list = [series_json(s, zone, warnings) for s in series]
+    series_list = [series_json(s, zone, warnings, endpoints) for s in series]
     modalities: dict[str, None] = {}
     for s in series_list:
         modalities.setdefault(s["modality"]["code"], None)
@@ -190,6 +257,9 @@ def imaging_study_json(study_uid: str, series: Sequence[Series], options: Mappin
                       warnings, date_tag="StudyDate (0008,0020)", time_tag="StudyTime (0008,0030)")
     if started is not None:
         study["started"] = as_written(started)
+    requests = based_on(headers, accession, options, warnings)
+    if requests:
+        study["basedOn"] = requests
     referrer = display_name(first(headers, lambda h: h.referring_physician))
     if referrer:
         study["referrer"] = {"display": referrer}
@@ -197,8 +267,8 @@ def imaging_study_json(study_uid: str, series: Sequence[Series], options: Mappin
     names = [n for n in (display_name(p) for p in interpreters) if n]
     if names:
         study["interpreter"] = [{"display": n} for n in dict.fromkeys(names)]
-    if endpoint_reference is not None:
-        study["endpoint"] = [{"reference": endpoint_reference}]
+    if endpoints:
+        study["endpoint"] = [dict(e) for e in endpoints]
     study["numberOfSeries"] = len(series_list)
     study["numberOfInstances"] = sum(len(s) for s in series)
     procedures = _concepts(_unique_codes(headers, lambda h: h.procedure_codes))
@@ -208,7 +278,9 @@ def imaging_study_json(study_uid: str, series: Sequence[Series], options: Mappin
                                      first(headers, lambda h: h.department_name)) if v)
     if location:
         study["location"] = {"display": location}
-    reasons = _concepts(_unique_codes(headers, lambda h: h.reason_codes))
+    # The study's own reason codes, then those of its requests (RequestAttributesSequence), once each.
+    reasons = _concepts(_unique_codes(headers, lambda h: (
+        *h.reason_codes, *(c for r in h.request_attributes for c in r.reason_codes))))
     if not reasons:
         text = first(headers, lambda h: h.reason_text)
         reasons = [{"text": text}] if text else []

@@ -166,6 +166,32 @@ def _merge_patient(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, A
     return in_order(merged, PATIENT_ORDER) if len(merged) > len(existing) else merged
 
 
+def _without_dangling_endpoints(study: dict[str, Any], known: set[str]) -> dict[str, Any]:
+    """study without local (urn:uuid:) endpoint references to an Endpoint that is not in known."""
+    def kept(references: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in references if not (e.get("reference") or "").startswith("urn:uuid:")
+                or e.get("reference") in known]
+
+    study = dict(study)
+    if kept(study.get("endpoint") or []):
+        study["endpoint"] = kept(study["endpoint"])
+    else:
+        study.pop("endpoint", None)
+    series_list = []
+    for series in study.get("series") or []:
+        if series.get("endpoint"):
+            series = dict(series)
+            references = kept(series["endpoint"])
+            if references:
+                series["endpoint"] = references
+            else:
+                series.pop("endpoint")
+        series_list.append(series)
+    if "series" in study:
+        study["series"] = series_list
+    return study
+
+
 def merge_resources(existing: StudyResources, new: StudyResources) -> StudyResources:
     """existing + a new part, for a whole study (Patient values filled in, never overwritten).
 
@@ -183,19 +209,15 @@ def merge_resources(existing: StudyResources, new: StudyResources) -> StudyResou
     subject = study.get("subject") or {}
     if not subject.get("identifier") and patient.get("identifier"):
         study["subject"] = in_order({**subject, "identifier": patient["identifier"][0]}, REFERENCE_ORDER)
-    endpoint = new.endpoint if new.endpoint is not None else existing.endpoint
-    # Only one Endpoint travels with the study: drop local references to any other.
-    keep = endpoint_url(endpoint["address"]) if endpoint is not None else None
-    endpoints = [e for e in study.get("endpoint") or []
-                 if not (e.get("reference") or "").startswith("urn:uuid:") or e.get("reference") == keep]
-    if endpoints:
-        study["endpoint"] = endpoints
-    else:
-        study.pop("endpoint", None)
+    # Endpoints are a union by address: the existing ones first, then those the new part adds.
+    endpoints: dict[str, dict[str, Any]] = {}
+    for endpoint in (*existing.endpoints, *new.endpoints):
+        endpoints.setdefault(endpoint["address"], endpoint)
+    study = _without_dangling_endpoints(study, {endpoint_url(address) for address in endpoints})
     return StudyResources(
         study_uid=new.study_uid,
         patient=patient,
         imaging_study=study,
-        endpoint=endpoint,
+        endpoints=tuple(endpoints.values()),
         warnings=new.warnings,
     )

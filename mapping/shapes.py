@@ -32,17 +32,27 @@ def _first_identifier(resource: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _endpoint_ref(resources: StudyResources) -> str | None:
-    return endpoint_url(resources.endpoint["address"]) if resources.endpoint is not None else None
+def _endpoint_ids(resources: StudyResources) -> list[str]:
+    """The contained ids of the study's Endpoints: ``endpoint``, then ``endpoint-2``, ..."""
+    return [CONTAINED_ENDPOINT_ID if i == 0 else f"{CONTAINED_ENDPOINT_ID}-{i + 1}"
+            for i in range(len(resources.endpoints))]
 
 
-def _with_references(study: dict[str, Any], subject_ref: str, endpoint_from: str | None,
-                     endpoint_to: str | None) -> dict[str, Any]:
+def _with_references(study: dict[str, Any], subject_ref: str, endpoints: dict[str, str]) -> dict[str, Any]:
+    """study with its subject referring to subject_ref and the endpoint references of the study
+    and its series renamed (endpoints: old reference -> new)."""
     study = dict(study)
     study["subject"] = {**study.get("subject", {}), "reference": subject_ref}
-    if endpoint_from is not None and endpoint_to is not None and study.get("endpoint"):
-        study["endpoint"] = [{**e, "reference": endpoint_to} if e.get("reference") == endpoint_from else e
-                             for e in study["endpoint"]]
+
+    def renamed(references: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**e, "reference": endpoints[e["reference"]]} if e.get("reference") in endpoints else e
+                for e in references]
+
+    if endpoints and study.get("endpoint"):
+        study["endpoint"] = renamed(study["endpoint"])
+    if endpoints and any(s.get("endpoint") for s in study.get("series") or []):
+        study["series"] = [{**s, "endpoint": renamed(s["endpoint"])} if s.get("endpoint") else s
+                           for s in study["series"]]
     return study
 
 
@@ -67,14 +77,13 @@ def render_bundle(resources: StudyResources) -> dict[str, Any]:
         # No identifier: a server could only create a duplicate Patient per study; keep it inside.
         patient = {"resourceType": "Patient", "id": CONTAINED_PATIENT_ID,
                    **{k: v for k, v in patient.items() if k not in ("resourceType", "id")}}
-        study = _contained(_with_references(study, "#" + CONTAINED_PATIENT_ID, None, None), patient)
-    if resources.endpoint is not None:
-        endpoint = resources.endpoint
+        study = _contained(_with_references(study, "#" + CONTAINED_PATIENT_ID, {}), patient)
+    for endpoint in resources.endpoints:  # each a conditional create: one Endpoint per address on a server
         request: dict[str, Any] = {"method": "POST", "url": "Endpoint"}
         endpoint_identifier = _first_identifier(endpoint)
         if endpoint_identifier is not None:
             request["ifNoneExist"] = token_search(endpoint_identifier.get("system"), endpoint_identifier["value"])
-        entries.append({"fullUrl": _endpoint_ref(resources), "resource": endpoint, "request": request})
+        entries.append({"fullUrl": endpoint_url(endpoint["address"]), "resource": endpoint, "request": request})
     entries.append({"fullUrl": imaging_study_url(uid), "resource": study, "request": {
         "method": "POST", "url": "ImagingStudy",
         "ifNoneExist": token_search(STUDY_UID_SYSTEM, study_uid_value(uid))}})
@@ -86,14 +95,12 @@ def render_contained(resources: StudyResources) -> dict[str, Any]:
     patient = {"resourceType": "Patient", "id": CONTAINED_PATIENT_ID,
                **{k: v for k, v in patient.items() if k not in ("resourceType", "id")}}
     contained = [patient]
-    endpoint_to = None
-    if resources.endpoint is not None:
-        endpoint = resources.endpoint
-        contained.append({"resourceType": "Endpoint", "id": CONTAINED_ENDPOINT_ID,
+    renamed: dict[str, str] = {}
+    for endpoint, contained_id in zip(resources.endpoints, _endpoint_ids(resources)):
+        contained.append({"resourceType": "Endpoint", "id": contained_id,
                           **{k: v for k, v in endpoint.items() if k not in ("resourceType", "id")}})
-        endpoint_to = "#" + CONTAINED_ENDPOINT_ID
-    study = _with_references(resources.imaging_study, "#" + CONTAINED_PATIENT_ID,
-                             _endpoint_ref(resources), endpoint_to)
+        renamed[endpoint_url(endpoint["address"])] = "#" + contained_id
+    study = _with_references(resources.imaging_study, "#" + CONTAINED_PATIENT_ID, renamed)
     return _contained(study, *contained)
 
 
@@ -162,21 +169,25 @@ def parse_resources(document: dict[str, Any]) -> StudyResources:
                            f"a Patient in the document")
     if subject_ref.startswith("#"):
         patient = _without_id(patient)
-    endpoint = None
-    endpoint_from = None
-    for reference in _objects(study, "endpoint", f"study {uid}: the ImagingStudy"):
-        candidate = resources_by_url.get(reference.get("reference") or "") if isinstance(
-            reference.get("reference"), str) else None
-        if candidate is not None and candidate.get("resourceType") == "Endpoint":
-            endpoint, endpoint_from = candidate, reference["reference"]
-            if endpoint_from.startswith("#"):
-                endpoint = _without_id(endpoint)
-            break
-    _check_structure(uid, study, patient, endpoint)
+    # The Endpoints the study or its series refer to, in the order first referred to.
+    endpoints: dict[str, dict[str, Any]] = {}
+    references = list(_objects(study, "endpoint", f"study {uid}: the ImagingStudy"))
+    for i, series in enumerate(_objects(study, "series", f"study {uid}: the ImagingStudy")):
+        references += _objects(series, "endpoint", f"study {uid}: the ImagingStudy's series[{i}]")
+    for reference in references:
+        ref = reference.get("reference")
+        candidate = resources_by_url.get(ref) if isinstance(ref, str) else None
+        if ref not in endpoints and candidate is not None and candidate.get("resourceType") == "Endpoint":
+            endpoints[ref] = _without_id(candidate) if ref.startswith("#") else candidate
+    _check_structure(uid, study, patient, tuple(endpoints.values()))
     canonical = {k: v for k, v in study.items() if k != "contained"}
-    endpoint_to = endpoint_url(endpoint["address"]) if endpoint is not None else None
-    canonical = _with_references(canonical, patient_url(uid), endpoint_from, endpoint_to)
-    return StudyResources(study_uid=uid, patient=patient, imaging_study=canonical, endpoint=endpoint)
+    canonical = _with_references(canonical, patient_url(uid),
+                                 {ref: endpoint_url(e["address"]) for ref, e in endpoints.items()})
+    by_address: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints.values():
+        by_address.setdefault(endpoint["address"], endpoint)  # one per address, the first
+    return StudyResources(study_uid=uid, patient=patient, imaging_study=canonical,
+                          endpoints=tuple(by_address.values()))
 
 
 def _bundle_parts(document: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -195,13 +206,13 @@ def _bundle_parts(document: dict[str, Any]) -> tuple[dict[str, Any], dict[str, d
 
 
 def _check_structure(uid: str, study: dict[str, Any], patient: dict[str, Any],
-                     endpoint: dict[str, Any] | None) -> None:
+                     endpoints: tuple[dict[str, Any], ...]) -> None:
     """MappingError unless what merging and rendering read has the JSON types FHIR gives it
     (the values themselves are validated where the study leaves again)."""
     check_study_structure(study, f"study {uid}: the ImagingStudy")
     _strings(_objects(patient, "identifier", f"study {uid}: the Patient"), f"study {uid}: the Patient's identifier",
              "system", "value")
-    if endpoint is not None:
+    for endpoint in endpoints:
         _typed(endpoint, f"study {uid}: the Endpoint", address=str)
         if "address" not in endpoint:
             raise MappingError(f"study {uid}: the Endpoint has no address")

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 
-from mapping.endpoint import endpoint_address, endpoint_json
+from mapping.endpoint import address_identifier, endpoint_json
 from mapping.errors import MappingError, MultipleStudiesError, PatientMismatchError
 from mapping.fhirjson import validated
 from mapping.header import InstanceHeader, PatientIdentity
@@ -38,28 +38,34 @@ def endpoint_url(address: str) -> str:
     return f"urn:uuid:{uuid.uuid5(NAMESPACE, 'Endpoint/' + address)}"
 
 
+def endpoint_reference(address: str) -> dict[str, Any]:
+    """The canonical Reference to the Endpoint at address: its fullUrl and its identifier."""
+    return {"reference": endpoint_url(address), "identifier": address_identifier(address)}
+
+
 @dataclass(frozen=True)
 class StudyResources:
     """One study's resources in canonical form (module docstring), as FHIR JSON dicts: what
     fhir.resources' ``model_dump_json(exclude_none=True)`` gives for them, so they render
     without a model; ``validate_resources`` checks them against R4 where they leave.
 
+    endpoints: the Endpoints the study can be retrieved from (a union over its parts and
+    re-conversions, first one first), each referenced from the study and its series.
     warnings: values dropped or replaced, for the caller to log (no patient names or IDs).
     """
 
     study_uid: str
     patient: dict[str, Any]
     imaging_study: dict[str, Any]
-    endpoint: dict[str, Any] | None = None
+    endpoints: tuple[dict[str, Any], ...] = ()
     warnings: tuple[str, ...] = field(default=())
 
 
 def validate_resources(resources: StudyResources) -> None:
     """MappingError naming the study, the resource and the failing elements when one of the
     resources is not valid R4 (a bug, or a value no mapping rule caught)."""
-    for resource in (resources.patient, resources.imaging_study, resources.endpoint):
-        if resource is not None:
-            validated(resource, f"study {resources.study_uid}")
+    for resource in (resources.patient, resources.imaging_study, *resources.endpoints):
+        validated(resource, f"study {resources.study_uid}")
 
 
 def as_header(instance: InstanceHeader | Dataset) -> InstanceHeader:
@@ -157,15 +163,15 @@ def convert_study(instances: Iterable[InstanceHeader | Dataset],
     subject: dict[str, Any] = {"reference": patient_url(study_uid)}
     if identifier is not None:
         subject["identifier"] = identifier
-    endpoint_data = endpoint_json(options.dicomweb_url) if options.dicomweb_url else None
-    endpoint_ref = endpoint_url(endpoint_address(options.dicomweb_url)) if options.dicomweb_url else None
+    endpoints = (endpoint_json(options.dicomweb_url),) if options.dicomweb_url else ()
     study_data = imaging_study_json(study_uid, series, options, subject=subject,
-                                    endpoint_reference=endpoint_ref, warnings=warnings)
+                                    endpoints=[endpoint_reference(e["address"]) for e in endpoints],
+                                    warnings=warnings)
     return StudyResources(
         study_uid=study_uid,
         patient=patient_data,
         imaging_study=study_data,
-        endpoint=endpoint_data,
+        endpoints=endpoints,
         warnings=_unique(warnings),
     )
 

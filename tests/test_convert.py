@@ -117,7 +117,7 @@ def test_convert_folder_reports_studies_skipped_files_and_counts():
 def test_convert_folder_applies_the_options(tmp_path):
     generate_study(tmp_path, 1, 1)
     [resources] = convert_folder(tmp_path, MappingOptions(dicomweb_url="https://pacs.example.org/dicom-web")).studies.values()
-    assert resources.endpoint is not None and resources.endpoint["address"] == "https://pacs.example.org/dicom-web"
+    assert [e["address"] for e in resources.endpoints] == ["https://pacs.example.org/dicom-web"]
 
 
 def test_a_file_copied_twice_counts_once(tmp_path):

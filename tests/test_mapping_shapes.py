@@ -51,7 +51,7 @@ def test_imaging_study_refers_to_patient_and_endpoint_by_their_full_urls():
     found = entries(render(convert(instance(), dicomweb_url=WADO)))
     study = found["ImagingStudy"]["resource"]
     assert study["subject"]["reference"] == found["Patient"]["fullUrl"]
-    assert study["endpoint"] == [{"reference": found["Endpoint"]["fullUrl"]}]
+    assert [e["reference"] for e in study["endpoint"]] == [found["Endpoint"]["fullUrl"]]
     assert all(e["fullUrl"].startswith("urn:uuid:") for e in found.values())
 
 
@@ -61,7 +61,7 @@ def test_endpoint_resource_and_its_conditional_create():
     assert resource["status"] == "active" and resource["address"] == WADO
     assert resource["connectionType"] == {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
                                           "code": "dicom-wado-rs"}
-    assert resource["payloadType"] == [{"text": "DICOM WADO-RS"}]
+    assert resource["payloadType"][0]["text"] == "DICOM WADO-RS"
     assert resource["payloadMimeType"] == ["application/dicom"]
     assert resource["name"] == f"DICOM WADO-RS endpoint {WADO}"
     assert endpoint["request"]["ifNoneExist"] == f"identifier=urn:ietf:rfc:3986|{WADO}"
@@ -87,7 +87,8 @@ def test_contained_shape_holds_patient_and_endpoint():
     study = render(convert(instance(PatientID="P-1"), dicomweb_url=WADO), "contained")
     patient, endpoint = study["contained"]
     assert study["subject"]["reference"] == f"#{patient['id']}"
-    assert study["endpoint"] == [{"reference": f"#{endpoint['id']}"}]
+    assert [e["reference"] for e in study["endpoint"]] == [f"#{endpoint['id']}"]
+    assert [e["reference"] for e in study["series"][0]["endpoint"]] == [f"#{endpoint['id']}"]
     assert endpoint["address"] == WADO
 
 

@@ -12,7 +12,7 @@ Library use::
     from scp.sources.folder import convert_folder, process_dicom_2_fhir
     report = convert_folder("/data/dicom", MappingOptions(timezone="Europe/Berlin"))
     for study_uid, resources in report.studies.items():
-        ...  # resources.patient, .imaging_study, .endpoint: FHIR JSON dicts (mapping.StudyResources)
+        ...  # resources.patient, .imaging_study, .endpoints: FHIR JSON dicts (mapping.StudyResources)
     study = process_dicom_2_fhir("/data/one-study")  # drop-in for dicom-fhir-converter's function
     study = process_dicom_2_fhir(datasets)           # ... and for PyPI dicom2fhir's (pydicom Datasets)
 

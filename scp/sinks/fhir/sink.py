@@ -365,10 +365,13 @@ def _is_local(reference: str | None) -> bool:
 def keep_server_references(body: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
     """The merged ImagingStudy pointing where the server's version points.
 
-    Our part refers to its Patient and Endpoint by Bundle-local urn:uuid: ids.
-    The server's subject stays (a study never changes patient); its endpoints
-    stand in for ours when it has some. Local references left over (no such
-    reference on the server) are created in the update transaction.
+    Our part refers to its Patient and Endpoints by Bundle-local urn:uuid: ids.
+    The server's subject stays (a study never changes patient). Endpoints are a
+    union: a local endpoint reference whose identifier (the Endpoint's address)
+    the server's references carry is the server's reference (on the study and
+    every series); a local one the server has no reference for is created in the
+    update transaction. A local reference without identifier (written before
+    references carried one) gives way to the server's endpoints, if it has any.
     """
     body = dict(body)
     server_subject = server.get("subject") or {}
@@ -376,11 +379,30 @@ def keep_server_references(body: dict[str, Any], server: dict[str, Any]) -> dict
         subject = dict(body.get("subject") or {})
         subject["reference"] = server_subject["reference"]
         body["subject"] = subject
-    server_endpoints = [e for e in server.get("endpoint") or [] if not _is_local(e.get("reference"))]
-    if body.get("endpoint") and server_endpoints:
-        kept = [e for e in body["endpoint"] if not _is_local(e.get("reference"))]
-        body["endpoint"] = kept or server_endpoints
+    server_refs = [e for e in server.get("endpoint") or [] if not _is_local(e.get("reference"))]
+    for series in server.get("series") or []:
+        server_refs += [e for e in series.get("endpoint") or [] if not _is_local(e.get("reference"))]
+    by_identifier = {canonical(e["identifier"]): e for e in reversed(server_refs) if e.get("identifier")}
+    if body.get("endpoint"):
+        body["endpoint"] = _server_endpoints(body["endpoint"], by_identifier, server_refs)
+    if any(s.get("endpoint") for s in body.get("series") or []):
+        body["series"] = [{**s, "endpoint": _server_endpoints(s["endpoint"], by_identifier, server_refs)}
+                          if s.get("endpoint") else s for s in body["series"]]
     return body
+
+
+def _server_endpoints(references: list[dict[str, Any]], by_identifier: dict[str, dict[str, Any]],
+                      server_refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """references with local ones replaced by the server's (keep_server_references), once each."""
+    result: dict[str, dict[str, Any]] = {}
+    for reference in references:
+        if _is_local(reference.get("reference")):
+            if reference.get("identifier"):
+                reference = by_identifier.get(canonical(reference["identifier"]), reference)
+            elif server_refs:
+                continue  # a legacy reference: the server's endpoints stand in for it
+        result.setdefault(reference.get("reference") or canonical(reference), reference)
+    return list(result.values()) or server_refs[:1]
 
 
 def update_request(body: dict[str, Any], study: ServerStudy, bundle: dict[str, Any]) -> dict[str, Any] | None:
