@@ -177,6 +177,23 @@ def test_a_dicomweb_endpoint_configured_later_is_created_and_linked_on_the_next_
     assert imaging["numberOfInstances"] == 3
 
 
+def test_a_part_with_another_dicomweb_url_keeps_the_first_endpoint_and_adds_the_second(fhir_engine, study):
+    first = dataclasses.replace(OPTIONS, dicomweb_url=DICOMWEB)
+    second = dataclasses.replace(OPTIONS, dicomweb_url="https://archive.example/wado")
+    sink_for(fhir_engine, first).deliver(study.part(2, options=first))
+    part = study.part(1, series=1, first=3, options=second)
+    sink_for(fhir_engine, second).deliver(part)
+
+    endpoints = {e["address"]: e["id"] for e in fhir_engine.resources("Endpoint")}
+    imaging = only(fhir_engine.resources("ImagingStudy"))
+    assert list(endpoints) == [DICOMWEB, "https://archive.example/wado"]
+    assert [e["reference"] for e in imaging["endpoint"]] == [f"Endpoint/{i}" for i in endpoints.values()]
+    assert [e["reference"] for e in imaging["series"][1]["endpoint"]] == [f"Endpoint/{endpoints[part.endpoints[0]['address']]}"]
+    fhir_engine.reset_stats()
+    assert "unchanged" in sink_for(fhir_engine, second).deliver(part)  # resending changes nothing
+    assert [method for method, _, _ in fhir_engine.request_log()] == ["GET"]
+
+
 def test_an_existing_patient_record_is_referenced_and_never_overwritten(fhir_engine, study):
     master = {"resourceType": "Patient", "identifier": [{"system": MRN, "value": "PAT-0001"}],
               "name": [{"family": "Master", "given": ["Record"]}], "gender": "female"}

@@ -141,6 +141,28 @@ def test_the_server_subject_and_endpoint_replace_bundle_local_references():
                                                     "endpoint": [{"reference": "Endpoint/3"}]}
 
 
+def endpoint_ref(reference: str, address: str) -> dict:
+    return {"reference": reference, "identifier": {"system": "urn:ietf:rfc:3986", "value": address}}
+
+
+def test_a_local_endpoint_reference_becomes_the_servers_reference_with_the_same_identifier():
+    # After merge_imaging_study the body holds the server's references and ours (a union).
+    server = {"subject": {"reference": "Patient/7"}, "endpoint": [endpoint_ref("Endpoint/3", "https://a")],
+              "series": [{"uid": "1", "endpoint": [endpoint_ref("Endpoint/3", "https://a")]}]}
+    ours = {"subject": {"reference": "Patient/7"},
+            "endpoint": [endpoint_ref("Endpoint/3", "https://a"), endpoint_ref("urn:uuid:a", "https://a")],
+            "series": [{"uid": "1", "endpoint": [endpoint_ref("urn:uuid:a", "https://a")]}]}
+    assert keep_server_references(ours, server) == server
+
+
+def test_an_endpoint_the_server_has_no_reference_for_stays_local_beside_the_servers():
+    server = {"endpoint": [endpoint_ref("Endpoint/3", "https://a")]}
+    ours = {"endpoint": [endpoint_ref("Endpoint/3", "https://a"), endpoint_ref("urn:uuid:a", "https://a"),
+                         endpoint_ref("urn:uuid:b", "https://b")]}
+    assert keep_server_references(ours, server)["endpoint"] == [endpoint_ref("Endpoint/3", "https://a"),
+                                                                endpoint_ref("urn:uuid:b", "https://b")]
+
+
 def test_an_endpoint_new_to_the_study_is_created_in_the_update_transaction():
     bundle = {"entry": [{"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient"}},
                         {"fullUrl": "urn:uuid:e", "resource": {"resourceType": "Endpoint"}},

@@ -121,3 +121,35 @@ def test_what_the_specification_forbids_but_medplum_lets_through_is_refused_too(
         assert response.status_code == 400, where
         assert response.json()["issue"][0]["expression"] == [f"ImagingStudy.{where}"]
     assert post(fhir_engine, "ImagingStudy", base | {"started": "2005-09-06T10:15:00.5-05:00"}).status_code == 201
+
+
+def test_the_engine_accepts_every_r4_resource_with_the_elements_of_the_full_mapping(fhir_engine):
+    # basedOn (accession, placer and filler order numbers), series.performer, request reasons,
+    # an Endpoint with the DICOM payload code on the study and every series, a fraction kept as given.
+    from pydicom.sequence import Sequence
+
+    from mapping import convert_study, merge_resources, render
+    from mapping.options import MappingOptions
+    from tests.mapping_cases import CT_SMALL, code_item, read
+    from tests.test_mapping_based_on import issuer, request
+
+    ds = read(CT_SMALL)
+    ds.StudyTime, ds.SeriesTime = "141516.123", "141516.1"
+    ds.AccessionNumber = "A-1"
+    ds.PerformingPhysicianName, ds.OperatorsName = "Smith^John^^Dr", ["Miller^Eve", "Doe^Ann"]
+    ds.RequestAttributesSequence = Sequence([request(
+        AccessionNumber="A-2", IssuerOfAccessionNumberSequence=issuer(UniversalEntityID="1.2.3", UniversalEntityIDType="ISO"),
+        PlacerOrderNumberImagingServiceRequest="P-7", FillerOrderNumberImagingServiceRequest="F-9",
+        ReasonForRequestedProcedureCodeSequence=Sequence([code_item("R51", "I10", "Headache")]))])
+    first = convert_study([ds], MappingOptions(patient_identifier_system="urn:mrn", dicomweb_url="https://pacs/dicom-web"))
+    again = convert_study([ds], MappingOptions(patient_identifier_system="urn:mrn", dicomweb_url="https://vna/wado"))
+    resources = merge_resources(first, again)
+    study = resources.imaging_study
+    assert {"basedOn", "reasonCode"} <= set(study) and len(resources.endpoints) == 2
+    assert {"performer", "endpoint"} <= set(study["series"][0])
+
+    response = post(fhir_engine, "", render(resources, "bundle"))
+    assert response.status_code == 200, response.text
+    assert post(fhir_engine, "ImagingStudy", render(resources, "contained")).status_code == 201
+    [stored] = [s for s in fhir_engine.resources("ImagingStudy") if "contained" not in s]
+    assert stored["started"].startswith("2004-01-19T14:15:16.123") and len(stored["endpoint"]) == 2

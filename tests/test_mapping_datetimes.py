@@ -39,6 +39,14 @@ def test_fractions_of_a_second_are_kept():
     assert started("20050906", "101530.123", "+0100")[0] == "2005-09-06T10:15:30.123+01:00"
 
 
+@pytest.mark.parametrize("time,expected", [("141516.123", "14:15:16.123"), ("141516.1", "14:15:16.1"),
+                                           ("141516.000", "14:15:16.000"), ("141516.123456", "14:15:16.123456")])
+def test_the_output_keeps_the_precision_dicom_gave_never_padded_to_six_digits(time, expected):
+    study = convert(instance(StudyDate="20050906", StudyTime=time, TimezoneOffsetFromUTC="+0000",
+                             SeriesDate="20050906", SeriesTime=time)).imaging_study
+    assert study["started"] == study["series"][0]["started"] == f"2005-09-06T{expected}Z"
+
+
 def test_configured_iana_zone_applies_without_offset_including_daylight_saving():
     assert started("20050906", "1015", zone="Europe/Berlin")[0] == "2005-09-06T10:15:00+02:00"
     assert started("20050106", "1015", zone="Europe/Berlin")[0] == "2005-01-06T10:15:00+01:00"
