@@ -120,6 +120,7 @@ class InstanceHeader:
     operators: tuple[PersonName, ...] = ()  # OperatorsName (0008,1070)
     # instance
     instance_number: int | None = None
+    number_of_frames: int | None = None  # NumberOfFrames (0028,0008)
     concept_name: CodedValue | None = None
     document_title: str = ""
     image_type: tuple[str, ...] = ()
@@ -178,6 +179,7 @@ class InstanceHeader:
             performing_physicians=r.people(0x00081050),
             operators=r.people(0x00081070),
             instance_number=r.integer(0x00200013),
+            number_of_frames=r.integer(0x00280008),
             concept_name=r.first_item(0x0040A043, _code),
             document_title=r.text(0x00420010, multi=False),
             image_type=r.texts(0x00080008),

@@ -23,6 +23,8 @@ from mapping.systems import as_system
 SOP_CLASS_SYSTEM = "urn:ietf:rfc:3986"
 IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
 MAX_UNSIGNED_INT = 2**31 - 1
+# IHE MADO 1.0.0's extension on ImagingStudy.series.instance (R4 has no element for the frame count).
+NUMBER_OF_FRAMES_EXTENSION = "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoNumberOfFrames"
 UNKNOWN_MODALITY = "OT"  # "Other": series.modality is required in FHIR
 
 Series = Sequence[InstanceHeader]  # one series' instances, in canonical order
@@ -223,7 +225,11 @@ def _instance_json(header: InstanceHeader, sop_classes: dict[str, dict[str, Any]
     sop_class = sop_classes.get(header.sop_class_uid)
     if sop_class is None:
         sop_class = sop_classes[header.sop_class_uid] = sop_class_coding(header.sop_class_uid)
-    instance: dict[str, Any] = {"uid": header.sop_instance_uid, "sopClass": dict(sop_class)}
+    instance: dict[str, Any] = {}
+    frames = _number(header.number_of_frames, "NumberOfFrames (0028,0008)", warnings)
+    if frames:  # 0 frames is no image: nothing to count
+        instance["extension"] = [{"url": NUMBER_OF_FRAMES_EXTENSION, "valueInteger": frames}]
+    instance.update({"uid": header.sop_instance_uid, "sopClass": dict(sop_class)})
     number = _number(header.instance_number, "InstanceNumber (0020,0013)", warnings)
     if number is not None:
         instance["number"] = number

@@ -125,7 +125,8 @@ def test_what_the_specification_forbids_but_medplum_lets_through_is_refused_too(
 
 def test_the_engine_accepts_every_r4_resource_with_the_elements_of_the_full_mapping(fhir_engine):
     # basedOn (accession, placer and filler order numbers), series.performer, request reasons,
-    # an Endpoint with the DICOM payload code on the study and every series, a fraction kept as given.
+    # an Endpoint with the DICOM payload code on the study and every series, MADO's number of frames,
+    # a fraction kept as given.
     from pydicom.sequence import Sequence
 
     from mapping import convert_study, merge_resources, render
@@ -135,7 +136,7 @@ def test_the_engine_accepts_every_r4_resource_with_the_elements_of_the_full_mapp
 
     ds = read(CT_SMALL)
     ds.StudyTime, ds.SeriesTime = "141516.123", "141516.1"
-    ds.AccessionNumber = "A-1"
+    ds.AccessionNumber, ds.NumberOfFrames = "A-1", 2
     ds.PerformingPhysicianName, ds.OperatorsName = "Smith^John^^Dr", ["Miller^Eve", "Doe^Ann"]
     ds.RequestAttributesSequence = Sequence([request(
         AccessionNumber="A-2", IssuerOfAccessionNumberSequence=issuer(UniversalEntityID="1.2.3", UniversalEntityIDType="ISO"),
@@ -146,7 +147,7 @@ def test_the_engine_accepts_every_r4_resource_with_the_elements_of_the_full_mapp
     resources = merge_resources(first, again)
     study = resources.imaging_study
     assert {"basedOn", "reasonCode"} <= set(study) and len(resources.endpoints) == 2
-    assert {"performer", "endpoint"} <= set(study["series"][0])
+    assert {"performer", "endpoint"} <= set(study["series"][0]) and "extension" in study["series"][0]["instance"][0]
 
     response = post(fhir_engine, "", render(resources, "bundle"))
     assert response.status_code == 200, response.text

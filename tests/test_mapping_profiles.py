@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydicom.data import get_testdata_file
 
 from mapping import merge_resources, parse_resources, render
-from tests.mapping_cases import CT_STUDY, as_json, convert, dicomdir_instances, instance
+from tests.mapping_cases import CT_STUDY, as_json, convert, dicomdir_instances, instance, read
 
 WADO = "https://pacs.example.org/dicom-web"
 OTHER = "https://archive.example.org/wado"
+MADO_FRAMES = "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoNumberOfFrames"
 DCM_PAYLOAD = {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "113014", "display": "DICOM"}
 
 
@@ -37,9 +39,16 @@ def test_the_address_is_the_wado_rs_base_url(configured):  # SMART Imaging Acces
     assert addresses(convert(instance(), dicomweb_url=configured)) == [WADO]
 
 
-def test_instances_carry_no_number_of_frames():  # R4 has no element for it (mapping/README.md)
-    study = convert(instance(NumberOfFrames=3), dicomweb_url=WADO).imaging_study
-    assert all(set(i) <= {"uid", "sopClass", "number", "title"} for s in study["series"] for i in s["instance"])
+def test_a_multi_frame_instance_carries_its_number_of_frames_in_the_mado_extension():
+    # R4 has no element for it; IHE MADO 1.0.0 publishes an extension (mapping/README.md).
+    ds = read(get_testdata_file("examples_ybr_color.dcm"))  # a real multi-frame US: 30 frames
+    [instance_json] = as_json(convert(ds).imaging_study)["series"][0]["instance"]
+    assert instance_json["extension"] == [{"url": MADO_FRAMES, "valueInteger": 30}]
+
+
+def test_a_single_frame_instance_without_number_of_frames_has_no_extension():
+    [instance_json] = convert(instance()).imaging_study["series"][0]["instance"]
+    assert "extension" not in instance_json
 
 
 def test_a_reconversion_with_another_dicomweb_url_keeps_the_first_endpoint_and_adds_the_second():
