@@ -13,9 +13,10 @@ leaves the process. Public API (everything importable from ``mapping``):
         Cheap: the node and the folder converter build one per instance and drop the
         Dataset at once.
 
-    StudyResources(study_uid, patient, imaging_study, endpoint=None, warnings=())
-        One study's resources as plain JSON-ready dicts (``patient``, ``imaging_study``,
-        ``endpoint`` or None): exactly what fhir.resources.R4B writes for them
+    StudyResources(study_uid, patient, imaging_study, endpoints=(), warnings=())
+        One study's resources as plain JSON-ready dicts (``patient``, ``imaging_study``, and
+        ``endpoints``: a tuple of Endpoint dicts, one per DICOMweb address, the first one
+        first; a union over merged parts): exactly what fhir.resources.R4B writes for them
         (``model_dump_json(exclude_none=True)``: its element order and dateTime form), so
         output files are the same bytes they were when the mapping built models. Not
         validated: see validate_resources. Treat the dicts as read-only (merges share
@@ -48,7 +49,7 @@ leaves the process. Public API (everything importable from ``mapping``):
         The inverse of render for either shape (render(parse_resources(render(r, s)), s)
         == render(r, s)); raises MappingError for a document that is neither shape or is
         not structurally a study this tool wrote: one ImagingStudy with a study UID
-        identifier, its subject a Patient in the document, an Endpoint with an address,
+        identifier, its subject a Patient in the document, Endpoints with an address,
         and the JSON types merging relies on (lists of objects; series and instances with
         a string uid, integer numbers and counts, string dates, identifiers and codings).
         Values are not validated: what is made of the document is, when it leaves. The
