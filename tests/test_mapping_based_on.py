@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from tests.mapping_cases import CT_SMALL, code_item, instance, read, study_of
+from tests.mapping_cases import CT_SMALL, code_item, convert, instance, read, reread, study_of
 
 ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
 
@@ -80,3 +80,19 @@ def test_a_request_reason_code_replaces_the_free_text_reason():
     ds = instance(ReasonForTheRequestedProcedure="headache", RequestAttributesSequence=Sequence([
         request(ReasonForRequestedProcedureCodeSequence=Sequence([code_item("R51", "I10", "Headache")]))]))
     assert [c["coding"][0]["code"] for c in study_of(ds)["reasonCode"]] == ["R51"]
+
+
+def test_request_items_read_from_a_part10_file_give_the_same_based_on():
+    ds = instance(AccessionNumber="A-1", RequestAttributesSequence=Sequence([
+        request(AccessionNumber="A-2", PlacerOrderNumberImagingServiceRequest="P-7")]))
+    assert identifiers(study_of(reread(ds))) == identifiers(study_of(ds)) == [
+        ("ACSN", None, "A-1"), ("ACSN", None, "A-2"), ("PLAC", None, "P-7")]
+
+
+def test_an_issuer_that_is_neither_oid_nor_uri_is_no_system_and_says_so():
+    ds = instance(RequestAttributesSequence=Sequence([request(
+        FillerOrderNumberImagingServiceRequest="F-9", OrderFillerIdentifierSequence=issuer(LocalNamespaceEntityID="RIS A"))]))
+    resources = convert(ds)
+    assert identifiers(resources.imaging_study) == [("FILL", None, "F-9")]
+    assert any(w.startswith("RequestAttributesSequence (0040,0275) > OrderFillerIdentifierSequence (0040,0027)")
+               for w in resources.warnings)

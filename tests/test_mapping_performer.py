@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydicom.data import get_testdata_file
 
-from tests.mapping_cases import CT_SMALL, instance, read, study_of
+from tests.mapping_cases import CT_SMALL, instance, read, reread, study_of
 
 PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 
@@ -38,3 +38,9 @@ def test_physician_then_operator_and_each_person_once_per_series():
 def test_each_series_has_its_own_performers():
     study = study_of(instance(1, 1, OperatorsName="Miller^Eve"), instance(2, 1))
     assert "performer" in study["series"][0] and "performer" not in study["series"][1]
+
+
+def test_names_read_from_a_part10_file_are_the_same_performers():
+    ds = instance(PerformingPhysicianName="Smith^John", OperatorsName=["Miller^Eve", "Doe^Ann"])
+    assert performers(study_of(reread(ds))) == performers(study_of(ds)) == [
+        ("PRF", "John Smith"), ("SPRF", "Eve Miller"), ("SPRF", "Ann Doe")]
