@@ -194,6 +194,25 @@ def test_a_part_with_another_dicomweb_url_keeps_the_first_endpoint_and_adds_the_
     assert [method for method, _, _ in fhir_engine.request_log()] == ["GET"]
 
 
+def test_a_study_whose_server_references_lack_our_identifier_gets_no_second_reference(fhir_engine, study):
+    # As a study delivered before endpoint references carried the Endpoint's identifier.
+    options = dataclasses.replace(OPTIONS, dicomweb_url=DICOMWEB)
+    sink_for(fhir_engine, options).deliver(study.part(2, options=options))
+    imaging = only(fhir_engine.resources("ImagingStudy"))
+    old = {k: v for k, v in imaging.items() if k != "meta"} | {"endpoint": [
+        {"reference": e["reference"]} for e in imaging["endpoint"]]}
+    old["series"] = [{k: v for k, v in s.items() if k != "endpoint"} for s in imaging["series"]]
+    assert requests.put(f"{fhir_engine.base_url}/ImagingStudy/{imaging['id']}", json=old,
+                        headers={"Content-Type": "application/fhir+json"}, timeout=30).status_code == 200
+
+    sink_for(fhir_engine, options).deliver(study.part(1, series=1, first=3, options=options))
+
+    endpoint = only(fhir_engine.resources("Endpoint"))
+    imaging = only(fhir_engine.resources("ImagingStudy"))
+    assert [e["reference"] for e in imaging["endpoint"]] == [f"Endpoint/{endpoint['id']}"]
+    assert [e["reference"] for e in imaging["series"][1]["endpoint"]] == [f"Endpoint/{endpoint['id']}"]
+
+
 def test_an_existing_patient_record_is_referenced_and_never_overwritten(fhir_engine, study):
     master = {"resourceType": "Patient", "identifier": [{"system": MRN, "value": "PAT-0001"}],
               "name": [{"family": "Master", "given": ["Record"]}], "gender": "female"}

@@ -163,6 +163,13 @@ def test_an_endpoint_the_server_has_no_reference_for_stays_local_beside_the_serv
                                                                 endpoint_ref("urn:uuid:b", "https://b")]
 
 
+def test_a_server_reference_without_identifier_is_matched_by_its_included_endpoints_address():
+    server = {"endpoint": [{"reference": "Endpoint/3"}]}
+    ours = {"endpoint": [{"reference": "Endpoint/3"}, endpoint_ref("urn:uuid:a", "https://a")]}
+    included = ({"resourceType": "Endpoint", "id": "3", "address": "https://a"},)
+    assert keep_server_references(ours, server, included)["endpoint"] == [{"reference": "Endpoint/3"}]
+
+
 def test_an_endpoint_new_to_the_study_is_created_in_the_update_transaction():
     bundle = {"entry": [{"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient"}},
                         {"fullUrl": "urn:uuid:e", "resource": {"resourceType": "Endpoint"}},

@@ -165,7 +165,7 @@ class FhirClient:
     def url(self, path: str) -> str:
         return f"{self.base}/{path.lstrip('/')}" if path else self.base
 
-    def request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, str] | None = None,
+    def request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, str | list[str]] | None = None,
                 headers: Mapping[str, str] | None = None, expect: Iterable[int] = (200, 201),
                 context: str = "", stats: RequestStats | None = None) -> Reply:
         """Send one request; return the reply when its status is in ``expect``, else raise.
@@ -184,7 +184,7 @@ class FhirClient:
         self._raise_for(method, path, data, _document_name(body), response, reply, context)
         raise AssertionError("unreachable")
 
-    def _send(self, method: str, path: str, data: bytes | None, params: Mapping[str, str] | None,
+    def _send(self, method: str, path: str, data: bytes | None, params: Mapping[str, str | list[str]] | None,
               headers: Mapping[str, str] | None, context: str, stats: RequestStats | None) -> requests.Response:
         sent_headers = {"Accept": FHIR_JSON}
         if data is not None:

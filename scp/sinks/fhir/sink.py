@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mapping import StudyResources, merge_imaging_study, render, validate_resources
+from mapping.endpoint import address_identifier
 from mapping.errors import MappingError, PatientMismatchError
 from mapping.fhirjson import (canonical, identifier_pairs, model_json, primary_identifier, same_identifier, study_search,
                               validated)
@@ -56,6 +57,7 @@ class ServerStudy:
     version: str | None
     resource: dict[str, Any]  # as the server sent it, meta included
     patients: tuple[dict[str, Any], ...] = ()  # the subject, when the server included it
+    endpoints: tuple[dict[str, Any], ...] = ()  # the study's Endpoints, when the server included them
 
 
 @dataclass(frozen=True)
@@ -115,14 +117,16 @@ class FhirSink:
     def _find(self, uid: str, context: str, stats: RequestStats) -> ServerStudy | None:
         reply = self.client.request(
             "GET", "ImagingStudy",
-            params={"identifier": study_search(uid), "_include": "ImagingStudy:subject"},
+            # The Endpoints too: a reference the server holds without our identifier (one written
+            # before references carried it) is then still known by its Endpoint's address.
+            params={"identifier": study_search(uid), "_include": ["ImagingStudy:subject", "ImagingStudy:endpoint"]},
             expect=(200,), context=context, stats=stats)
         return _search_result(reply.body, context)
 
     def _reread(self, study: ServerStudy, context: str, stats: RequestStats) -> ServerStudy:
         reply = self.client.request("GET", f"ImagingStudy/{study.id}", expect=(200,), context=context, stats=stats)
         resource = _resource_of(reply, "ImagingStudy", context)
-        return ServerStudy(study.id, _version(resource, reply), resource, study.patients)
+        return ServerStudy(study.id, _version(resource, reply), resource, study.patients, study.endpoints)
 
     def _merge_into(self, study: ServerStudy, resources: StudyResources, bundle: Callable[[], dict[str, Any]],
                     context: str, stats: RequestStats) -> Outcome:
@@ -189,7 +193,7 @@ def _merged(server: dict[str, Any], ours: dict[str, Any], study: ServerStudy, co
         merged = merge_imaging_study(server, ours)
     except PatientMismatchError as exc:
         raise _mismatch(context, str(exc), study) from None
-    return keep_server_references(merged, study.resource)
+    return keep_server_references(merged, study.resource, study.endpoints)
 
 
 def as_compared(resource: dict[str, Any]) -> str:
@@ -253,7 +257,7 @@ def _resource_of(reply: Reply, resource_type: str, context: str) -> dict[str, An
 def _search_result(body: Any, context: str) -> ServerStudy | None:
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
         raise DeliveryRetryable(f"{context}: the ImagingStudy search did not return a Bundle")
-    matches, included = [], []
+    matches, included, endpoints = [], [], []
     for entry in body.get("entry") or []:
         resource = entry.get("resource") or {}
         mode = (entry.get("search") or {}).get("mode", "match")
@@ -261,6 +265,8 @@ def _search_result(body: Any, context: str) -> ServerStudy | None:
             matches.append(resource)
         elif resource.get("resourceType") == "Patient":
             included.append(resource)
+        elif resource.get("resourceType") == "Endpoint":
+            endpoints.append(resource)
     if not matches:
         return None
     if len(matches) > 1:
@@ -268,7 +274,7 @@ def _search_result(body: Any, context: str) -> ServerStudy | None:
         raise DeliveryRejected(f"{context}: the server holds {len(matches)} ImagingStudy resources with this "
                                f"study UID ({ids}); merge or delete the duplicates, then retry")
     study = matches[0]
-    return ServerStudy(str(study.get("id")), _version(study), study, tuple(included))
+    return ServerStudy(str(study.get("id")), _version(study), study, tuple(included), tuple(endpoints))
 
 
 def _imaging_study_index(bundle: dict[str, Any]) -> int:
@@ -362,16 +368,19 @@ def _is_local(reference: str | None) -> bool:
     return bool(reference) and reference.startswith("urn:uuid:")
 
 
-def keep_server_references(body: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
+def keep_server_references(body: dict[str, Any], server: dict[str, Any],
+                           endpoints: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
     """The merged ImagingStudy pointing where the server's version points.
 
     Our part refers to its Patient and Endpoints by Bundle-local urn:uuid: ids.
     The server's subject stays (a study never changes patient). Endpoints are a
     union: a local endpoint reference whose identifier (the Endpoint's address)
-    the server's references carry is the server's reference (on the study and
-    every series); a local one the server has no reference for is created in the
-    update transaction. A local reference without identifier (written before
-    references carried one) gives way to the server's endpoints, if it has any.
+    the server's references carry, or whose address is that of an Endpoint the
+    server's study refers to (``endpoints``: the server's included Endpoints), is
+    the server's reference (on the study and every series); a local one the
+    server has no reference for is created in the update transaction. A local
+    reference without identifier (written before references carried one) gives
+    way to the server's endpoints, if it has any.
     """
     body = dict(body)
     server_subject = server.get("subject") or {}
@@ -383,6 +392,12 @@ def keep_server_references(body: dict[str, Any], server: dict[str, Any]) -> dict
     for series in server.get("series") or []:
         server_refs += [e for e in series.get("endpoint") or [] if not _is_local(e.get("reference"))]
     by_identifier = {canonical(e["identifier"]): e for e in reversed(server_refs) if e.get("identifier")}
+    for endpoint in endpoints:
+        reference = f"Endpoint/{endpoint.get('id')}"
+        held = [e for e in server_refs if e.get("reference") == reference
+                or str(e.get("reference")).endswith("/" + reference)]
+        if isinstance(endpoint.get("address"), str) and held:
+            by_identifier.setdefault(canonical(address_identifier(endpoint["address"])), held[0])
     if body.get("endpoint"):
         body["endpoint"] = _server_endpoints(body["endpoint"], by_identifier, server_refs)
     if any(s.get("endpoint") for s in body.get("series") or []):
