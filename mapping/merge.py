@@ -167,28 +167,27 @@ def _merge_patient(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, A
 
 
 def _without_dangling_endpoints(study: dict[str, Any], known: set[str]) -> dict[str, Any]:
-    """study without local (urn:uuid:) endpoint references to an Endpoint that is not in known."""
-    def kept(references: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [e for e in references if not (e.get("reference") or "").startswith("urn:uuid:")
-                or e.get("reference") in known]
+    """study without local (urn:uuid:) endpoint references to an Endpoint that is not in known
+    (the study itself when there are none: merges of large studies copy nothing here)."""
+    def dangling(reference: dict[str, Any]) -> bool:
+        ref = reference.get("reference") or ""
+        return ref.startswith("urn:uuid:") and ref not in known
 
-    study = dict(study)
-    if kept(study.get("endpoint") or []):
-        study["endpoint"] = kept(study["endpoint"])
-    else:
-        study.pop("endpoint", None)
-    series_list = []
-    for series in study.get("series") or []:
-        if series.get("endpoint"):
-            series = dict(series)
-            references = kept(series["endpoint"])
-            if references:
-                series["endpoint"] = references
-            else:
-                series.pop("endpoint")
-        series_list.append(series)
-    if "series" in study:
-        study["series"] = series_list
+    def without(element: dict[str, Any]) -> dict[str, Any]:
+        element = dict(element)
+        kept = [e for e in element["endpoint"] if not dangling(e)]
+        if kept:
+            element["endpoint"] = kept
+        else:
+            del element["endpoint"]
+        return element
+
+    if any(dangling(e) for e in study.get("endpoint") or []):
+        study = without(study)
+    series_list = study.get("series") or []
+    if any(dangling(e) for series in series_list for e in series.get("endpoint") or []):
+        study = {**study, "series": [without(s) if any(dangling(e) for e in s.get("endpoint") or []) else s
+                                     for s in series_list]}
     return study
 
 

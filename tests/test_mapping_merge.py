@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from pydicom.dataset import Dataset
 
@@ -113,12 +115,19 @@ def test_merge_resources_keeps_the_endpoint_when_the_new_part_has_none():
     assert [e["resource"]["resourceType"] for e in document["entry"]] == ["Patient", "Endpoint", "ImagingStudy"]
 
 
-def test_a_changed_endpoint_replaces_the_old_one_without_a_dangling_reference():
+def test_a_changed_endpoint_is_added_beside_the_old_one_and_every_reference_resolves():
     merged = merge_resources(convert(instance(), dicomweb_url=WADO), convert(instance(), dicomweb_url=WADO + "2"))
     document = render(merged)
     urls = {e["fullUrl"] for e in document["entry"]}
     study = document["entry"][-1]["resource"]
-    assert [e["reference"] for e in study["endpoint"]] and all(e["reference"] in urls for e in study["endpoint"])
+    assert len(study["endpoint"]) == 2 and all(e["reference"] in urls for e in study["endpoint"])
+
+
+def test_a_local_endpoint_reference_to_no_endpoint_of_the_study_is_dropped():
+    existing = convert(instance(), dicomweb_url=WADO)
+    existing = dataclasses.replace(existing, endpoints=())  # as from a document whose Endpoint was lost
+    merged = merge_resources(existing, convert(instance(1, 2)))
+    assert "endpoint" not in merged.imaging_study and "endpoint" not in merged.imaging_study["series"][0]
 
 
 # --- issue #11: the Patient is matched on its primary identifier, system and value ------------
