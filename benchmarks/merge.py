@@ -69,7 +69,10 @@ def server_copy(resources: StudyResources) -> ServerStudy:
              "meta": {"versionId": "1", "lastUpdated": "2026-12-01T10:00:00.000Z"},
              **{k: v for k, v in study.items() if k != "resourceType"}}
     study["subject"] = {**study["subject"], "reference": "Patient/5"}
-    study["endpoint"] = [{"reference": "Endpoint/9"}]
+    # A server resolves each urn:uuid reference to its Endpoint's id and keeps the identifier.
+    study["endpoint"] = [{**e, "reference": "Endpoint/9"} for e in study["endpoint"]]
+    study["series"] = [{**s, "endpoint": [{**e, "reference": "Endpoint/9"} for e in s["endpoint"]]}
+                       for s in study["series"]]
     patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
     resource = json.loads(json.dumps(study))
     return ServerStudy("17", "1", resource, (json.loads(json.dumps(patient)) | {"id": "5"},))
