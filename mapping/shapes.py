@@ -7,6 +7,12 @@ is contained in the ImagingStudy instead of being an entry of its own.
 
 ``contained``: one ImagingStudy with the Patient (and Endpoint) contained, as the
 dicom-fhir-converter family produces it.
+
+ImagingSelections (R5, ``StudyResources.selections``): in ``bundle`` each is a conditional
+create by its per-selection identifier (``urn:ietf:rfc:3986|urn:uuid:...``), so resending
+creates nothing twice. In ``contained`` they are contained in the ImagingStudy (ids
+``selection-1``...) with ``derivedFrom`` ``#``: a contained resource may refer to its
+container instead of being referred to (FHIR R5 dom-3), and the shape stays one resource.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from mapping.errors import MappingError
 from mapping.fhirjson import OID_PREFIX, STUDY_UID_SYSTEM, study_uid_value, token_search, validated
 from mapping.options import SHAPES
+from mapping.selection import URI_SYSTEM, selection_identifier
 from mapping.study import StudyResources, endpoint_url, imaging_study_url, patient_url
 
 CONTAINED_PATIENT_ID = "patient"
 CONTAINED_ENDPOINT_ID = "endpoint"
+CONTAINED_SELECTION_ID = "selection-{}"  # numbered from 1 in the study's selection order
 
 
 def _first_identifier(resource: dict[str, Any]) -> dict[str, Any] | None:
@@ -78,7 +86,25 @@ def render_bundle(resources: StudyResources) -> dict[str, Any]:
     entries.append({"fullUrl": imaging_study_url(uid), "resource": study, "request": {
         "method": "POST", "url": "ImagingStudy",
         "ifNoneExist": token_search(STUDY_UID_SYSTEM, study_uid_value(uid))}})
+    entries += selection_entries(resources, patient_entry=identifier is not None)
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def selection_entries(resources: StudyResources, *, patient_entry: bool = True) -> list[dict[str, Any]]:
+    """The ImagingSelections as transaction entries: conditional creates by their identifier.
+    Without a Patient entry (a Patient without identifier is contained in the ImagingStudy)
+    nothing outside the ImagingStudy can refer to it, so the selections go without subject."""
+    entries = []
+    for selection in resources.selections:
+        identifier = selection_identifier(selection)
+        if identifier is None:
+            raise MappingError(f"study {resources.study_uid}: an ImagingSelection has no {URI_SYSTEM} identifier")
+        if not patient_entry:
+            selection = {k: v for k, v in selection.items() if k != "subject"}
+        entries.append({"fullUrl": identifier["value"], "resource": selection, "request": {
+            "method": "POST", "url": "ImagingSelection",
+            "ifNoneExist": token_search(identifier["system"], identifier["value"])}})
+    return entries
 
 
 def render_contained(resources: StudyResources) -> dict[str, Any]:
@@ -92,9 +118,28 @@ def render_contained(resources: StudyResources) -> dict[str, Any]:
         contained.append({"resourceType": "Endpoint", "id": CONTAINED_ENDPOINT_ID,
                           **{k: v for k, v in endpoint.items() if k not in ("resourceType", "id")}})
         endpoint_to = "#" + CONTAINED_ENDPOINT_ID
+    study_url = imaging_study_url(resources.study_uid)
+    for n, selection in enumerate(resources.selections, start=1):
+        contained.append({"resourceType": "ImagingSelection", "id": CONTAINED_SELECTION_ID.format(n),
+                          **_relinked(selection, {patient_url(resources.study_uid): "#" + CONTAINED_PATIENT_ID,
+                                                  study_url: "#"})})
     study = _with_references(resources.imaging_study, "#" + CONTAINED_PATIENT_ID,
                              _endpoint_ref(resources), endpoint_to)
     return _contained(study, *contained)
+
+
+def _relinked(selection: dict[str, Any], links: dict[str, str]) -> dict[str, Any]:
+    """selection (without resourceType and id) with its subject and derivedFrom references
+    mapped through links (the others kept)."""
+    result = {k: v for k, v in selection.items() if k not in ("resourceType", "id")}
+    subject = result.get("subject")
+    if isinstance(subject, dict) and subject.get("reference") in links:
+        result["subject"] = {**subject, "reference": links[subject["reference"]]}
+    if isinstance(result.get("derivedFrom"), list):
+        result["derivedFrom"] = [{**d, "reference": links[d["reference"]]}
+                                 if isinstance(d, dict) and d.get("reference") in links else d
+                                 for d in result["derivedFrom"]]
+    return result
 
 
 def render(resources: StudyResources, shape: str = "bundle") -> dict[str, Any]:
@@ -146,8 +191,11 @@ def parse_resources(document: dict[str, Any]) -> StudyResources:
     kind = document.get("resourceType")
     if kind == "Bundle":
         study, resources_by_url = _bundle_parts(document)
+        selections = [r for r in resources_by_url.values() if r.get("resourceType") == "ImagingSelection"]
     elif kind == "ImagingStudy":
         study, resources_by_url = document, {}
+        selections = [r for r in _objects(study, "contained", "the ImagingStudy")
+                      if r.get("resourceType") == "ImagingSelection"]
     else:
         raise MappingError(f"expected a Bundle or an ImagingStudy, got {kind!r}")
     for resource in _objects(study, "contained", "the ImagingStudy"):
@@ -176,7 +224,13 @@ def parse_resources(document: dict[str, Any]) -> StudyResources:
     canonical = {k: v for k, v in study.items() if k != "contained"}
     endpoint_to = endpoint_url(endpoint["address"]) if endpoint is not None else None
     canonical = _with_references(canonical, patient_url(uid), endpoint_from, endpoint_to)
-    return StudyResources(study_uid=uid, patient=patient, imaging_study=canonical, endpoint=endpoint)
+    links = {"#" + CONTAINED_PATIENT_ID: patient_url(uid), "#": imaging_study_url(uid)}
+    for selection in selections:
+        if selection_identifier(selection) is None:
+            raise MappingError(f"study {uid}: an ImagingSelection has no {URI_SYSTEM} identifier")
+    return StudyResources(study_uid=uid, patient=patient, imaging_study=canonical, endpoint=endpoint,
+                          selections=tuple({"resourceType": "ImagingSelection", **_relinked(s, links)}
+                                           for s in selections))
 
 
 def _bundle_parts(document: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -21,6 +21,7 @@ from mapping.header import InstanceHeader, PatientIdentity
 from mapping.imaging_study import MAX_UNSIGNED_INT, first, first_number, imaging_study_json
 from mapping.options import MappingOptions
 from mapping.patient import identifier_system, other_identifiers, patient_identifier, patient_json
+from mapping.selection import selections_json, validate_selection
 
 # Fixed namespace of this project's uuid5 fullUrls (never change: it would change every output).
 NAMESPACE = uuid.UUID("0b7b8f4e-5c8a-5d1e-9a51-6d1c0f9c4a11")
@@ -45,6 +46,8 @@ class StudyResources:
     without a model; ``validate_resources`` checks them against R4 where they leave.
 
     warnings: values dropped or replaced, for the caller to log (no patient names or IDs).
+    selections: R5 ImagingSelections (mapping.selection) of the study's KOS, SEG and RTSTRUCT
+        instances, referring to the Patient and ImagingStudy by their fullUrls; empty for R4.
     """
 
     study_uid: str
@@ -52,6 +55,7 @@ class StudyResources:
     imaging_study: dict[str, Any]
     endpoint: dict[str, Any] | None = None
     warnings: tuple[str, ...] = field(default=())
+    selections: tuple[dict[str, Any], ...] = field(default=())
 
 
 def validate_resources(resources: StudyResources) -> None:
@@ -60,6 +64,8 @@ def validate_resources(resources: StudyResources) -> None:
     for resource in (resources.patient, resources.imaging_study, resources.endpoint):
         if resource is not None:
             validated(resource, f"study {resources.study_uid}")
+    for selection in resources.selections:  # R5 only: R4 has no ImagingSelection
+        validate_selection(selection, f"study {resources.study_uid}")
 
 
 def as_header(instance: InstanceHeader | Dataset) -> InstanceHeader:
@@ -161,12 +167,16 @@ def convert_study(instances: Iterable[InstanceHeader | Dataset],
     endpoint_ref = endpoint_url(endpoint_address(options.dicomweb_url)) if options.dicomweb_url else None
     study_data = imaging_study_json(study_uid, series, options, subject=subject,
                                     endpoint_reference=endpoint_ref, warnings=warnings)
+    # R5 only: in R4 the selecting instances stay plain instances of the ImagingStudy
+    selections = selections_json(headers, study_uid, subject=subject, study_reference=imaging_study_url(study_uid),
+                                 warnings=warnings) if getattr(options, "fhir_version", "R4") == "R5" else []
     return StudyResources(
         study_uid=study_uid,
         patient=patient_data,
         imaging_study=study_data,
         endpoint=endpoint_data,
         warnings=_unique(warnings),
+        selections=tuple(selections),
     )
 
 

@@ -13,6 +13,7 @@ of having two.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -31,9 +32,7 @@ def require_r5_schema() -> Path:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    try:
-        import jsonschema  # noqa: F401  (installed with the test extras)
-    except ImportError:
+    if importlib.util.find_spec("jsonschema") is None:  # installed with the test extras
         pytest.fail("the jsonschema package is missing: pip install -e '.[test]'")
     return SCHEMA
 
