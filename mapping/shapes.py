@@ -128,6 +128,32 @@ def render_contained(resources: StudyResources) -> dict[str, Any]:
     return _contained(study, *contained)
 
 
+def selection_bundle(resources: StudyResources, subject_reference: str | None,
+                     study_reference: str) -> dict[str, Any] | None:
+    """A transaction Bundle of the study's ImagingSelections alone (conditional creates, so a
+    resend creates nothing), referring to a Patient and an ImagingStudy already on a server
+    (``Patient/<id>``, ``ImagingStudy/<id>``); None when the study has no selections. Without a
+    subject reference the selections keep only the subject's identifier."""
+    if not resources.selections:
+        return None
+    uid = resources.study_uid
+    links = {imaging_study_url(uid): study_reference}
+    if subject_reference is not None:
+        links[patient_url(uid)] = subject_reference
+    selections = []
+    for selection in resources.selections:
+        relinked = {"resourceType": "ImagingSelection", **_relinked(selection, links)}
+        subject = relinked.get("subject")
+        if subject_reference is None and isinstance(subject, dict):
+            subject = {k: v for k, v in subject.items() if k != "reference"}
+            relinked = {k: v for k, v in relinked.items() if k != "subject"} | (
+                {"subject": subject} if subject else {})
+        selections.append(relinked)
+    entries = selection_entries(StudyResources(uid, resources.patient, resources.imaging_study,
+                                               selections=tuple(selections)))
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
 def _relinked(selection: dict[str, Any], links: dict[str, str]) -> dict[str, Any]:
     """selection (without resourceType and id) with its subject and derivedFrom references
     mapped through links (the others kept)."""
