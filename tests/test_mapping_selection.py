@@ -17,7 +17,8 @@ from pydicom.uid import generate_uid
 from mapping import MappingOptions, convert_study, merge_resources, parse_resources, render, validate_resources
 from mapping.fhirjson import STUDY_UID_SYSTEM
 from mapping.header import KEY_OBJECT_SELECTION
-from mapping.selection import URI_SYSTEM, selection_url, validate_selection
+from mapping.selection import URI_SYSTEM, selection_identifier, selection_url, validate_selection
+from mapping.shapes import selection_bundle
 from mapping.study import imaging_study_url
 from tests.mapping_cases import CT_STUDY, code_item, dicomdir_instances, instance, reread
 from tests.r5_validator import require_r5_schema, validate_r5
@@ -282,3 +283,25 @@ def test_a_merge_keeps_the_selections_of_both_parts_and_a_resend_changes_nothing
     assert merged.selections == (*first.selections, *second.selections)
     assert merge_resources(merged, second).selections == merged.selections
     assert merge_resources(merged, first).selections == merged.selections
+
+
+def test_a_selection_bundle_refers_to_the_study_and_patient_on_the_server():
+    resources = convert_study([seg()], r5())
+    request = selection_bundle(resources, "Patient/7", "ImagingStudy/s1")
+    (entry,) = request["entry"]
+    assert request["type"] == "transaction"
+    assert entry["resource"]["subject"]["reference"] == "Patient/7"
+    assert entry["resource"]["subject"]["identifier"] == resources.imaging_study["subject"]["identifier"]
+    assert entry["resource"]["derivedFrom"] == [{"reference": "ImagingStudy/s1"}]
+    assert entry["request"]["ifNoneExist"] == f"identifier={URI_SYSTEM}|{selection_identifier(resources.selections[0])['value']}"
+    valid(entry["resource"])
+
+
+def test_a_selection_bundle_without_a_server_patient_keeps_only_the_subject_identifier():
+    resources = convert_study([seg()], r5())
+    (entry,) = selection_bundle(resources, None, "ImagingStudy/s1")["entry"]
+    assert entry["resource"]["subject"] == {"identifier": resources.imaging_study["subject"]["identifier"]}
+
+
+def test_a_study_without_selections_has_no_selection_bundle():
+    assert selection_bundle(convert_study([seg()], MappingOptions()), "Patient/7", "ImagingStudy/s1") is None
