@@ -18,6 +18,10 @@ stale (412) is re-read, re-merged and sent again; a transaction whose
 ImagingStudy ifNoneExist matched a study created meanwhile (entry status 200,
 not 201) carried our part nowhere, so the part is merged into that study.
 
+R5 ImagingSelections (a KOS, SEG or RTSTRUCT in the study) travel in the creating
+transaction; a merged part sends its own as one more transaction of conditional creates
+(by their identifier, so a resend creates nothing) referring to the server's study and patient.
+
 A Patient on the server is never overwritten (conditional create only), and a
 part is never merged into a study whose patient identifier differs from ours
 (DeliveryRejected: mixing two patients' images is the worst outcome).
