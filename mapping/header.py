@@ -142,10 +142,12 @@ class InstanceHeader:
             raise TypeError(f"ds: expected a pydicom Dataset, got {type(ds).__name__}")
         r = _Reader(ds)
         sop_instance_uid = r.uid(0x00080018, "")
+        # in this order: which missing UID is reported first stays as it was
+        study_uid, series_uid = r.uid(0x0020000D, sop_instance_uid), r.uid(0x0020000E, sop_instance_uid)
         sop_class_uid = r.uid(0x00080016, sop_instance_uid)
         return cls(
-            study_uid=r.uid(0x0020000D, sop_instance_uid),
-            series_uid=r.uid(0x0020000E, sop_instance_uid),
+            study_uid=study_uid,
+            series_uid=series_uid,
             sop_instance_uid=sop_instance_uid,
             sop_class_uid=sop_class_uid,
             patient_id=r.text(0x00100020),
