@@ -8,6 +8,7 @@ patient's name or ID).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class ReferencedSeries:
     series_uid: str  # "": not given (SEG source images outside ReferencedSeriesSequence)
     study_uid: str = ""  # "": the referencing instance's own study
     instances: tuple[tuple[str, str], ...] = ()  # (ReferencedSOPInstanceUID, ReferencedSOPClassUID)
+    frame_of_reference: str = ""  # RTSTRUCT: the FrameOfReferenceUID its series is referenced under
 
 
 # The SOP classes whose references become ImagingSelections (R5; mapping/selection.py).
@@ -478,7 +480,8 @@ def _references(r: _Reader, sop_class_uid: str) -> tuple[ReferencedSeries, ...]:
         # ReferencedFrameOfReferenceSequence (3006,0010) > RTReferencedStudySequence >
         # RTReferencedSeriesSequence > ContourImageSequence
         return _flat(r.all_items(0x30060010, lambda item, clean: _flat(
-            _rt_study(study) for study in item.get("RTReferencedStudySequence") or [])))
+            _rt_study(study, _item_uid(item, "FrameOfReferenceUID", required=False))
+            for study in item.get("RTReferencedStudySequence") or [])))
     return ()
 
 
@@ -510,10 +513,11 @@ def _evidence_study(item: Dataset, clean: Callable[[str], str]) -> tuple[Referen
     return tuple(_series(s, "ReferencedSOPSequence", study_uid) for s in item.get("ReferencedSeriesSequence") or [])
 
 
-def _rt_study(item: Dataset) -> tuple[ReferencedSeries, ...]:
+def _rt_study(item: Dataset, frame_of_reference: str) -> tuple[ReferencedSeries, ...]:
     # RTReferencedStudySequence items name the study by ReferencedSOPInstanceUID
     study_uid = _item_uid(item, "ReferencedSOPInstanceUID", required=False)
-    return tuple(_series(s, "ContourImageSequence", study_uid) for s in item.get("RTReferencedSeriesSequence") or [])
+    return tuple(dataclasses.replace(_series(s, "ContourImageSequence", study_uid), frame_of_reference=frame_of_reference)
+                 for s in item.get("RTReferencedSeriesSequence") or [])
 
 
 def _source_images(group: Dataset, clean: Callable[[str], str]) -> tuple[tuple[str, str], ...]:

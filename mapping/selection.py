@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from types import MappingProxyType
 from typing import Any
 
 from fhir.resources.imagingselection import ImagingSelection
@@ -18,24 +19,27 @@ from pydantic import ValidationError
 
 from mapping.codes import CodedValue, codeable_concept
 from mapping.errors import MappingError
-from mapping.fhirjson import STUDY_UID_SYSTEM, study_uid_value
+from mapping.fhirjson import STUDY_UID_SYSTEM, in_order, study_uid_value
 from mapping.header import KEY_OBJECT_SELECTION, RT_STRUCTURE_SET, SEGMENTATION, InstanceHeader
 from mapping.imaging_study import sop_class_coding, study_identifier
 
 # The same namespace as mapping.study's fullUrls (kept here: mapping.study imports this module).
 NAMESPACE = uuid.UUID("0b7b8f4e-5c8a-5d1e-9a51-6d1c0f9c4a11")
 URI_SYSTEM = "urn:ietf:rfc:3986"
+# FHIR's element order (as fhir.resources writes it), for an element added after the rest
+SELECTION_ORDER = MappingProxyType(
+    {name: i for i, name in enumerate(["resourceType", *ImagingSelection.elements_sequence()])})
 
 # SEG: the purpose of reference the SEG IOD gives its source images (DerivationImageSequence >
 # SourceImageSequence > PurposeOfReferenceCodeSequence, CID 7202), as pydicom's liver SEG carries it.
 # RTSTRUCT: DICOM has no purpose code for contour images; the images are the source the structures
 # were drawn on, so the same CID 7202 code, with a text saying which kind of selection it is.
 SOURCE_IMAGE = CodedValue("121322", "DCM", "Source image for image processing operation")
-CODES: dict[str, tuple[CodedValue | None, str]] = {
+CODES: MappingProxyType[str, tuple[CodedValue | None, str]] = MappingProxyType({
     SEGMENTATION: (SOURCE_IMAGE, "Segmentation source images"),
     RT_STRUCTURE_SET: (SOURCE_IMAGE, "RT Structure Set contour images"),
     KEY_OBJECT_SELECTION: (None, "Key Object Selection"),  # None: the document's own title code
-}
+})
 
 
 def selection_url(sop_instance_uid: str, series_uid: str) -> str:
@@ -65,14 +69,17 @@ def _code(header: InstanceHeader) -> dict[str, Any]:
     return codeable_concept([code], text) or {"text": text}
 
 
-def _grouped(header: InstanceHeader, series_of: dict[str, str],
+def _grouped(header: InstanceHeader, series_of: dict[str, str], frames: dict[tuple[str, str], str],
              warnings: list[str]) -> dict[tuple[str, str], dict[str, str]]:
-    """(study UID, series UID) -> {SOP instance UID: SOP class UID}, in reference order."""
+    """(study UID, series UID) -> {SOP instance UID: SOP class UID}, in reference order; frames
+    gets the frame of reference a series is referenced under, where one is given."""
     groups: dict[tuple[str, str], dict[str, str]] = {}
     for referenced in header.references:
         if referenced.series_uid:
-            instances = groups.setdefault((referenced.study_uid or header.study_uid, referenced.series_uid), {})
-            instances.update(referenced.instances)
+            key = (referenced.study_uid or header.study_uid, referenced.series_uid)
+            groups.setdefault(key, {}).update(referenced.instances)
+            if referenced.frame_of_reference:
+                frames.setdefault(key, referenced.frame_of_reference)
             continue
         # SEG source images without a series: found among this study's instances, or left out
         for sop_uid, sop_class in referenced.instances:
@@ -96,12 +103,17 @@ def selections_json(headers: Sequence[InstanceHeader], study_uid: str, *, subjec
     series_numbers = {h.series_uid: h.series_number for h in headers if h.series_number is not None}
     result = []
     for header in selecting:
-        groups = _grouped(header, series_of, warnings)
+        frames: dict[tuple[str, str], str] = {}
+        groups = _grouped(header, series_of, frames, warnings)
         if not groups:
             warnings.append(f"instance {header.sop_instance_uid}: references no series, no ImagingSelection made")
         for (ref_study, series_uid), instances in groups.items():
-            result.append(_selection(header, ref_study, series_uid, instances, study_uid, subject, study_reference,
-                                     known, series_numbers))
+            selection = _selection(header, ref_study, series_uid, instances, study_uid, subject, study_reference,
+                                   known, series_numbers)
+            frame = frames.get((ref_study, series_uid))
+            if frame:
+                selection = in_order({**selection, "frameOfReferenceUid": frame}, SELECTION_ORDER)
+            result.append(selection)
     return result
 
 

@@ -14,7 +14,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from mapping import MappingOptions, convert_study, merge_resources, parse_resources, render, validate_resources
+from mapping import (MappingOptions, StudyResources, convert_study, merge_resources, parse_resources, render,
+                     validate_resources)
 from mapping.fhirjson import STUDY_UID_SYSTEM
 from mapping.header import KEY_OBJECT_SELECTION
 from mapping.selection import URI_SYSTEM, selection_identifier, selection_url, validate_selection
@@ -50,10 +51,17 @@ def valid(selection: dict[str, Any]) -> dict[str, Any]:
     return selection
 
 
-def selections(*datasets: Dataset) -> tuple[dict[str, Any], ...]:
+def converted(*datasets: Dataset) -> StudyResources:
+    """convert_study in R5, every selection having passed both validators."""
     resources = convert_study(datasets, r5())
     validate_resources(resources)
-    return tuple(valid(s) for s in resources.selections)
+    for selection in resources.selections:
+        valid(selection)
+    return resources
+
+
+def selections(*datasets: Dataset) -> tuple[dict[str, Any], ...]:
+    return converted(*datasets).selections
 
 
 def seg() -> Dataset:
@@ -155,7 +163,7 @@ def test_seg_source_images_outside_referenced_series_are_found_in_the_study():
 def test_a_source_image_in_no_series_of_the_study_is_left_out_with_a_warning():
     ds = seg()
     del ds.ReferencedSeriesSequence
-    resources = convert_study([reread(ds)], r5())
+    resources = converted(reread(ds))
     assert resources.selections == ()
     assert any(f"source image {SEG_SOURCES[0]} is in no series" in w for w in resources.warnings)
 
@@ -181,11 +189,16 @@ def test_an_rtstruct_selects_its_contour_images():
     assert [i["uid"] for i in selection["instance"]] == uids
 
 
+def test_an_rtstruct_selection_carries_its_frame_of_reference():
+    (selection,) = selections(rtstruct())
+    assert selection["frameOfReferenceUid"] == "1.2.826.0.1.3680043.8.498.2010020400001.2"
+
+
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the invalid UID is the point
 def test_a_reference_with_an_invalid_uid_is_dropped_with_a_warning():
     ds = seg()
     ds.ReferencedSeriesSequence[0].SeriesInstanceUID = "not a uid"
-    resources = convert_study([ds], r5())
+    resources = converted(ds)
     assert resources.selections == ()
     assert any(w.startswith("ReferencedSeriesSequence (0008,1115): unusable item") for w in resources.warnings)
 
@@ -193,7 +206,7 @@ def test_a_reference_with_an_invalid_uid_is_dropped_with_a_warning():
 # --- the elements ---------------------------------------------------------------------------
 
 def test_a_selection_refers_to_the_patient_and_derives_from_the_imaging_study():
-    resources = convert_study([seg()], r5())
+    resources = converted(seg())
     (selection,) = resources.selections
     assert selection["subject"] == resources.imaging_study["subject"]
     assert selection["derivedFrom"] == [{"reference": imaging_study_url(resources.study_uid)}]
@@ -234,14 +247,14 @@ def test_r4_makes_no_selection_and_keeps_the_instances():
 
 
 def test_r5_keeps_the_selecting_instance_in_the_imaging_study_too():
-    resources = convert_study([seg()], r5())
+    resources = converted(seg())
     assert resources.imaging_study["series"][0]["instance"][0]["uid"] == seg().SOPInstanceUID
 
 
 # --- shapes and merge -----------------------------------------------------------------------
 
 def test_the_bundle_creates_each_selection_conditionally_by_its_identifier():
-    resources = convert_study([seg()], r5())
+    resources = converted(seg())
     (selection,) = resources.selections
     (entry,) = [e for e in render(resources, "bundle")["entry"] if e["resource"]["resourceType"] == "ImagingSelection"]
     identifier = selection["identifier"][1]["value"]
@@ -252,7 +265,7 @@ def test_the_bundle_creates_each_selection_conditionally_by_its_identifier():
 
 
 def test_the_contained_shape_contains_the_selections_deriving_from_their_container():
-    document = render(convert_study([seg()], r5()), "contained")
+    document = render(converted(seg()), "contained")
     (contained,) = [r for r in document["contained"] if r["resourceType"] == "ImagingSelection"]
     assert contained["id"] == "selection-1"
     assert contained["derivedFrom"] == [{"reference": "#"}]
@@ -262,7 +275,7 @@ def test_the_contained_shape_contains_the_selections_deriving_from_their_contain
 
 @pytest.mark.parametrize("shape", ["bundle", "contained"])
 def test_both_shapes_read_back_to_the_same_selections(shape):
-    resources = convert_study([seg(), rtstruct_in(seg())], r5())
+    resources = converted(seg(), rtstruct_in(seg()))
     document = render(resources, shape)
     parsed = parse_resources(document)
     assert parsed.selections == resources.selections
@@ -277,8 +290,8 @@ def rtstruct_in(other: Dataset) -> Dataset:
 
 
 def test_a_merge_keeps_the_selections_of_both_parts_and_a_resend_changes_nothing():
-    first = convert_study([seg()], r5())
-    second = convert_study([rtstruct_in(seg())], r5())
+    first = converted(seg())
+    second = converted(rtstruct_in(seg()))
     merged = merge_resources(first, second)
     assert merged.selections == (*first.selections, *second.selections)
     assert merge_resources(merged, second).selections == merged.selections
@@ -286,7 +299,7 @@ def test_a_merge_keeps_the_selections_of_both_parts_and_a_resend_changes_nothing
 
 
 def test_a_selection_bundle_refers_to_the_study_and_patient_on_the_server():
-    resources = convert_study([seg()], r5())
+    resources = converted(seg())
     request = selection_bundle(resources, "Patient/7", "ImagingStudy/s1")
     (entry,) = request["entry"]
     assert request["type"] == "transaction"
@@ -298,7 +311,7 @@ def test_a_selection_bundle_refers_to_the_study_and_patient_on_the_server():
 
 
 def test_a_selection_bundle_without_a_server_patient_keeps_only_the_subject_identifier():
-    resources = convert_study([seg()], r5())
+    resources = converted(seg())
     (entry,) = selection_bundle(resources, None, "ImagingStudy/s1")["entry"]
     assert entry["resource"]["subject"] == {"identifier": resources.imaging_study["subject"]["identifier"]}
 
