@@ -516,7 +516,8 @@ def _evidence_study(item: Dataset, clean: Callable[[str], str]) -> tuple[Referen
 def _rt_study(item: Dataset, frame_of_reference: str) -> tuple[ReferencedSeries, ...]:
     # RTReferencedStudySequence items name the study by ReferencedSOPInstanceUID
     study_uid = _item_uid(item, "ReferencedSOPInstanceUID", required=False)
-    return tuple(dataclasses.replace(_series(s, "ContourImageSequence", study_uid), frame_of_reference=frame_of_reference)
+    return tuple(dataclasses.replace(_series(s, "ContourImageSequence", study_uid),
+                                     frame_of_reference=frame_of_reference)
                  for s in item.get("RTReferencedSeriesSequence") or [])
 
 

@@ -208,7 +208,8 @@ def _selection_key(selection: dict[str, Any]) -> Any:
     return canonical(selection) if identifier is None else identifier.get("value")
 
 
-def merge_selections(existing: tuple[dict[str, Any], ...], new: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+def merge_selections(existing: tuple[dict[str, Any], ...],
+                     new: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
     """The union of two studies' ImagingSelections by their per-selection identifier (one per
     selecting instance and series): a resent KOS, SEG or RTSTRUCT replaces its earlier
     selection at its place; the existing ones come first."""

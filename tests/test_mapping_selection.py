@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from mapping import (MappingOptions, StudyResources, convert_study, merge_resources, parse_resources, render,
-                     validate_resources)
+from mapping import (MappingError, MappingOptions, StudyResources, convert_study, merge_resources, parse_resources,
+                     render, validate_resources)
 from mapping.fhirjson import STUDY_UID_SYSTEM
 from mapping.header import KEY_OBJECT_SELECTION
 from mapping.selection import URI_SYSTEM, selection_identifier, selection_url, validate_selection
@@ -306,7 +306,8 @@ def test_a_selection_bundle_refers_to_the_study_and_patient_on_the_server():
     assert entry["resource"]["subject"]["reference"] == "Patient/7"
     assert entry["resource"]["subject"]["identifier"] == resources.imaging_study["subject"]["identifier"]
     assert entry["resource"]["derivedFrom"] == [{"reference": "ImagingStudy/s1"}]
-    assert entry["request"]["ifNoneExist"] == f"identifier={URI_SYSTEM}|{selection_identifier(resources.selections[0])['value']}"
+    identifier = selection_identifier(resources.selections[0])
+    assert entry["request"]["ifNoneExist"] == f"identifier={URI_SYSTEM}|{identifier['value']}"
     valid(entry["resource"])
 
 
@@ -318,3 +319,11 @@ def test_a_selection_bundle_without_a_server_patient_keeps_only_the_subject_iden
 
 def test_a_study_without_selections_has_no_selection_bundle():
     assert selection_bundle(convert_study([seg()], MappingOptions()), "Patient/7", "ImagingStudy/s1") is None
+
+
+def test_a_document_with_a_selection_without_its_identifier_is_refused():
+    document = render(converted(seg()), "bundle")
+    (entry,) = [e for e in document["entry"] if e["resource"]["resourceType"] == "ImagingSelection"]
+    entry["resource"] = {**entry["resource"], "identifier": entry["resource"]["identifier"][:1]}
+    with pytest.raises(MappingError, match=f"an ImagingSelection has no {URI_SYSTEM} identifier"):
+        parse_resources(document)

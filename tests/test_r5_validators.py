@@ -62,7 +62,8 @@ def test_an_unknown_resource_type_fails():
 def test_errors_inside_bundle_entries_and_contained_resources_name_the_element():
     broken = {"resourceType": "Patient", "id": "p", "sex": "F"}
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": broken}]}
-    assert validate_r5(bundle) == ["Bundle.entry[0].Patient: Additional properties are not allowed ('sex' was unexpected)"]
+    assert validate_r5(bundle) == [
+        "Bundle.entry[0].Patient: Additional properties are not allowed ('sex' was unexpected)"]
     assert validate_r5({**r5_study(), "contained": [broken]}) == [
         "ImagingStudy.contained[0].Patient: Additional properties are not allowed ('sex' was unexpected)"]
 
