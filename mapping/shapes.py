@@ -17,6 +17,7 @@ container instead of being referred to (FHIR R5 dom-3), and the shape stays one 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
@@ -149,8 +150,7 @@ def selection_bundle(resources: StudyResources, subject_reference: str | None,
             relinked = {k: v for k, v in relinked.items() if k != "subject"} | (
                 {"subject": subject} if subject else {})
         selections.append(relinked)
-    entries = selection_entries(StudyResources(uid, resources.patient, resources.imaging_study,
-                                               selections=tuple(selections)))
+    entries = selection_entries(dataclasses.replace(resources, selections=tuple(selections)))
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
