@@ -25,12 +25,18 @@ leaves the process. Public API (everything importable from ``mapping``):
         values, so the same input always gives the same output). ``warnings``:
         human-readable lines about values that were dropped or replaced (never quoting
         patient names or IDs), for the caller to log.
+        ``selections`` (R5 only, else empty): one ImagingSelection dict per series that a
+        Key Object Selection, Segmentation or RT Structure Set instance references
+        (mapping.selection; mapping/README.md section 13), referring to the Patient and the
+        ImagingStudy by their fullUrls; rendered by both shapes, read back by
+        parse_resources, a union by identifier in merge_resources.
 
     validate_resources(resources) -> None
         The edge: raises MappingError naming the study, the resource and up to five
         failing elements (never their values) when a resource is not valid R4 (a bug, or a
         value no rule caught). Sinks call it before writing or sending; call it before
         handing the dicts to anything that expects valid FHIR.
+        Selections are checked with fhir.resources' R5 ImagingSelection.
 
     convert_study(instances, options=MappingOptions()) -> StudyResources
         One study's instances (InstanceHeader or pydicom Dataset, any order).

@@ -8,6 +8,7 @@ patient's name or ID).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +78,23 @@ class PatientIdentity:
 
 
 @dataclass(frozen=True, slots=True)
+class ReferencedSeries:
+    """A series (and instances of it) that a selecting instance references: a Key Object
+    Selection's evidence, a SEG's source images, an RT Structure Set's contour images."""
+
+    series_uid: str  # "": not given (SEG source images outside ReferencedSeriesSequence)
+    study_uid: str = ""  # "": the referencing instance's own study
+    instances: tuple[tuple[str, str], ...] = ()  # (ReferencedSOPInstanceUID, ReferencedSOPClassUID)
+    frame_of_reference: str = ""  # RTSTRUCT: the FrameOfReferenceUID its series is referenced under
+
+
+# The SOP classes whose references become ImagingSelections (R5; mapping/selection.py).
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+RT_STRUCTURE_SET = "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceHeader:
     """What the mapping reads from one instance (strings decoded, unusable values dropped)."""
 
@@ -124,6 +142,8 @@ class InstanceHeader:
     concept_name: CodedValue | None = None
     document_title: str = ""
     image_type: tuple[str, ...] = ()
+    # what a KOS, SEG or RTSTRUCT references (empty for every other SOP class)
+    references: tuple[ReferencedSeries, ...] = ()
     warnings: tuple[str, ...] = ()
 
     @property
@@ -142,11 +162,14 @@ class InstanceHeader:
             raise TypeError(f"ds: expected a pydicom Dataset, got {type(ds).__name__}")
         r = _Reader(ds)
         sop_instance_uid = r.uid(0x00080018, "")
+        # in this order: which missing UID is reported first stays as it was
+        study_uid, series_uid = r.uid(0x0020000D, sop_instance_uid), r.uid(0x0020000E, sop_instance_uid)
+        sop_class_uid = r.uid(0x00080016, sop_instance_uid)
         return cls(
-            study_uid=r.uid(0x0020000D, sop_instance_uid),
-            series_uid=r.uid(0x0020000E, sop_instance_uid),
+            study_uid=study_uid,
+            series_uid=series_uid,
             sop_instance_uid=sop_instance_uid,
-            sop_class_uid=r.uid(0x00080016, sop_instance_uid),
+            sop_class_uid=sop_class_uid,
             patient_id=r.text(0x00100020),
             issuer_of_patient_id=r.text(0x00100021),
             patient_id_qualifiers=r.first_item(0x00100024, _qualifiers),
@@ -183,6 +206,7 @@ class InstanceHeader:
             concept_name=r.first_item(0x0040A043, _code),
             document_title=r.text(0x00420010, multi=False),
             image_type=r.texts(0x00080008),
+            references=_references(r, sop_class_uid),
             warnings=tuple(r.warnings),
         )
 
@@ -472,3 +496,74 @@ def _request(item: Dataset, clean: Callable[[str], str]) -> RequestAttributes | 
         filler_issuer=_first_issuer(item, "OrderFillerIdentifierSequence", clean),
         reason_codes=tuple(c for c in codes if c is not None))
     return request if request != RequestAttributes() else None
+
+
+# --- what selecting instances reference -------------------------------------------------------
+
+
+def _references(r: _Reader, sop_class_uid: str) -> tuple[ReferencedSeries, ...]:
+    """The series and instances a KOS, SEG or RTSTRUCT references (read only for those classes,
+    so other instances cost nothing); an item with a missing or invalid UID is dropped with a
+    warning naming the sequence."""
+    if sop_class_uid == KEY_OBJECT_SELECTION:
+        # CurrentRequestedProcedureEvidenceSequence (0040,A375) > ReferencedSeriesSequence > ReferencedSOPSequence
+        return _flat(r.all_items(0x0040A375, _evidence_study))
+    if sop_class_uid == SEGMENTATION:
+        # ReferencedSeriesSequence (0008,1115) > ReferencedInstanceSequence (0008,114A); source
+        # images named only in the functional groups' DerivationImageSequence > SourceImageSequence
+        # follow without a series (the mapping finds it among the study's instances).
+        listed = r.all_items(0x00081115, lambda item, clean: _series(item, "ReferencedInstanceSequence"))
+        known = {uid for series in listed for uid, _ in series.instances}
+        sources = [source for group in (0x52009229, 0x52009230) for sources in r.all_items(group, _source_images)
+                   for source in sources if source[0] not in known]
+        extra = (ReferencedSeries("", "", tuple(dict.fromkeys(sources))),) if sources else ()
+        return (*listed, *extra)
+    if sop_class_uid == RT_STRUCTURE_SET:
+        # ReferencedFrameOfReferenceSequence (3006,0010) > RTReferencedStudySequence >
+        # RTReferencedSeriesSequence > ContourImageSequence
+        return _flat(r.all_items(0x30060010, lambda item, clean: _flat(
+            _rt_study(study, _item_uid(item, "FrameOfReferenceUID", required=False))
+            for study in item.get("RTReferencedStudySequence") or [])))
+    return ()
+
+
+def _flat(groups: Any) -> tuple[ReferencedSeries, ...]:
+    return tuple(series for group in groups for series in group)
+
+
+def _item_uid(item: Dataset, keyword: str, required: bool = True) -> str:
+    value = item.get(keyword)
+    text = "" if value is None else _one(value).strip(" \0")
+    if not text and not required:
+        return ""
+    if not _FHIR_ID.fullmatch(text):
+        raise ValueError(f"{keyword} missing or not a valid UID")
+    return text
+
+
+def _instances(items: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((_item_uid(i, "ReferencedSOPInstanceUID"), _item_uid(i, "ReferencedSOPClassUID"))
+                 for i in items or [])
+
+
+def _series(item: Dataset, instances: str, study_uid: str = "") -> ReferencedSeries:
+    return ReferencedSeries(_item_uid(item, "SeriesInstanceUID"), study_uid, _instances(item.get(instances)))
+
+
+def _evidence_study(item: Dataset, clean: Callable[[str], str]) -> tuple[ReferencedSeries, ...]:
+    study_uid = _item_uid(item, "StudyInstanceUID", required=False)
+    return tuple(_series(s, "ReferencedSOPSequence", study_uid) for s in item.get("ReferencedSeriesSequence") or [])
+
+
+def _rt_study(item: Dataset, frame_of_reference: str) -> tuple[ReferencedSeries, ...]:
+    # RTReferencedStudySequence items name the study by ReferencedSOPInstanceUID
+    study_uid = _item_uid(item, "ReferencedSOPInstanceUID", required=False)
+    return tuple(dataclasses.replace(_series(s, "ContourImageSequence", study_uid),
+                                     frame_of_reference=frame_of_reference)
+                 for s in item.get("RTReferencedSeriesSequence") or [])
+
+
+def _source_images(group: Dataset, clean: Callable[[str], str]) -> tuple[tuple[str, str], ...]:
+    """A functional group's DerivationImageSequence > SourceImageSequence items."""
+    return tuple(source for derivation in group.get("DerivationImageSequence") or []
+                 for source in _instances(derivation.get("SourceImageSequence")))

@@ -15,6 +15,7 @@ from typing import Any
 from mapping.errors import MappingError, PatientMismatchError
 from mapping.fhirjson import (IMAGING_STUDY_ORDER, INSTANCE_ORDER, PATIENT_ORDER, REFERENCE_ORDER, SERIES_ORDER,
                               Order, canonical, in_order, same_patient)
+from mapping.selection import selection_identifier
 from mapping.study import StudyResources, endpoint_url, sort_key
 
 Key = Callable[[dict[str, Any]], Any]
@@ -219,4 +220,18 @@ def merge_resources(existing: StudyResources, new: StudyResources) -> StudyResou
         imaging_study=study,
         endpoints=tuple(endpoints.values()),
         warnings=new.warnings,
+        selections=merge_selections(existing.selections, new.selections),
     )
+
+
+def _selection_key(selection: dict[str, Any]) -> Any:
+    identifier = selection_identifier(selection)
+    return canonical(selection) if identifier is None else identifier.get("value")
+
+
+def merge_selections(existing: tuple[dict[str, Any], ...],
+                     new: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+    """The union of two studies' ImagingSelections by their per-selection identifier (one per
+    selecting instance and series): a resent KOS, SEG or RTSTRUCT replaces its earlier
+    selection at its place; the existing ones come first."""
+    return tuple(union(list(existing), list(new), key=_selection_key))

@@ -7,10 +7,17 @@ is contained in the ImagingStudy instead of being an entry of its own.
 
 ``contained``: one ImagingStudy with the Patient (and Endpoint) contained, as the
 dicom-fhir-converter family produces it.
+
+ImagingSelections (R5, ``StudyResources.selections``): in ``bundle`` each is a conditional
+create by its per-selection identifier (``urn:ietf:rfc:3986|urn:uuid:...``), so resending
+creates nothing twice. In ``contained`` they are contained in the ImagingStudy (ids
+``selection-1``...) with ``derivedFrom`` ``#``: a contained resource may refer to its
+container instead of being referred to (FHIR R5 dom-3), and the shape stays one resource.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
@@ -19,10 +26,12 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from mapping.errors import MappingError
 from mapping.fhirjson import OID_PREFIX, STUDY_UID_SYSTEM, study_uid_value, token_search, validated
 from mapping.options import SHAPES
+from mapping.selection import URI_SYSTEM, selection_identifier
 from mapping.study import StudyResources, endpoint_url, imaging_study_url, patient_url
 
 CONTAINED_PATIENT_ID = "patient"
 CONTAINED_ENDPOINT_ID = "endpoint"
+CONTAINED_SELECTION_ID = "selection-{}"  # numbered from 1 in the study's selection order
 
 
 def _first_identifier(resource: dict[str, Any]) -> dict[str, Any] | None:
@@ -87,7 +96,25 @@ def render_bundle(resources: StudyResources) -> dict[str, Any]:
     entries.append({"fullUrl": imaging_study_url(uid), "resource": study, "request": {
         "method": "POST", "url": "ImagingStudy",
         "ifNoneExist": token_search(STUDY_UID_SYSTEM, study_uid_value(uid))}})
+    entries += selection_entries(resources, patient_entry=identifier is not None)
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def selection_entries(resources: StudyResources, *, patient_entry: bool = True) -> list[dict[str, Any]]:
+    """The ImagingSelections as transaction entries: conditional creates by their identifier.
+    Without a Patient entry (a Patient without identifier is contained in the ImagingStudy)
+    nothing outside the ImagingStudy can refer to it, so the selections go without subject."""
+    entries = []
+    for selection in resources.selections:
+        identifier = selection_identifier(selection)
+        if identifier is None:
+            raise MappingError(f"study {resources.study_uid}: an ImagingSelection has no {URI_SYSTEM} identifier")
+        if not patient_entry:
+            selection = {k: v for k, v in selection.items() if k != "subject"}
+        entries.append({"fullUrl": identifier["value"], "resource": selection, "request": {
+            "method": "POST", "url": "ImagingSelection",
+            "ifNoneExist": token_search(identifier["system"], identifier["value"])}})
+    return entries
 
 
 def render_contained(resources: StudyResources) -> dict[str, Any]:
@@ -100,8 +127,52 @@ def render_contained(resources: StudyResources) -> dict[str, Any]:
         contained.append({"resourceType": "Endpoint", "id": contained_id,
                           **{k: v for k, v in endpoint.items() if k not in ("resourceType", "id")}})
         renamed[endpoint_url(endpoint["address"])] = "#" + contained_id
+    study_url = imaging_study_url(resources.study_uid)
+    for n, selection in enumerate(resources.selections, start=1):
+        contained.append({"resourceType": "ImagingSelection", "id": CONTAINED_SELECTION_ID.format(n),
+                          **_relinked(selection, {patient_url(resources.study_uid): "#" + CONTAINED_PATIENT_ID,
+                                                  study_url: "#"})})
     study = _with_references(resources.imaging_study, "#" + CONTAINED_PATIENT_ID, renamed)
     return _contained(study, *contained)
+
+
+def selection_bundle(resources: StudyResources, subject_reference: str | None,
+                     study_reference: str) -> dict[str, Any] | None:
+    """A transaction Bundle of the study's ImagingSelections alone (conditional creates, so a
+    resend creates nothing), referring to a Patient and an ImagingStudy already on a server
+    (``Patient/<id>``, ``ImagingStudy/<id>``); None when the study has no selections. Without a
+    subject reference the selections keep only the subject's identifier."""
+    if not resources.selections:
+        return None
+    uid = resources.study_uid
+    links = {imaging_study_url(uid): study_reference}
+    if subject_reference is not None:
+        links[patient_url(uid)] = subject_reference
+    selections = []
+    for selection in resources.selections:
+        relinked = {"resourceType": "ImagingSelection", **_relinked(selection, links)}
+        subject = relinked.get("subject")
+        if subject_reference is None and isinstance(subject, dict):
+            subject = {k: v for k, v in subject.items() if k != "reference"}
+            relinked = {k: v for k, v in relinked.items() if k != "subject"} | (
+                {"subject": subject} if subject else {})
+        selections.append(relinked)
+    entries = selection_entries(dataclasses.replace(resources, selections=tuple(selections)))
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _relinked(selection: dict[str, Any], links: dict[str, str]) -> dict[str, Any]:
+    """selection (without resourceType and id) with its subject and derivedFrom references
+    mapped through links (the others kept)."""
+    result = {k: v for k, v in selection.items() if k not in ("resourceType", "id")}
+    subject = result.get("subject")
+    if isinstance(subject, dict) and subject.get("reference") in links:
+        result["subject"] = {**subject, "reference": links[subject["reference"]]}
+    if isinstance(result.get("derivedFrom"), list):
+        result["derivedFrom"] = [{**d, "reference": links[d["reference"]]}
+                                 if isinstance(d, dict) and d.get("reference") in links else d
+                                 for d in result["derivedFrom"]]
+    return result
 
 
 def render(resources: StudyResources, shape: str = "bundle") -> dict[str, Any]:
@@ -153,8 +224,11 @@ def parse_resources(document: dict[str, Any]) -> StudyResources:
     kind = document.get("resourceType")
     if kind == "Bundle":
         study, resources_by_url = _bundle_parts(document)
+        selections = [r for r in resources_by_url.values() if r.get("resourceType") == "ImagingSelection"]
     elif kind == "ImagingStudy":
         study, resources_by_url = document, {}
+        selections = [r for r in _objects(study, "contained", "the ImagingStudy")
+                      if r.get("resourceType") == "ImagingSelection"]
     else:
         raise MappingError(f"expected a Bundle or an ImagingStudy, got {kind!r}")
     for resource in _objects(study, "contained", "the ImagingStudy"):
@@ -186,8 +260,14 @@ def parse_resources(document: dict[str, Any]) -> StudyResources:
     by_address: dict[str, dict[str, Any]] = {}
     for endpoint in endpoints.values():
         by_address.setdefault(endpoint["address"], endpoint)  # one per address, the first
+    links = {"#" + CONTAINED_PATIENT_ID: patient_url(uid), "#": imaging_study_url(uid)}
+    for selection in selections:
+        if selection_identifier(selection) is None:
+            raise MappingError(f"study {uid}: an ImagingSelection has no {URI_SYSTEM} identifier")
     return StudyResources(study_uid=uid, patient=patient, imaging_study=canonical,
-                          endpoints=tuple(by_address.values()))
+                          endpoints=tuple(by_address.values()),
+                          selections=tuple({"resourceType": "ImagingSelection", **_relinked(s, links)}
+                                           for s in selections))
 
 
 def _bundle_parts(document: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

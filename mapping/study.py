@@ -21,6 +21,7 @@ from mapping.header import InstanceHeader, PatientIdentity
 from mapping.imaging_study import MAX_UNSIGNED_INT, first, first_number, imaging_study_json
 from mapping.options import MappingOptions
 from mapping.patient import identifier_system, other_identifiers, patient_identifier, patient_json
+from mapping.selection import selections_json, validate_selection
 
 # Fixed namespace of this project's uuid5 fullUrls (never change: it would change every output).
 NAMESPACE = uuid.UUID("0b7b8f4e-5c8a-5d1e-9a51-6d1c0f9c4a11")
@@ -52,6 +53,8 @@ class StudyResources:
     endpoints: the Endpoints the study can be retrieved from (a union over its parts and
     re-conversions, first one first), each referenced from the study and its series.
     warnings: values dropped or replaced, for the caller to log (no patient names or IDs).
+    selections: R5 ImagingSelections (mapping.selection) of the study's KOS, SEG and RTSTRUCT
+        instances, referring to the Patient and ImagingStudy by their fullUrls; empty for R4.
     """
 
     study_uid: str
@@ -59,6 +62,7 @@ class StudyResources:
     imaging_study: dict[str, Any]
     endpoints: tuple[dict[str, Any], ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    selections: tuple[dict[str, Any], ...] = field(default=())
 
 
 def validate_resources(resources: StudyResources) -> None:
@@ -66,6 +70,8 @@ def validate_resources(resources: StudyResources) -> None:
     resources is not valid R4 (a bug, or a value no mapping rule caught)."""
     for resource in (resources.patient, resources.imaging_study, *resources.endpoints):
         validated(resource, f"study {resources.study_uid}")
+    for selection in resources.selections:  # R5 only: R4 has no ImagingSelection
+        validate_selection(selection, f"study {resources.study_uid}")
 
 
 def as_header(instance: InstanceHeader | Dataset) -> InstanceHeader:
@@ -167,12 +173,16 @@ def convert_study(instances: Iterable[InstanceHeader | Dataset],
     study_data = imaging_study_json(study_uid, series, options, subject=subject,
                                     endpoints=[endpoint_reference(e["address"]) for e in endpoints],
                                     warnings=warnings)
+    # R5 only: in R4 the selecting instances stay plain instances of the ImagingStudy
+    selections = selections_json(headers, study_uid, subject=subject, study_reference=imaging_study_url(study_uid),
+                                 warnings=warnings) if getattr(options, "fhir_version", "R4") == "R5" else []
     return StudyResources(
         study_uid=study_uid,
         patient=patient_data,
         imaging_study=study_data,
         endpoints=endpoints,
         warnings=_unique(warnings),
+        selections=tuple(selections),
     )
 
 

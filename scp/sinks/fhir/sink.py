@@ -18,6 +18,10 @@ stale (412) is re-read, re-merged and sent again; a transaction whose
 ImagingStudy ifNoneExist matched a study created meanwhile (entry status 200,
 not 201) carried our part nowhere, so the part is merged into that study.
 
+R5 ImagingSelections (a KOS, SEG or RTSTRUCT in the study) travel in the creating
+transaction; a merged part sends its own as one more transaction of conditional creates
+(by their identifier, so a resend creates nothing) referring to the server's study and patient.
+
 A Patient on the server is never overwritten (conditional create only), and a
 part is never merged into a study whose patient identifier differs from ours
 (DeliveryRejected: mixing two patients' images is the worst outcome).
@@ -39,7 +43,8 @@ from mapping.errors import MappingError, PatientMismatchError
 from mapping.fhirjson import (canonical, identifier_pairs, model_json, primary_identifier, same_identifier, study_search,
                               validated)
 from mapping.options import MappingOptions
-from mapping.shapes import check_study_structure
+from mapping.selection import validate_selection
+from mapping.shapes import check_study_structure, selection_bundle
 from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.sinks.fhir.client import FhirClient, Reply, RequestStats
@@ -130,6 +135,28 @@ class FhirSink:
 
     def _merge_into(self, study: ServerStudy, resources: StudyResources, bundle: Callable[[], dict[str, Any]],
                     context: str, stats: RequestStats) -> Outcome:
+        outcome = self._merge_study(study, resources, bundle, context, stats)
+        self._send_selections(study, resources, context, stats)
+        return outcome
+
+    def _send_selections(self, study: ServerStudy, resources: StudyResources, context: str,
+                         stats: RequestStats) -> None:
+        """R5: the study's ImagingSelections, conditional creates referring to the server's
+        ImagingStudy and Patient (a merged part may bring a new KOS, SEG or RTSTRUCT; a resend
+        creates nothing, at the cost of this one request)."""
+        subject = (study.resource.get("subject") or {}).get("reference")
+        request = selection_bundle(resources, subject if isinstance(subject, str) and subject.startswith(
+            "Patient/") else None, f"ImagingStudy/{study.id}")
+        if request is None:
+            return
+        _check_valid(lambda: [validate_selection(e["resource"], context) for e in request["entry"]],
+                     {"selections.json": _json_bytes(request)})
+        reply = self.client.request("POST", "", body=request, headers={"Prefer": "return=minimal"},
+                                    expect=(200,), context=context, stats=stats)
+        _check_transaction(reply.body, context)
+
+    def _merge_study(self, study: ServerStudy, resources: StudyResources, bundle: Callable[[], dict[str, Any]],
+                     context: str, stats: RequestStats) -> Outcome:
         reference = f"ImagingStudy/{study.id}"
         for _ in range(MAX_CONFLICTS):
             check_same_patient(study, resources, context)
