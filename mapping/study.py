@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
@@ -21,6 +21,7 @@ from mapping.header import InstanceHeader, PatientIdentity
 from mapping.imaging_study import MAX_UNSIGNED_INT, first, first_number, imaging_study_json
 from mapping.options import MappingOptions
 from mapping.patient import identifier_system, other_identifiers, patient_identifier, patient_json
+from mapping.r5 import endpoint_r5, imaging_study_r5, patient_r5
 
 # Fixed namespace of this project's uuid5 fullUrls (never change: it would change every output).
 NAMESPACE = uuid.UUID("0b7b8f4e-5c8a-5d1e-9a51-6d1c0f9c4a11")
@@ -45,6 +46,8 @@ class StudyResources:
     without a model; ``validate_resources`` checks them against R4 where they leave.
 
     warnings: values dropped or replaced, for the caller to log (no patient names or IDs).
+    fhir_version: the FHIR release the dicts follow, "R4" or "R5" (MappingOptions.fhir_version;
+        mapping/r5.py renders R5).
     """
 
     study_uid: str
@@ -52,14 +55,30 @@ class StudyResources:
     imaging_study: dict[str, Any]
     endpoint: dict[str, Any] | None = None
     warnings: tuple[str, ...] = field(default=())
+    fhir_version: str = "R4"
 
 
 def validate_resources(resources: StudyResources) -> None:
     """MappingError naming the study, the resource and the failing elements when one of the
-    resources is not valid R4 (a bug, or a value no mapping rule caught)."""
+    resources is not valid in its FHIR release (R4: fhir.resources.R4B models; R5:
+    fhir.resources' R5 models) (a bug, or a value no mapping rule caught)."""
     for resource in (resources.patient, resources.imaging_study, resources.endpoint):
         if resource is not None:
-            validated(resource, f"study {resources.study_uid}")
+            validated(resource, f"study {resources.study_uid}", resources.fhir_version)
+
+
+def as_version(resources: StudyResources, fhir_version: str) -> StudyResources:
+    """resources in fhir_version: R4 resources rendered as R5 (mapping/r5.py); resources already
+    in that version unchanged. R5 → R4 is refused (MappingError): R5 dropped R4 elements."""
+    if resources.fhir_version == fhir_version:
+        return resources
+    if (resources.fhir_version, fhir_version) != ("R4", "R5"):
+        raise MappingError(f"study {resources.study_uid}: cannot turn FHIR {resources.fhir_version} resources "
+                           f"into {fhir_version}")
+    return replace(resources, patient=patient_r5(resources.patient),
+                   imaging_study=imaging_study_r5(resources.imaging_study),
+                   endpoint=endpoint_r5(resources.endpoint) if resources.endpoint is not None else None,
+                   fhir_version="R5")
 
 
 def as_header(instance: InstanceHeader | Dataset) -> InstanceHeader:
@@ -161,13 +180,15 @@ def convert_study(instances: Iterable[InstanceHeader | Dataset],
     endpoint_ref = endpoint_url(endpoint_address(options.dicomweb_url)) if options.dicomweb_url else None
     study_data = imaging_study_json(study_uid, series, options, subject=subject,
                                     endpoint_reference=endpoint_ref, warnings=warnings)
-    return StudyResources(
+    resources = StudyResources(
         study_uid=study_uid,
         patient=patient_data,
         imaging_study=study_data,
         endpoint=endpoint_data,
         warnings=_unique(warnings),
     )
+    # One mapping for both releases: built as R4, rendered as R5 when asked (mapping/r5.py).
+    return as_version(resources, options.fhir_version)
 
 
 def convert_datasets(datasets: Iterable[InstanceHeader | Dataset],
