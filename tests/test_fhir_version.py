@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from mapping import ConfigurationError
-from mapping.fhirjson import validated
-from scp.cli import build_parser
+from mapping.fhirjson import model_json, validated
+from scp.cli import build_parser, main
 from scp.commands.serve import load
 from scp.config import FhirConfig, config_from_mapping, load_config
 from scp.errors import DeliveryRetryable
 from scp.sinks.fhir.sink import FhirSink, fhir_release
-from tests.mapping_cases import convert, instance
+from tests.mapping_cases import DICOMDIR_TESTS, convert, instance
 
 WADO = "https://pacs.example.org/dicom-web"
 
@@ -80,6 +80,23 @@ def test_fhir_version_flag_on_convert_takes_r4_or_r5_only(capsys):
                                            ("", None), (None, None)])
 def test_capability_statement_fhir_version_names_the_release(text, release):
     assert fhir_release(text) == release
+
+
+def test_convert_with_fhir_version_r5_writes_valid_r5_for_the_dicomdir_tests_folder(tmp_path):
+    """The acceptance check: every study file of pydicom's dicomdirtests folder is valid R5 (and
+    exactly what the R5 models write); converting again changes nothing."""
+    out = tmp_path / "out"
+    argv = ["convert", str(DICOMDIR_TESTS), "--fhir-version", "R5", "-o", str(out), "--dicomweb-url", WADO]
+    assert main(argv) == 0
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 7
+    for path in files:
+        document = json.loads(path.read_text())
+        assert model_json(validated(document, str(path), "R5")) == document
+        assert all(validated(entry["resource"], str(path), "R5") for entry in document["entry"])
+    before = [path.read_bytes() for path in files]
+    assert main(argv) == 0
+    assert [path.read_bytes() for path in files] == before
 
 
 # --- an R5 server stand-in --------------------------------------------------------------------
