@@ -44,7 +44,7 @@ leaves the process. Public API (everything importable from ``mapping``):
     to_contained(resources) -> ImagingStudy  Patient/Endpoint contained ("contained"), validated
         Models for library users; MappingError as validate_resources when not valid R4.
     render(resources, shape) -> dict         JSON-ready dict of either shape (not validated)
-    parse_resources(document) -> StudyResources
+    parse_resources(document, fhir_version=None) -> StudyResources
         The inverse of render for either shape (render(parse_resources(render(r, s)), s)
         == render(r, s)); raises MappingError for a document that is neither shape or is
         not structurally a study this tool wrote: one ImagingStudy with a study UID
@@ -65,6 +65,11 @@ leaves the process. Public API (everything importable from ``mapping``):
         PatientMismatchError when the patients' identifiers differ, MappingError when the
         two are different studies). Elements a merge adds go where FHIR's element order
         puts them, as in a converted resource. Neither merge validates.
+
+FHIR R5: MappingOptions(fhir_version="R5") renders the same mapping as R5 (mapping.r5,
+mapping/README.md section 13); StudyResources.fhir_version says which release its dicts are,
+and validation, both shapes and both merges follow it. parse_resources reads the release from
+the document (fhir_version: render an R4 document as R5, refuse R5 asked for as R4).
 
 The helpers every reader or writer of FHIR JSON shares (the study UID system and its
 search token, identifier comparison, canonical JSON, validation naming places) live in
