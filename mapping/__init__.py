@@ -1,4 +1,4 @@
-"""mapping: pure DICOM → FHIR R4 conversion (no sockets, files, clocks or globals).
+"""mapping: pure DICOM → FHIR R4 (or R5) conversion (no sockets, files, clocks or globals).
 
 The rules are mapping/README.md. Resources are FHIR JSON dicts throughout; fhir.resources
 models appear only at the edge (validate_resources, to_bundle, to_contained), where a study
@@ -13,7 +13,7 @@ leaves the process. Public API (everything importable from ``mapping``):
         Cheap: the node and the folder converter build one per instance and drop the
         Dataset at once.
 
-    StudyResources(study_uid, patient, imaging_study, endpoint=None, warnings=())
+    StudyResources(study_uid, patient, imaging_study, endpoint=None, warnings=(), fhir_version="R4")
         One study's resources as plain JSON-ready dicts (``patient``, ``imaging_study``,
         ``endpoint`` or None): exactly what fhir.resources.R4B writes for them
         (``model_dump_json(exclude_none=True)``: its element order and dateTime form), so

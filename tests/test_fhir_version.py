@@ -12,14 +12,16 @@ from typing import Any
 
 import pytest
 
-from mapping import ConfigurationError
+from mapping import ConfigurationError, render
 from mapping.fhirjson import model_json, validated
 from scp.cli import build_parser, main
 from scp.commands.serve import load
 from scp.config import FhirConfig, config_from_mapping, load_config
 from scp.errors import DeliveryRetryable
+from scp.sinks.disk import UnusableOutputError, write_study
 from scp.sinks.fhir.sink import FhirSink, fhir_release
 from tests.mapping_cases import DICOMDIR_TESTS, convert, instance
+from tests.scp_node import imaging_study
 
 WADO = "https://pacs.example.org/dicom-web"
 
@@ -97,6 +99,32 @@ def test_convert_with_fhir_version_r5_writes_valid_r5_for_the_dicomdir_tests_fol
     before = [path.read_bytes() for path in files]
     assert main(argv) == 0
     assert [path.read_bytes() for path in files] == before
+
+
+def test_the_disk_sink_merges_an_r5_part_into_its_file_and_a_resend_changes_nothing(tmp_path):
+    first = convert(instance(1, 1), fhir_version="R5")
+    second = convert(instance(2, 1), fhir_version="R5")
+    path, _ = write_study(first, tmp_path)
+    assert write_study(second, tmp_path) == (path, True)
+    document = json.loads(path.read_text())
+    assert len(imaging_study(document)["series"]) == 2
+    assert model_json(validated(document, "file", "R5")) == document
+    assert write_study(second, tmp_path) == (path, False)
+
+
+def test_the_disk_sink_rewrites_an_r4_file_as_r5_when_it_merges_an_r5_part(tmp_path):
+    path, _ = write_study(convert(instance(1, 1)), tmp_path)
+    write_study(convert(instance(2, 1), fhir_version="R5"), tmp_path)
+    document = json.loads(path.read_text())
+    assert document == render(convert(instance(1, 1), instance(2, 1), fhir_version="R5"))
+
+
+def test_the_disk_sink_never_turns_an_r5_file_into_r4(tmp_path):
+    path, _ = write_study(convert(instance(1, 1), fhir_version="R5"), tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(UnusableOutputError, match="cannot turn FHIR R5 resources into R4"):
+        write_study(convert(instance(2, 1)), tmp_path)
+    assert path.read_bytes() == before
 
 
 # --- an R5 server stand-in --------------------------------------------------------------------

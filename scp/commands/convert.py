@@ -1,4 +1,4 @@
-"""Convert a folder of DICOM files to FHIR R4, without the network.
+"""Convert a folder of DICOM files to FHIR R4 (or R5: --fhir-version R5), without the network.
 
 Reads every file under DIR (recursively; headers only, never pixel data), groups
 the instances by StudyInstanceUID and writes one JSON file per study,
