@@ -100,6 +100,10 @@ def _is_accession(identifier: Any) -> bool:
     return any(c.get("system") == IDENTIFIER_TYPE_SYSTEM and c.get("code") == "ACSN" for c in coding)
 
 
+def _system_value(identifier: Any) -> tuple[Any, Any]:
+    return (identifier.get("system"), identifier.get("value")) if isinstance(identifier, dict) else (None, None)
+
+
 def accession_request(identifier: JSON) -> JSON:
     """The accession number as R5 carries it: a reference by identifier to the ServiceRequest
     it was assigned to (ImagingStudy.basedOn; the R5 definition maps Accession Number and its
@@ -158,8 +162,10 @@ def imaging_study_r5(study: JSON) -> JSON:
         else:
             converted.pop("identifier")
         based_on = list(converted.get("basedOn") or [])
-        known = [b.get("identifier") for b in based_on]
-        based_on += [accession_request(a) for a in accessions if a not in known]
+        # An accession already referenced (by system and value, e.g. from RequestAttributesSequence)
+        # is not referenced twice.
+        known = {_system_value(b.get("identifier")) for b in based_on if isinstance(b, dict)}
+        based_on += [accession_request(a) for a in accessions if _system_value(a) not in known]
         converted["basedOn"] = based_on
     if isinstance(converted.get("series"), list):
         converted["series"] = [series_r5(s) for s in converted["series"]]

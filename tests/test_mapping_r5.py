@@ -96,6 +96,15 @@ def test_the_accession_number_is_a_service_request_in_based_on_and_not_an_identi
         "system": "http://hospital.example/acsn", "value": "A-17"}}]
 
 
+def test_an_accession_already_in_based_on_is_not_referenced_twice():
+    acsn = {"type": {"coding": [{"system": V2_0203, "code": "ACSN"}]}, "system": "http://h.example/acsn", "value": "A1"}
+    r4 = {"resourceType": "ImagingStudy", "status": "available", "subject": {"display": "x"},
+          "identifier": [acsn], "basedOn": [{"type": "ServiceRequest",
+                                             "identifier": {"system": "http://h.example/acsn", "value": "A1"}}]}
+    study = r5(imaging_study_r5(r4))
+    assert "identifier" not in study and study["basedOn"] == r4["basedOn"]
+
+
 def test_there_is_no_interpreter_in_r5():
     ds = instance(NameOfPhysiciansReadingStudy=["Reader^Rita"])
     assert "interpreter" in convert(ds).imaging_study
