@@ -23,6 +23,8 @@ from scp.sinks.fhir.sink import FhirSink, fhir_release
 from tests.mapping_cases import DICOMDIR_TESTS, convert, instance
 from tests.scp_node import imaging_study
 
+pytestmark = pytest.mark.interop  # a real HTTP server (the stand-in) on a real socket
+
 WADO = "https://pacs.example.org/dicom-web"
 
 
