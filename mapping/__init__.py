@@ -1,4 +1,4 @@
-"""mapping: pure DICOM → FHIR R4 conversion (no sockets, files, clocks or globals).
+"""mapping: pure DICOM → FHIR R4 (or R5) conversion (no sockets, files, clocks or globals).
 
 The rules are mapping/README.md. Resources are FHIR JSON dicts throughout; fhir.resources
 models appear only at the edge (validate_resources, to_bundle, to_contained), where a study
@@ -13,7 +13,7 @@ leaves the process. Public API (everything importable from ``mapping``):
         Cheap: the node and the folder converter build one per instance and drop the
         Dataset at once.
 
-    StudyResources(study_uid, patient, imaging_study, endpoints=(), warnings=())
+    StudyResources(study_uid, patient, imaging_study, endpoints=(), warnings=(), selections=(), fhir_version="R4")
         One study's resources as plain JSON-ready dicts (``patient``, ``imaging_study``, and
         ``endpoints``: a tuple of Endpoint dicts, one per DICOMweb address, the first one
         first; a union over merged parts): exactly what fhir.resources.R4B writes for them
@@ -51,7 +51,7 @@ leaves the process. Public API (everything importable from ``mapping``):
     to_contained(resources) -> ImagingStudy  Patient/Endpoint contained ("contained"), validated
         Models for library users; MappingError as validate_resources when not valid R4.
     render(resources, shape) -> dict         JSON-ready dict of either shape (not validated)
-    parse_resources(document) -> StudyResources
+    parse_resources(document, fhir_version=None) -> StudyResources
         The inverse of render for either shape (render(parse_resources(render(r, s)), s)
         == render(r, s)); raises MappingError for a document that is neither shape or is
         not structurally a study this tool wrote: one ImagingStudy with a study UID
@@ -72,6 +72,11 @@ leaves the process. Public API (everything importable from ``mapping``):
         PatientMismatchError when the patients' identifiers differ, MappingError when the
         two are different studies). Elements a merge adds go where FHIR's element order
         puts them, as in a converted resource. Neither merge validates.
+
+FHIR R5: MappingOptions(fhir_version="R5") renders the same mapping as R5 (mapping.r5,
+mapping/README.md section 13); StudyResources.fhir_version says which release its dicts are,
+and validation, both shapes and both merges follow it. parse_resources reads the release from
+the document (fhir_version: render an R4 document as R5, refuse R5 asked for as R4).
 
 The helpers every reader or writer of FHIR JSON shares (the study UID system and its
 search token, identifier comparison, canonical JSON, validation naming places) live in

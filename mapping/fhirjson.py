@@ -14,10 +14,15 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 
+from fhir.resources import get_fhir_model_class as r5_model_class
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.imagingstudy import ImagingStudy, ImagingStudySeries, ImagingStudySeriesInstance
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.reference import Reference
+from fhir.resources.endpoint import Endpoint as EndpointR5
+from fhir.resources.imagingstudy import ImagingStudy as ImagingStudyR5
+from fhir.resources.imagingstudy import ImagingStudySeries as ImagingStudySeriesR5
+from fhir.resources.imagingstudy import ImagingStudySeriesInstance as ImagingStudySeriesInstanceR5
 from pydantic import ValidationError
 
 from mapping.errors import MappingError
@@ -53,6 +58,19 @@ SERIES_ORDER = _order(ImagingStudySeries)
 INSTANCE_ORDER = _order(ImagingStudySeriesInstance)
 PATIENT_ORDER = _order(Patient)
 REFERENCE_ORDER = _order(Reference)
+# The same for R5 (fhir.resources' top-level models are R5 5.0.0); Patient and Reference keep
+# their R4 order in R5.
+R5_IMAGING_STUDY_ORDER = _order(ImagingStudyR5)
+R5_SERIES_ORDER = _order(ImagingStudySeriesR5)
+R5_INSTANCE_ORDER = _order(ImagingStudySeriesInstanceR5)
+R5_ENDPOINT_ORDER = _order(EndpointR5)
+
+
+def study_orders(fhir_version: str) -> tuple[Order, Order, Order]:
+    """The (ImagingStudy, series, instance) element orders of a FHIR version ("R4" or "R5")."""
+    if fhir_version == "R5":
+        return R5_IMAGING_STUDY_ORDER, R5_SERIES_ORDER, R5_INSTANCE_ORDER
+    return IMAGING_STUDY_ORDER, SERIES_ORDER, INSTANCE_ORDER
 
 
 def in_order(element: dict[str, Any], order: Order) -> dict[str, Any]:
@@ -78,22 +96,23 @@ def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def validated(resource: dict[str, Any], context: str) -> Any:
-    """resource (FHIR JSON) as its R4B model; MappingError naming the places that fail.
+def validated(resource: dict[str, Any], context: str, fhir_version: str = "R4") -> Any:
+    """resource (FHIR JSON) as its R4B model (fhir_version "R4") or R5 model ("R5");
+    MappingError naming the places that fail.
 
     The message names elements and rules, never the values (they may be a patient's).
     """
     kind = resource.get("resourceType")
     try:
-        model = get_fhir_model_class(str(kind))
+        model = (r5_model_class if fhir_version == "R5" else get_fhir_model_class)(str(kind))
     except (KeyError, ValueError):
-        raise MappingError(f"{context}: {kind!r} is not an R4 resource type") from None
+        raise MappingError(f"{context}: {kind!r} is not an {fhir_version} resource type") from None
     try:
         return model.model_validate(resource)
     except ValidationError as exc:
         places = "; ".join(f"{'.'.join(map(str, e['loc'])) or kind}: {e['msg']}"
                            for e in exc.errors(include_input=False, include_url=False)[:5])
-        raise MappingError(f"{context}: the {kind} does not validate: {places}") from None
+        raise MappingError(f"{context}: the {kind} does not validate as {fhir_version}: {places}") from None
 
 
 # --- identifiers ------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ from types import MappingProxyType
 from typing import Any
 
 from mapping.errors import MappingError, PatientMismatchError
-from mapping.fhirjson import (IMAGING_STUDY_ORDER, INSTANCE_ORDER, PATIENT_ORDER, REFERENCE_ORDER, SERIES_ORDER,
-                              Order, canonical, in_order, same_patient)
+from mapping.fhirjson import (INSTANCE_ORDER, PATIENT_ORDER, REFERENCE_ORDER, Order, canonical, in_order,
+                              same_patient, study_orders)
+from mapping.r5 import imaging_study_r5, study_version
 from mapping.selection import selection_identifier
-from mapping.study import StudyResources, endpoint_url, sort_key
+from mapping.study import StudyResources, as_version, endpoint_url, sort_key
 
 Key = Callable[[dict[str, Any]], Any]
 
@@ -29,6 +30,9 @@ def _identifier_key(identifier: dict[str, Any]) -> Any:
 
 
 def _coding_key(coding: dict[str, Any]) -> Any:
+    # An R5 modality is a CodeableConcept: keyed by its (first) Coding, as the R4 Coding is.
+    if isinstance(coding.get("coding"), list) and coding["coding"] and isinstance(coding["coding"][0], dict):
+        coding = coding["coding"][0]
     return coding.get("system"), coding.get("code")
 
 
@@ -80,14 +84,15 @@ def _keep(existing: Any, new: Any) -> Any:
     return existing
 
 
-def _merge_instances(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _merge_instances(existing: list[dict[str, Any]], new: list[dict[str, Any]],
+                     order: Order = INSTANCE_ORDER) -> list[dict[str, Any]]:
     by_uid = {i.get("uid"): i for i in existing}
     for instance in new:
         uid = instance.get("uid")
         if uid not in by_uid:
             by_uid[uid] = instance
         elif by_uid[uid] != instance:  # an instance merged with an equal one is that instance: skip the work
-            by_uid[uid] = merge_elements(by_uid[uid], instance, order=INSTANCE_ORDER)
+            by_uid[uid] = merge_elements(by_uid[uid], instance, order=order)
     return sorted(by_uid.values(), key=lambda i: sort_key(i.get("number"), i.get("uid") or ""))
 
 
@@ -100,7 +105,8 @@ def _without_moved(series: dict[str, Any], moved: set[Any]) -> dict[str, Any] | 
     return {**series, "instance": kept} if kept else None
 
 
-def _merge_series(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _merge_series(existing: list[dict[str, Any]], new: list[dict[str, Any]],
+                  fhir_version: str = "R4") -> list[dict[str, Any]]:
     # An instance belongs to one series: resent in another series, the new place wins
     # (as convert_study keeps the last copy), so it is never counted twice.
     placed = {i.get("uid"): s.get("uid") for s in new for i in s.get("instance") or []}
@@ -110,16 +116,18 @@ def _merge_series(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> 
         series = _without_moved(series, moved)
         if series is not None:
             by_uid[series.get("uid")] = series
+    _, series_order, instance_order = study_orders(fhir_version)
     for series in new:
         uid = series.get("uid")
         if uid in by_uid:
-            series = merge_elements(by_uid[uid], series, order=SERIES_ORDER, special={
-                "instance": _merge_instances, "started": _more_precise})
+            series = merge_elements(by_uid[uid], series, order=series_order, special={
+                "instance": lambda old, part: _merge_instances(old, part, instance_order),
+                "started": _more_precise})
         by_uid[uid] = series
     merged = []
     for series in by_uid.values():
         if series.get("instance") is not None:
-            series = _counted(series, "numberOfInstances", len(series["instance"]), SERIES_ORDER)
+            series = _counted(series, "numberOfInstances", len(series["instance"]), series_order)
         merged.append(series)
     return sorted(merged, key=lambda s: sort_key(s.get("number"), s.get("uid") or ""))
 
@@ -141,14 +149,25 @@ def _merge_subject(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, A
 
 def merge_imaging_study(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """existing + a new part of the same study (module rules), as FHIR JSON dicts. The existing
-    subject is kept; PatientMismatchError when both subjects carry an identifier and they differ."""
+    subject is kept; PatientMismatchError when both subjects carry an identifier and they differ.
+
+    Either release (mapping.r5.study_version tells): an R4 existing study meets an R5 part as
+    R5 (rendered by mapping/r5.py first); an R5 existing study and an R4 part is a MappingError."""
+    fhir_version = study_version(new) or study_version(existing) or "R4"
+    existing_version = study_version(existing) or fhir_version
+    if existing_version != fhir_version:
+        if fhir_version != "R5":
+            raise MappingError(f"cannot merge an R4 part into an {existing_version} ImagingStudy")
+        existing = imaging_study_r5(existing)
+    study_order = study_orders(fhir_version)[0]
     special = {name: _keep for name in _KEPT}
-    special.update({"subject": _merge_subject, "series": _merge_series, "started": _more_precise})
-    merged = merge_elements(existing, new, order=IMAGING_STUDY_ORDER, special=special)
+    special.update({"subject": _merge_subject, "started": _more_precise,
+                    "series": lambda old, part: _merge_series(old, part, fhir_version)})
+    merged = merge_elements(existing, new, order=study_order, special=special)
     if merged.get("series"):
-        merged = _counted(merged, "numberOfSeries", len(merged["series"]), IMAGING_STUDY_ORDER)
+        merged = _counted(merged, "numberOfSeries", len(merged["series"]), study_order)
         merged = _counted(merged, "numberOfInstances", sum(s.get("numberOfInstances") or len(s.get("instance") or [])
-                                                           for s in merged["series"]), IMAGING_STUDY_ORDER)
+                                                           for s in merged["series"]), study_order)
     return merged
 
 
@@ -200,6 +219,7 @@ def merge_resources(existing: StudyResources, new: StudyResources) -> StudyResou
     """
     if existing.study_uid != new.study_uid:
         raise MappingError(f"cannot merge study {new.study_uid} into study {existing.study_uid}")
+    existing = as_version(existing, new.fhir_version)  # an R4 file meeting an R5 part becomes R5
     old_patient, new_patient = existing.patient, new.patient
     if not same_patient(new_patient.get("identifier") or [], old_patient.get("identifier") or []):
         raise PatientMismatchError(f"study {new.study_uid}: the new part's PatientID differs from the "
@@ -221,6 +241,7 @@ def merge_resources(existing: StudyResources, new: StudyResources) -> StudyResou
         endpoints=tuple(endpoints.values()),
         warnings=new.warnings,
         selections=merge_selections(existing.selections, new.selections),
+        fhir_version=new.fhir_version,
     )
 
 

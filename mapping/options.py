@@ -13,6 +13,8 @@ from mapping.systems import is_absolute_uri
 
 Shape = Literal["bundle", "contained"]
 SHAPES: tuple[str, ...] = ("bundle", "contained")
+FhirVersion = Literal["R4", "R5"]
+FHIR_VERSIONS: tuple[str, ...] = ("R4", "R5")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class MappingOptions:
     issuer_systems: IssuerOfPatientID value -> identifier system (a URI), for issuers that are
         local names ("HOSP_A") rather than OIDs or URIs (as dcm4chee's fhirSystemByIssuerOfPatientID);
         used for PatientID and OtherPatientIDsSequence items alike.
+    fhir_version: "R4" (4.0.1, the default) or "R5" (5.0.0): which FHIR release the resources follow
+        (mapping/README.md, section R5). The node sets it from the configuration's fhir.version.
     """
 
     patient_identifier_system: str | None = None
@@ -37,8 +41,12 @@ class MappingOptions:
     timezone: str | None = None
     dicomweb_url: str | None = None
     issuer_systems: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    fhir_version: str = "R4"
 
     def __post_init__(self) -> None:
+        if self.fhir_version not in FHIR_VERSIONS:
+            raise ConfigurationError(f"fhir_version: expected one of {', '.join(FHIR_VERSIONS)}, "
+                                     f"got {self.fhir_version!r}")
         if not isinstance(self.issuer_systems, Mapping):
             raise ConfigurationError(f"issuer_systems: expected a table of IssuerOfPatientID = system URI, "
                                      f"got {self.issuer_systems!r}")

@@ -26,8 +26,9 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from mapping.errors import MappingError
 from mapping.fhirjson import OID_PREFIX, STUDY_UID_SYSTEM, study_uid_value, token_search, validated
 from mapping.options import SHAPES
+from mapping.r5 import study_version
 from mapping.selection import URI_SYSTEM, selection_identifier
-from mapping.study import StudyResources, endpoint_url, imaging_study_url, patient_url
+from mapping.study import StudyResources, as_version, endpoint_url, imaging_study_url, patient_url
 
 CONTAINED_PATIENT_ID = "patient"
 CONTAINED_ENDPOINT_ID = "endpoint"
@@ -185,15 +186,16 @@ def render(resources: StudyResources, shape: str = "bundle") -> dict[str, Any]:
 
 
 def to_bundle(resources: StudyResources) -> Bundle:
-    """The transaction Bundle (output shape ``bundle``) as a validated model; MappingError
-    naming the study, resource and elements when a resource is not valid R4."""
-    return validated(render_bundle(resources), f"study {resources.study_uid}")
+    """The transaction Bundle (output shape ``bundle``) as a validated model (R4B, or R5 for R5
+    resources); MappingError naming the study, resource and elements when a resource is not
+    valid in its release."""
+    return validated(render_bundle(resources), f"study {resources.study_uid}", resources.fhir_version)
 
 
 def to_contained(resources: StudyResources) -> ImagingStudy:
     """The ImagingStudy with Patient (and Endpoint) contained (output shape ``contained``), as a
-    validated model; MappingError as for to_bundle."""
-    return validated(render_contained(resources), f"study {resources.study_uid}")
+    validated model (R4B, or R5 for R5 resources); MappingError as for to_bundle."""
+    return validated(render_contained(resources), f"study {resources.study_uid}", resources.fhir_version)
 
 
 # --- the way back ---------------------------------------------------------------------------
@@ -211,8 +213,13 @@ def _without_id(resource: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resource.items() if k != "id"}
 
 
-def parse_resources(document: dict[str, Any]) -> StudyResources:
+def parse_resources(document: dict[str, Any], fhir_version: str | None = None) -> StudyResources:
     """The inverse of render for either shape: ``render(parse_resources(render(r, s)), s) == render(r, s)``.
+
+    The release (R4 or R5) is read from the document's forms (mapping.r5.study_version; R4
+    when nothing tells). With fhir_version, the result is in that release: an R4 document is
+    rendered as R5 for "R5" (a file written before the node was switched to R5); an R5
+    document asked for as R4 is a MappingError.
 
     Raises MappingError for a document that is neither shape, or is not structurally a study
     this tool wrote (``_check_structure``: what merging relies on). Values are not validated
@@ -264,10 +271,12 @@ def parse_resources(document: dict[str, Any]) -> StudyResources:
     for selection in selections:
         if selection_identifier(selection) is None:
             raise MappingError(f"study {uid}: an ImagingSelection has no {URI_SYSTEM} identifier")
-    return StudyResources(study_uid=uid, patient=patient, imaging_study=canonical,
-                          endpoints=tuple(by_address.values()),
-                          selections=tuple({"resourceType": "ImagingSelection", **_relinked(s, links)}
-                                           for s in selections))
+    found = StudyResources(study_uid=uid, patient=patient, imaging_study=canonical,
+                           endpoints=tuple(by_address.values()),
+                           selections=tuple({"resourceType": "ImagingSelection", **_relinked(s, links)}
+                                            for s in selections),
+                           fhir_version=study_version(canonical) or fhir_version or "R4")
+    return as_version(found, fhir_version) if fhir_version is not None else found
 
 
 def _bundle_parts(document: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

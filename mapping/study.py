@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
@@ -22,6 +22,7 @@ from mapping.imaging_study import MAX_UNSIGNED_INT, first, first_number, imaging
 from mapping.options import MappingOptions
 from mapping.patient import identifier_system, other_identifiers, patient_identifier, patient_json
 from mapping.selection import selections_json, validate_selection
+from mapping.r5 import endpoint_r5, imaging_study_r5, patient_r5
 
 # Fixed namespace of this project's uuid5 fullUrls (never change: it would change every output).
 NAMESPACE = uuid.UUID("0b7b8f4e-5c8a-5d1e-9a51-6d1c0f9c4a11")
@@ -55,6 +56,8 @@ class StudyResources:
     warnings: values dropped or replaced, for the caller to log (no patient names or IDs).
     selections: R5 ImagingSelections (mapping.selection) of the study's KOS, SEG and RTSTRUCT
         instances, referring to the Patient and ImagingStudy by their fullUrls; empty for R4.
+    fhir_version: the FHIR release the dicts follow, "R4" or "R5" (MappingOptions.fhir_version;
+        mapping/r5.py renders R5).
     """
 
     study_uid: str
@@ -63,15 +66,32 @@ class StudyResources:
     endpoints: tuple[dict[str, Any], ...] = ()
     warnings: tuple[str, ...] = field(default=())
     selections: tuple[dict[str, Any], ...] = field(default=())
+    fhir_version: str = "R4"
 
 
 def validate_resources(resources: StudyResources) -> None:
     """MappingError naming the study, the resource and the failing elements when one of the
-    resources is not valid R4 (a bug, or a value no mapping rule caught)."""
+    resources is not valid in its FHIR release (R4: fhir.resources.R4B models; R5:
+    fhir.resources' R5 models) (a bug, or a value no mapping rule caught)."""
     for resource in (resources.patient, resources.imaging_study, *resources.endpoints):
-        validated(resource, f"study {resources.study_uid}")
+        validated(resource, f"study {resources.study_uid}", resources.fhir_version)
     for selection in resources.selections:  # R5 only: R4 has no ImagingSelection
         validate_selection(selection, f"study {resources.study_uid}")
+
+
+def as_version(resources: StudyResources, fhir_version: str) -> StudyResources:
+    """resources in fhir_version: R4 resources rendered as R5 (mapping/r5.py); resources already
+    in that version unchanged. R5 → R4 is refused (MappingError): R5 dropped R4 elements.
+    Selections are R5 already (built only for R5) and pass through."""
+    if resources.fhir_version == fhir_version:
+        return resources
+    if (resources.fhir_version, fhir_version) != ("R4", "R5"):
+        raise MappingError(f"study {resources.study_uid}: cannot turn FHIR {resources.fhir_version} resources "
+                           f"into {fhir_version}")
+    return replace(resources, patient=patient_r5(resources.patient),
+                   imaging_study=imaging_study_r5(resources.imaging_study),
+                   endpoints=tuple(endpoint_r5(e) for e in resources.endpoints),
+                   fhir_version="R5")
 
 
 def as_header(instance: InstanceHeader | Dataset) -> InstanceHeader:
@@ -175,8 +195,8 @@ def convert_study(instances: Iterable[InstanceHeader | Dataset],
                                     warnings=warnings)
     # R5 only: in R4 the selecting instances stay plain instances of the ImagingStudy
     selections = selections_json(headers, study_uid, subject=subject, study_reference=imaging_study_url(study_uid),
-                                 warnings=warnings) if getattr(options, "fhir_version", "R4") == "R5" else []
-    return StudyResources(
+                                 warnings=warnings) if options.fhir_version == "R5" else []
+    resources = StudyResources(
         study_uid=study_uid,
         patient=patient_data,
         imaging_study=study_data,
@@ -184,6 +204,8 @@ def convert_study(instances: Iterable[InstanceHeader | Dataset],
         warnings=_unique(warnings),
         selections=tuple(selections),
     )
+    # One mapping for both releases: built as R4, rendered as R5 when asked (mapping/r5.py).
+    return as_version(resources, options.fhir_version)
 
 
 def convert_datasets(datasets: Iterable[InstanceHeader | Dataset],

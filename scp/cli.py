@@ -29,7 +29,7 @@ log = logging.getLogger("scp.cli")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-fhir-scp",
-        description="Receive DICOM studies (C-STORE) and turn them into FHIR R4 ImagingStudy, Patient and Endpoint.",
+        description="Receive DICOM studies (C-STORE) and turn them into FHIR R4 (or R5) ImagingStudy, Patient and Endpoint.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mapping.errors import ConfigurationError
-from mapping.options import SHAPES, MappingOptions
+from mapping.options import FHIR_VERSIONS, SHAPES, MappingOptions
 
 AUTH_MODES = ("none", "bearer", "basic", "oauth2")
 LOG_FORMATS = ("text", "json")  # scp.logs.FORMATS; kept here so the config needs no logging import
@@ -66,9 +66,12 @@ class FhirConfig:
     ca_bundle: Path | None = None
     timeout: float = 30.0
     max_backoff: float = 300.0  # cap of the exponential retry delay, seconds
+    # The FHIR release written (mapping) and expected of every server (/metadata): one per node.
+    version: str = "R4"
 
     def __post_init__(self) -> None:
         _check(self.auth in AUTH_MODES, "fhir.auth", f"one of {AUTH_MODES}", self.auth)
+        _check(self.version in FHIR_VERSIONS, "fhir.version", f"one of {FHIR_VERSIONS}", self.version)
         if self.url is not None:
             _check(self.url.startswith(("http://", "https://")), "fhir.url", "an http(s) URL", self.url)
         required = {"bearer": ("token",), "basic": ("username", "password"),
@@ -287,8 +290,9 @@ def config_from_mapping(raw: Mapping[str, Any], *, environ: Mapping[str, str], s
         raise ConfigurationError(f"{source}: unknown section(s) {sorted(unknown)}; known: "
                                  f"{sorted([*_SECTIONS, 'senders'])}")
     sections = {name: _build(cls, raw.get(name, {}), name, environ, source) for name, cls in _SECTIONS.items()}
+    sections["mapping"] = _mapping_version(raw.get("mapping", {}), sections["mapping"], sections["fhir"], source)
     config = Config(**sections, senders=_senders(senders, environ, source),
-                    destinations=_destinations(destinations, environ, source))
+                    destinations=_destinations(destinations, environ, source, sections["fhir"].version))
     _check_senders(config, source)
     return config
 
@@ -304,7 +308,18 @@ def _senders(raw: Any, environ: Mapping[str, str], source: str) -> tuple[SenderC
     return tuple(built)
 
 
-def _destinations(raw: Any, environ: Mapping[str, str], source: str) -> dict[str, FhirConfig]:
+def _mapping_version(table: Any, mapping: MappingOptions, fhir: FhirConfig, source: str) -> MappingOptions:
+    """The mapping writes the node's one FHIR release, fhir.version (mapping.fhir_version may
+    only repeat it: it is there because every MappingOptions field is a [mapping] key)."""
+    if isinstance(table, Mapping) and "fhir_version" in table and mapping.fhir_version != fhir.version:
+        raise ConfigurationError(f"{source}: mapping.fhir_version = {mapping.fhir_version!r} differs from "
+                                 f"fhir.version = {fhir.version!r}: set fhir.version only (one FHIR version "
+                                 f"per node)")
+    return replace(mapping, fhir_version=fhir.version)
+
+
+def _destinations(raw: Any, environ: Mapping[str, str], source: str,
+                  fhir_version: str = "R4") -> dict[str, FhirConfig]:
     if not isinstance(raw, Mapping):
         raise ConfigurationError(f"{source}: fhir.destinations must be a table of [fhir.destinations.NAME]")
     built = {}
@@ -312,6 +327,12 @@ def _destinations(raw: Any, environ: Mapping[str, str], source: str) -> dict[str
         if not DESTINATION_NAME.fullmatch(name) or name in ("disk", "fhir"):
             raise ConfigurationError(f"{source}: fhir.destinations.{name}: a name of letters, digits, - and _ "
                                      f"(not disk or fhir, which name the disk output and [fhir] url)")
+        if isinstance(table, Mapping) and table.get("version", fhir_version) != fhir_version:
+            raise ConfigurationError(f"{source}: fhir.destinations.{name}.version = {table['version']!r} differs "
+                                     f"from fhir.version = {fhir_version!r}: one FHIR version per node (a "
+                                     f"destination takes fhir.version; leave its version out)")
+        if isinstance(table, Mapping):
+            table = {**table, "version": fhir_version}
         destination = _build(FhirConfig, table, f"fhir.destinations.{name}", environ, source)
         if not destination.url:
             raise ConfigurationError(f"{source}: fhir.destinations.{name}.url: required")
@@ -341,9 +362,14 @@ def override(config: Config, section: str, **values: Any) -> Config:
         return config
     current = getattr(config, section)
     try:
-        return replace(config, **{section: replace(current, **_coerce_all(type(current), given, section))})
+        config = replace(config, **{section: replace(current, **_coerce_all(type(current), given, section))})
     except TypeError as exc:
         raise ConfigurationError(f"{section}: {exc}") from exc
+    if section == "fhir" and "version" in given:  # --fhir-version: the mapping and every destination follow
+        config = replace(config, mapping=replace(config.mapping, fhir_version=config.fhir.version),
+                         destinations={name: replace(d, version=config.fhir.version)
+                                       for name, d in config.destinations.items()})
+    return config
 
 
 def _build(cls: type, values: Mapping[str, Any], section: str, environ: Mapping[str, str], source: str) -> Any:

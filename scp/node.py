@@ -133,6 +133,15 @@ class Node:
         """Queue the end-of-study hook (called on the delivery thread: must not wait for the hook)."""
         self.hooks.submit(delivered_from_report(report, self.config.node.output_dir))
 
+    def check_fhir_servers(self) -> None:
+        """Each FHIR sink's server speaks fhir.version (GET metadata), before the node listens:
+        ConfigurationError naming both versions when one does not; one that cannot be reached
+        is checked again before its first delivery (scp.sinks.fhir.sink)."""
+        for sink in self.sinks:
+            check = getattr(sink, "check_server_version", None)
+            if check is not None:
+                check()
+
     def start(self) -> tuple[str, int]:
         self.spool.recover()
         waiting = self.spool.studies()

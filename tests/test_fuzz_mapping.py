@@ -28,6 +28,7 @@ import struct
 
 import pydicom
 import pytest
+from fhir.resources import get_fhir_model_class as r5_model_class
 from fhir.resources.R4B import get_fhir_model_class
 from hypothesis import HealthCheck, assume, event, example, given, reject, settings
 from hypothesis import strategies as st
@@ -382,7 +383,8 @@ options = st.builds(
     use_issuer_of_patient_id=st.booleans(),
     accession_system=st.sampled_from([None, "http://hospital.example/accession"]),
     timezone=st.sampled_from([None, "Europe/Berlin", "UTC", "Pacific/Chatham", "America/St_Johns"]),
-    dicomweb_url=st.sampled_from([None, "https://pacs.example/dicom-web"]))
+    dicomweb_url=st.sampled_from([None, "https://pacs.example/dicom-web"]),
+    fhir_version=st.sampled_from(["R4", "R5"]))  # every rule below holds for both releases
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +416,7 @@ def check_valid_fhir(resources) -> None:
     for shape in SHAPES:
         document = render(resources, shape)
         text = json.dumps(document, ensure_ascii=False, allow_nan=False)  # JSON-ready: no bytes, dates, NaN
-        model = get_fhir_model_class(document["resourceType"])
+        model = (r5_model_class if resources.fhir_version == "R5" else get_fhir_model_class)(document["resourceType"])
         model.model_validate(json.loads(text))
         assert render(parse_resources(document), shape) == document
 

@@ -3,7 +3,6 @@ output passes it and fhir.resources' R5 models alike."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -76,9 +75,7 @@ def _resources(document: dict[str, Any]) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("shape", ["bundle", "contained"])
 def test_dicomdirtests_in_r5_passes_both_validators(shape):
-    if "fhir_version" not in {f.name for f in dataclasses.fields(MappingOptions)}:
-        pytest.skip("MappingOptions has no fhir_version yet (R5 rendering is branch r5's; remove this guard at merge)")
-    options = MappingOptions(fhir_version="R5", dicomweb_url="https://pacs.example/dicom-web")  # type: ignore[call-arg]
+    options = MappingOptions(fhir_version="R5", dicomweb_url="https://pacs.example/dicom-web")
     failures = []
     for uid, instances in dicomdir_instances().items():
         document = render(convert_study(instances, options), shape)

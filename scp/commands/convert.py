@@ -1,4 +1,4 @@
-"""Convert a folder of DICOM files to FHIR R4, without the network.
+"""Convert a folder of DICOM files to FHIR R4 (or R5: --fhir-version R5), without the network.
 
 Reads every file under DIR (recursively; headers only, never pixel data), groups
 the instances by StudyInstanceUID and writes one JSON file per study,
@@ -14,6 +14,7 @@ examples:
   dicom-fhir-scp convert /media/cdrom -od ./fhir-output
   dicom-fhir-scp convert /media/cdrom ./fhir-output      # OUT as a second argument
   dicom-fhir-scp convert studies/ --shape contained --timezone Europe/Berlin
+  dicom-fhir-scp convert /media/cdrom -o ./fhir-r5 --fhir-version R5
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "contained: one ImagingStudy with the Patient contained")
     parser.add_argument("-c", "--config", metavar="FILE", type=Path,
                         help="TOML configuration; its [mapping] section applies")
+    parser.add_argument("--fhir-version", choices=("R4", "R5"), default=None,
+                        help="FHIR release to write (default: R4, or fhir.version from --config)")
     mapping = parser.add_argument_group("mapping options (override [mapping] from --config)")
     mapping.add_argument("--timezone", metavar="ZONE",
                          help="IANA time zone of DICOM times without TimezoneOffsetFromUTC, e.g. Europe/Berlin "
@@ -58,13 +61,15 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     config = override(config, "mapping", timezone=args.timezone, dicomweb_url=args.dicomweb_url,
                        patient_identifier_system=args.patient_identifier_system)
+    config = override(config, "fhir", version=args.fhir_version)
     shape = args.shape or config.node.shape
     output_dir = _output_dir(args)
     if not args.source.exists():
         raise ConfigurationError(f"convert: {args.source}: no such file or folder")
     ensure_folder(output_dir, "convert -od")
     files = list_files(args.source, exclude=output_dir)
-    log.info("converting %d file(s) under %s to %s (shape %s)", len(files), args.source, output_dir, shape)
+    log.info("converting %d file(s) under %s to %s (shape %s, FHIR %s)", len(files), args.source, output_dir, shape,
+             config.mapping.fhir_version)
     with _progress_bar(len(files)) as advance:
         report = convert_files(files, config.mapping, progress=advance)
     write_studies(report, output_dir, shape)

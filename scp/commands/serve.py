@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     store.add_argument("--accept-unknown-sop-classes", action="store_true", default=None,
                        help="also accept private and unknown storage SOP classes")
     parser.add_argument("--fhir-url", metavar="URL", help="also deliver to this FHIR R4 server (overrides [fhir] url)")
+    parser.add_argument("--fhir-version", choices=("R4", "R5"), default=None,
+                        help="FHIR release to write and to expect of the FHIR server's /metadata "
+                             "(default: R4, or fhir.version from --config)")
 
 
 def load(args: argparse.Namespace):
@@ -74,7 +77,7 @@ def load(args: argparse.Namespace):
                       output_dir=args.output_dir, spool_dir=args.spool_dir, dead_letter_dir=args.dead_letter_dir,
                       archive_dir=args.archive_dir, idle_timeout=args.idle_timeout,
                       accept_unknown_sop_classes=args.accept_unknown_sop_classes)
-    return override(config, "fhir", url=args.fhir_url)
+    return override(config, "fhir", url=args.fhir_url, version=args.fhir_version)
 
 
 def _port(args: argparse.Namespace) -> int | None:
@@ -136,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     metrics = Metrics()
     node = Node(config, metrics=metrics)
+    node.check_fhir_servers()  # a server of another FHIR version: exit 2 before anything listens
     stop = threading.Event()
 
     def request_stop(signum, _frame) -> None:

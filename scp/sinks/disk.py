@@ -78,13 +78,13 @@ class UnusableOutputError(DicomFhirError):
 def write_study(resources: StudyResources, out_dir: Path, shape: str = "bundle") -> tuple[Path, bool]:
     """Write (or merge into) out_dir/<StudyInstanceUID>.json atomically; return (path, changed).
 
-    What is written is validated against R4 first (MappingError naming the study, resource
+    What is written is validated against its FHIR release (R4 or R5) first (MappingError naming the study, resource
     and elements; the file is left as it was); an unchanged study is not, it is not written.
     UnusableOutputError when the existing file is not a study this tool wrote.
     """
     path = out_dir / output_file(resources.study_uid)
     existing_doc = _read_json(path)
-    existing = _parsed(existing_doc, path) if existing_doc is not None else None
+    existing = _parsed(existing_doc, path, resources.fhir_version) if existing_doc is not None else None
     if existing is not None:
         resources = merge_resources(existing, resources)
     doc = render(resources, shape)
@@ -95,9 +95,11 @@ def write_study(resources: StudyResources, out_dir: Path, shape: str = "bundle")
     return path, True
 
 
-def _parsed(doc: dict, path: Path) -> StudyResources:
+def _parsed(doc: dict, path: Path, fhir_version: str = "R4") -> StudyResources:
+    # In the release being written: an R4 file meeting an R5 study becomes R5 (an R5 file
+    # meeting R4 is refused, the file kept as it is).
     try:
-        return parse_resources(doc)
+        return parse_resources(doc, fhir_version)
     except MappingError as exc:
         raise UnusableOutputError(f"{path}: not a study this tool wrote (MappingError: {exc})") from exc
 

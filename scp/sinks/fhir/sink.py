@@ -25,6 +25,12 @@ transaction; a merged part sends its own as one more transaction of conditional 
 A Patient on the server is never overwritten (conditional create only), and a
 part is never merged into a study whose patient identifier differs from ours
 (DeliveryRejected: mixing two patients' images is the worst outcome).
+
+The server's FHIR release is read once from ``GET [base]/metadata``
+(CapabilityStatement.fhirVersion: 4.0.x is R4, 5.0.x is R5) before the node listens
+(``check_server_version``): a mismatch with fhir.version is a ConfigurationError. A server
+that cannot be reached then is not fatal (the node keeps receiving): it is checked again
+before the first delivery, and until it answers a delivery waits (DeliveryRetryable).
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ from typing import Any
 
 from mapping import StudyResources, merge_imaging_study, render, validate_resources
 from mapping.endpoint import address_identifier
-from mapping.errors import MappingError, PatientMismatchError
+from mapping.errors import ConfigurationError, MappingError, PatientMismatchError
 from mapping.fhirjson import (canonical, identifier_pairs, model_json, primary_identifier, same_identifier, study_search,
                               validated)
 from mapping.options import MappingOptions
+from mapping.r5 import study_version
 from mapping.selection import validate_selection
 from mapping.shapes import check_study_structure, selection_bundle
 from scp.config import FhirConfig
@@ -81,9 +88,44 @@ class FhirSink:
         self.options = options or MappingOptions()
         self.client = client or FhirClient(fhir, name=name)
         self._clock = clock
+        # True after a start-up check that could not reach the server: checked before delivering.
+        self._version_unknown = False
+
+    def check_server_version(self) -> str | None:
+        """The server's release from ``GET [base]/metadata`` ("R4", "R5", another fhirVersion as
+        given, or None when it does not say). ConfigurationError naming both versions when it is
+        not fhir.version; a server that cannot be reached is logged and checked again before
+        the first delivery (the node keeps serving)."""
+        try:
+            found = server_version(self.client)
+        except DeliveryRejected as exc:  # it answered, with a 4xx: it will not say; not asked again
+            log.debug("GET metadata refused: %s", exc)
+            found = None
+        except DeliveryRetryable as exc:
+            self._version_unknown = True
+            log.warning("FHIR server %s: its FHIR version cannot be read now (%s); checked again before "
+                        "the first delivery", self.client.shown_base, _first_line(exc),
+                        extra={"destination": self.name})
+            return None
+        self._version_unknown = False
+        if found is None:
+            log.warning("FHIR server %s: GET metadata gave no CapabilityStatement.fhirVersion; assuming it "
+                        "is FHIR %s (fhir.version)", self.client.shown_base, self.fhir.version,
+                        extra={"destination": self.name})
+        elif found != self.fhir.version:
+            raise ConfigurationError(version_mismatch(self.name, self.client.shown_base, found, self.fhir.version))
+        return found
 
     def deliver(self, resources: StudyResources) -> str:
         uid = resources.study_uid
+        if self._version_unknown:
+            try:
+                self.check_server_version()
+            except ConfigurationError as exc:  # found only now: nothing is sent until the setting is fixed
+                raise DeliveryRetryable(f"study {uid}: {exc}") from None
+            if self._version_unknown:
+                raise DeliveryRetryable(f"study {uid}: FHIR server {self.client.shown_base}: its FHIR version "
+                                        f"is not known yet (GET metadata failed); not sent")
         stats = RequestStats()
         started = self._clock()
         # Rendered only when needed: a resend or a plain merge never sends the Bundle.
@@ -164,7 +206,8 @@ class FhirSink:
             if body is None:
                 return Outcome("unchanged", reference)
             request = update_request(body, study, bundle()) if _local_references(body) else None
-            _check_valid(lambda: _sendable(request or {"entry": [{"resource": body}]}, context),
+            _check_valid(lambda: _sendable(request or {"entry": [{"resource": body}]}, context,
+                                           resources.fhir_version),
                          {"imagingstudy.json": _json_bytes(body)})
             if request is None:
                 reply = self.client.request("PUT", reference, body=body, headers=_if_match(study.version),
@@ -185,6 +228,34 @@ class FhirSink:
 
 # --- pure helpers -----------------------------------------------------------------------------
 
+# CapabilityStatement.fhirVersion (a FHIR version code, e.g. 4.0.1, 5.0.0) -> release
+RELEASES = {"4.0": "R4", "5.0": "R5"}
+
+
+def fhir_release(fhir_version: Any) -> str | None:
+    """"R4" for 4.0.x, "R5" for 5.0.x, another version as given (e.g. 4.3.0, R4B), None for no text."""
+    if not isinstance(fhir_version, str) or not fhir_version.strip():
+        return None
+    text = fhir_version.strip()
+    return RELEASES.get(".".join(text.split(".")[:2]), text)
+
+
+def server_version(client: FhirClient) -> str | None:
+    """The release of the server's CapabilityStatement (``GET [base]/metadata``); None when the
+    answer is no CapabilityStatement with a fhirVersion. Raises what client.request raises."""
+    reply = client.request("GET", "metadata", expect=(200,), context="FHIR version check")
+    body = reply.body
+    if not isinstance(body, dict) or body.get("resourceType") != "CapabilityStatement":
+        return None
+    return fhir_release(body.get("fhirVersion"))
+
+
+def version_mismatch(name: str, shown_base: str, found: str, configured: str) -> str:
+    destination = "fhir.version" if name == "fhir" else f"fhir.version (destination {name})"
+    return (f"FHIR server {shown_base} speaks FHIR {found} (GET metadata: CapabilityStatement.fhirVersion), but "
+            f"{destination} is {configured}: set fhir.version = \"{found}\" (--fhir-version {found}) or use an "
+            f"{configured} server")
+
 def merged_body(study: ServerStudy, ours: dict[str, Any], context: str) -> dict[str, Any] | None:
     """The server's ImagingStudy with our part merged in, as it is to be sent; None when it says
     nothing the server's does not (meta, which the server owns, ignored).
@@ -202,7 +273,7 @@ def merged_body(study: ServerStudy, ours: dict[str, Any], context: str) -> dict[
         body = _merged(server, ours, study, context)
         if as_compared(body) == as_compared(server):
             return None
-    current = model_json(_as_model(study.resource, context)) | {"id": study.id}
+    current = model_json(_as_model(study.resource, context, study_version(ours) or "R4")) | {"id": study.id}
     body = _merged(current, ours, study, context)
     return None if as_compared(body) == as_compared(current) else body
 
@@ -228,10 +299,10 @@ def as_compared(resource: dict[str, Any]) -> str:
     return canonical({k: v for k, v in resource.items() if k != "meta"})
 
 
-def _sendable(request: dict[str, Any], context: str) -> None:
-    """MappingError naming the resource and elements when one in the request is not valid R4."""
+def _sendable(request: dict[str, Any], context: str, fhir_version: str = "R4") -> None:
+    """MappingError naming the resource and elements when one in the request is not valid in its release."""
     for entry in request.get("entry") or []:
-        validated(entry["resource"], context)
+        validated(entry["resource"], context, fhir_version)
 
 
 def _check_valid(check: Callable[[], None], documents: dict[str, bytes] | None = None) -> None:
@@ -246,13 +317,14 @@ def _json_bytes(doc: Any) -> bytes:
     return json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
 
 
-def _as_model(resource: dict[str, Any], context: str) -> Any:
+def _as_model(resource: dict[str, Any], context: str, fhir_version: str = "R4") -> Any:
     # Servers add their own meta fields (Medplum: author, project, compartment) that
     # R4's Meta does not know; meta is server-owned and never sent back anyway.
     try:
-        return validated({k: v for k, v in resource.items() if k != "meta"}, context)
+        return validated({k: v for k, v in resource.items() if k != "meta"}, context, fhir_version)
     except MappingError as exc:
-        raise DeliveryRejected(f"{context}: the server's ImagingStudy/{resource.get('id')} is not a valid R4 "
+        raise DeliveryRejected(f"{context}: the server's ImagingStudy/{resource.get('id')} is not a valid "
+                               f"{fhir_version} "
                                f"ImagingStudy, so this part cannot be merged into it: {_first_line(exc)}",
                                documents={"server-imagingstudy.json": _json_bytes(resource)}) from None
 
