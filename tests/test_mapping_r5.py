@@ -112,10 +112,12 @@ def test_there_is_no_interpreter_in_r5():
 
 
 def test_the_endpoint_has_a_list_of_connection_types_and_one_payload():
-    endpoint = r5(convert_r5(instance(), dicomweb_url=WADO).endpoint)
+    endpoint = r5(convert_r5(instance(), dicomweb_url=WADO).endpoints[0])
     assert endpoint["connectionType"] == [{"coding": [
         {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type", "code": "dicom-wado-rs"}]}]
-    assert endpoint["payload"] == [{"type": [{"text": "DICOM WADO-RS"}], "mimeType": ["application/dicom"]}]
+    assert endpoint["payload"] == [{"type": [{"coding": [
+        {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "113014", "display": "DICOM"}],
+        "text": "DICOM WADO-RS"}], "mimeType": ["application/dicom"]}]
     assert "payloadType" not in endpoint and "payloadMimeType" not in endpoint
 
 
@@ -127,7 +129,7 @@ def test_the_patient_is_the_same_in_r5():
 def test_every_dicomdir_study_validates_as_r5_and_round_trips_through_the_r5_models(dicomdir):
     for datasets in dicomdir.values():
         resources = convert_r5(*datasets, dicomweb_url=WADO)
-        for resource in (resources.patient, resources.imaging_study, resources.endpoint):
+        for resource in (resources.patient, resources.imaging_study, *resources.endpoints):
             r5(resource)
 
 
@@ -164,7 +166,7 @@ def test_instances_are_the_same_in_r4_and_r5():
 
 def test_rendering_r5_again_changes_nothing(dicomdir):
     resources = convert_r5(*dicomdir[CT_STUDY], dicomweb_url=WADO)
-    for resource in (resources.patient, resources.imaging_study, resources.endpoint):
+    for resource in (resources.patient, resources.imaging_study, *resources.endpoints):
         assert resource_r5(resource) == resource
 
 
