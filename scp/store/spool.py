@@ -414,7 +414,11 @@ def list_quarantined(spool_dir: Path | str) -> list[QuarantinedEntry]:
 
 
 class SpoolBusyError(ConfigurationError):
-    """Another process (a node, `retry --requeue`) holds the spool's lock."""
+    """Another process (a node, `retry --requeue`) holds the spool's lock; `pid` is its PID (None: unknown)."""
+
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class SpoolLock:
@@ -430,7 +434,9 @@ class SpoolLock:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, root: Path | str, what: str = "node.spool_dir (--spool-dir)") -> "SpoolLock":
+    def acquire(cls, root: Path | str, what: str = "node.spool_dir (--spool-dir)",
+                advice: str = "a spool belongs to one node: stop that one, or give this one its own spool folder"
+                ) -> "SpoolLock":
         """Take the lock (never waits); SpoolBusyError naming the holder's PID when another process has it."""
         root = Path(root)
         path = root / LOCK
@@ -440,8 +446,8 @@ class SpoolLock:
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)
-            raise SpoolBusyError(f"{what}: {root} is in use by another node (PID {holder or 'unknown'}); a spool "
-                                 f"belongs to one node: stop that one, or give this one its own spool folder") from None
+            raise SpoolBusyError(f"{what}: {root} is in use by another node (PID {holder or 'unknown'}); {advice}",
+                                 holder) from None
         except BaseException:
             os.close(fd)
             raise
