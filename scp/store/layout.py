@@ -10,7 +10,8 @@ don't, without reading the old names too.
     <spool_dir>/<StudyInstanceUID>/.<SOPInstanceUID>.<thread>.tmp
         an instance being written (never acknowledged; removed at the next start)
     <spool_dir>/<StudyInstanceUID>/<SOPInstanceUID>.dcm.corrupt
-        a spooled file that could not be read, kept aside (never delivered)
+        a spooled file that could not be read, kept aside by older versions (never delivered;
+        now quarantine/, below)
     <spool_dir>/.lock
         holds the PID of the node that owns the spool, flock'ed while it runs: a second node
         on the same spool refuses to start (scp.store.spool.SpoolLock)
