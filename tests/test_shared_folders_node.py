@@ -87,6 +87,22 @@ def test_a_second_node_on_the_same_spool_refuses_naming_the_first_ones_pid(tmp_p
     assert owner.process.poll() is None  # the owner is untouched
 
 
+def test_retry_requeue_refuses_on_the_spool_of_a_running_node_and_leaves_the_study_set_aside(tmp_path, nodes):
+    owner = NodeProcess(tmp_path / "a")
+    nodes.append(owner.start())
+    study = "1.2.3.4.5"
+    (owner.dead_letter / study / "instances").mkdir(parents=True)
+    (owner.dead_letter / study / "reason.txt").write_text("refused by the test\n")
+    result = subprocess.run([sys.executable, "-m", "scp", "retry", "--requeue", "--all", "--spool-dir",
+                             str(owner.spool), "--dead-letter-dir", str(owner.dead_letter)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"(PID {owner.process.pid})" in lines[0] and "stop the node first" in lines[0], \
+        result.stderr
+    assert (owner.dead_letter / study / "reason.txt").exists()
+
+
 # --- folders as operators make them ----------------------------------------------------------------
 
 
