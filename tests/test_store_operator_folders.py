@@ -6,7 +6,7 @@
   study is read, and `status` lists it.
 - The spool's lock: a second holder is refused, naming the first one's PID.
 - The disk output is merged under a per-file lock: a writer waiting for it sees what
-  the holder wrote.
+  the holder wrote, and a temp file is an orphan only when its file's lock is free.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 
 import pydicom
@@ -22,10 +24,10 @@ import pytest
 from mapping import convert_datasets
 from pydicom.data import get_testdata_file
 from scp.ops.status import build_report, format_report
-from scp.sinks.disk import write_study
+from scp.sinks.disk import remove_orphaned_temp_files, write_study
 from scp.store.dead_letter import DeadLetterBox
 from scp.store.files import locked
-from scp.store.layout import QUARANTINE, output_file, output_lock_file
+from scp.store.layout import QUARANTINE, output_file, output_lock_file, temp_file
 from scp.store.spool import FileSpool, SpoolBusyError, SpoolLock, list_quarantined
 from tests.clocks import wait_for
 from tests.scp_node import instance_uids
@@ -217,3 +219,28 @@ def _merge_unlocked(resources, path):
 
     merged = merge_resources(parse_resources(json.loads(path.read_text())), resources)
     write_atomically(path, json.dumps(render(merged, "bundle")).encode())
+
+
+def dead_pid() -> int:
+    """The PID of a process that has ended (reaped: no process has it until it is reused)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_an_orphaned_output_temp_file_is_removed_only_once_its_files_lock_is_free(tmp_path):
+    path = tmp_path / output_file(STUDY)
+    # Written by a PID not running here: a node on another host of a shared folder, or one that died.
+    orphan = tmp_path / temp_file(path.name, dead_pid())
+    orphan.write_text('{"resourceType": "Bun')
+    done = []
+    with locked(path):  # its writer (on another host) is still at it
+        cleaner = threading.Thread(target=lambda: done.append(remove_orphaned_temp_files(tmp_path)))
+        cleaner.start()
+        wait_for(lambda: waiting_on(tmp_path / output_lock_file(path.name)), 10, "the clean-up to wait for the lock")
+        assert orphan.exists()
+        orphan.rename(path)  # the writer's rename: no orphan after all
+    cleaner.join(30)
+    assert done == [0] and path.exists()
+    orphan.write_text('{"resourceType": "Bun')
+    assert remove_orphaned_temp_files(tmp_path) == 1 and not orphan.exists()

@@ -18,7 +18,7 @@ from mapping import StudyResources, merge_resources, parse_resources, render, va
 from mapping.errors import DicomFhirError, MappingError, PatientMismatchError
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.store.files import locked, write_atomically
-from scp.store.layout import output_file, temp_file_writer
+from scp.store.layout import TEMP_SUFFIX, output_file, temp_file_writer
 
 log = logging.getLogger("scp.sinks.disk")
 
@@ -56,7 +56,13 @@ def remove_orphaned_temp_files(folder: Path) -> int:
         pid = temp_file_writer(path.name)
         if pid is None or _running(pid):
             continue  # a live writer (another node, `convert`, `retry`): its file, its rename
-        path.unlink(missing_ok=True)
+        # A writer's temp file exists only while it holds its output file's lock: with the lock,
+        # a temp file still there is an orphan, even when its PID is another host's (a shared folder).
+        target = path.with_name(path.name[1:-len(f".{pid}{TEMP_SUFFIX}")])
+        with locked(target):
+            if not path.exists():
+                continue  # the writer (on another host) renamed it meanwhile
+            path.unlink(missing_ok=True)
         removed += 1
         log.info("removed %s, left by a writer that stopped before renaming it", path, extra={"destination": "disk"})
     return removed
