@@ -30,6 +30,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from pynetdicom import _config as pynetdicom_config
 
+from scp.store.layout import LOCK
 from tests.clocks import wait_for
 from tests.dicomgen import GeneratedStudy, generate_study
 from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process  # noqa: F401
@@ -110,7 +111,9 @@ def sigkill(node: NodeProcess) -> None:
 
 
 def temporary_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob("*") if p.is_file() and (p.name.startswith(".") or ".tmp" in p.name))
+    """Hidden and temp files, the spool's lock file (<spool_dir>/.lock, kept on purpose) left out."""
+    return sorted(p.name for p in folder.rglob("*") if p.is_file() and (p.name.startswith(".") or ".tmp" in p.name)
+                  and p != folder / LOCK)
 
 
 def output_files_are_whole(node: NodeProcess) -> None:

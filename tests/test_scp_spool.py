@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from scp.store.layout import is_safe_uid
@@ -119,7 +117,8 @@ class TestFileSpool(SpoolRules):
 
         with pytest.raises(OSError, match="disk full"):
             spool.store(STUDY, "1.2.3.4.1", chunks())
-        assert os.listdir(tmp_path / "spool" / STUDY) == []
+        assert not (tmp_path / "spool" / STUDY).exists()  # a refused first instance leaves no study folder
+        assert spool.depth() == 0
 
     def test_recover_drops_what_a_killed_node_left_half_written(self, tmp_path):
         spool = self.make(tmp_path)
@@ -146,3 +145,8 @@ def test_safe_uids_are_digits_and_dots_up_to_64_characters():
     assert not is_safe_uid("1" * 65)
     assert not is_safe_uid("1..2")
     assert not is_safe_uid("1.2 ")
+
+
+def test_a_uid_ending_in_a_newline_is_not_safe():
+    assert not is_safe_uid("1.2.3\n")
+    assert not is_safe_uid("1.2.3\n4")

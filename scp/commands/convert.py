@@ -10,6 +10,10 @@ Exit status: 0 when at least one study was written, 1 when nothing could be
 converted, 2 on a user error (configuration, a folder that is missing or unusable),
 reported in one line.
 
+convert never touches a node's spool, so it may run beside a node; OUT may be a running
+node's output folder: each file is merged under its lock (.<StudyInstanceUID>.json.lock),
+as the node merges it.
+
 examples:
   dicom-fhir-scp convert /media/cdrom -od ./fhir-output
   dicom-fhir-scp convert /media/cdrom ./fhir-output      # OUT as a second argument

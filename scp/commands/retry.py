@@ -20,7 +20,11 @@ changes nothing here (logged, like the node).
 
 With --requeue the instances go back into the spool instead, and the node delivers
 them when it next starts (use this while the node is stopped, to let it retry with
-backoff itself). The spool keeps no per-destination record: a requeued study goes to
+backoff itself). It takes the spool's lock while it moves them: on the spool of a
+running node it refuses (exit 2, naming the node's PID), and a node started meanwhile
+refuses to start until it is done. Without --requeue, retry may
+run beside the node: it reads and writes the dead-letter folder and appends to the
+journal, as the node does, and merges disk output under each file's lock. The spool keeps no per-destination record: a requeued study goes to
 every one of its destinations again, also to those in its delivered.json (a sink merges
 what it already holds, so nothing changes there, but it is sent); the command names
 them. To send it only where it was refused, retry without --requeue.
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from scp.senders import SenderTable
     from scp.store.dead_letter import DeadLetterBox
     from scp.store.journal import Journal
-    from scp.store.spool import FileSpool
+    from scp.store.spool import FileSpool, SpoolLock
 
     if bool(args.studies) == bool(args.all):
         raise ConfigurationError("retry: name the studies (StudyInstanceUID ...) or give --all, not both")
@@ -95,16 +99,13 @@ def run(args: argparse.Namespace) -> int:
 
     spool_dir = Path(config.node.spool_dir)
     if args.requeue:
-        spool = FileSpool(spool_dir)
-        for uid in uids:
-            took = box.delivered(uid)
-            moved = box.requeue(uid, spool)
-            print(f"study {uid}: {moved} instance(s) back in the spool {spool_dir}; delivered when the node starts")
-            if took:
-                print(f"study {uid}: note: {', '.join(took)} already took it; the node sends it there again "
-                      f"(merged, nothing changes there)")
+        # The spool's lock while moving instances in: the node must not start (and recover,
+        # resume, remove) halfway through, nor run meanwhile.
+        with SpoolLock.acquire(spool_dir, "retry --requeue: node.spool_dir (--spool-dir)",
+                               "stop the node first (it picks the study up when it starts), "
+                               "or retry without --requeue while it runs"):
+            _requeue(uids, box, FileSpool(spool_dir), spool_dir)
         return 0
-
     sinks = default_sinks(config)
     if not sinks:
         raise ConfigurationError("retry: no sink configured (set node.output_dir or fhir.url, or --fhir-url)")
@@ -133,6 +134,16 @@ def run(args: argparse.Namespace) -> int:
     if len(uids) > 1:
         print(f"{len(uids) - failed} of {len(uids)} study(ies) delivered")
     return 1 if failed else 0
+
+
+def _requeue(uids: list[str], box, spool, spool_dir: Path) -> None:
+    for uid in uids:
+        took = box.delivered(uid)
+        moved = box.requeue(uid, spool)
+        print(f"study {uid}: {moved} instance(s) back in the spool {spool_dir}; delivered when the node starts")
+        if took:
+            print(f"study {uid}: note: {', '.join(took)} already took it; the node sends it there again "
+                  f"(merged, nothing changes there)")
 
 
 def _check_folders(node, *, requeue: bool) -> None:

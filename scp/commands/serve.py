@@ -102,6 +102,14 @@ def check_folders(node) -> None:
         ensure_folder(node.archive_dir, "node.archive_dir (--archive-dir)")
 
 
+def claim_spool(node):
+    """The spool's lock (scp.store.spool.SpoolLock), held while the node runs: a second node on
+    the same spool stops here, in one line naming the first one's PID, before it touches anything."""
+    from scp.store.spool import SpoolLock
+
+    return SpoolLock.acquire(node.spool_dir, "node.spool_dir (--spool-dir)")
+
+
 def warn_about_mapping(options) -> list[str]:
     """Warnings for mapping settings left unset whose absence costs data (logged at start)."""
     warnings = []
@@ -135,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load(args)
     check_folders(config.node)
+    spool_lock = claim_spool(config.node)  # released when the process ends, however it ends
     for warning in warn_about_mapping(config.mapping) + warn_about_senders(config):
         log.warning("%s", warning)
     metrics = Metrics()
@@ -168,4 +177,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         ops.stop()
         node.stop()
+        spool_lock.release()
     return 0

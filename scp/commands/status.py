@@ -2,7 +2,9 @@
 and the most recent deliveries.
 
 Reads the folders of the configuration (or the ones given) and nothing else: it
-works while the node runs, needs no network and never changes anything. Studies
+works while the node runs (it takes no lock: the spool's lock is the node's), needs
+no network and never changes anything. Spool entries the node could not read are
+listed as quarantined, with their reason. Studies
 are named by StudyInstanceUID; no patient names or IDs are shown.
 
 Waiting studies are listed by the time of their last instance (oldest first);

@@ -19,8 +19,12 @@ What it reads:
     <spool_dir>/deliveries.jsonl (and .1)      the last N lines (across a rotation), read with
                                                scp.store.journal (the format it writes)
 
+    <spool_dir>/quarantine/<StudyInstanceUID>/ spool entries the node could not read, set
+        <name>.reason.txt                      aside (the rest of their study was delivered);
+                                               reason = first line of the reason file
+
 Hidden entries (names starting with ".") are the node's temporary files and are
-left out.
+left out, and so is every entry not named like a UID (lost+found, ...).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from typing import Any
 
 from scp.store import journal
 from scp.store.dead_letter import read_delivered, read_refusals
-from scp.store.layout import INSTANCES, JOURNAL, REASON, instance_uid, is_hidden
+from scp.store.layout import INSTANCES, JOURNAL, REASON, instance_uid, is_study_folder_name
+from scp.store.spool import list_quarantined
 from scp.store.part10 import read_source
 
 MAX_REASON = 300  # characters of a reason's first line shown
@@ -60,6 +65,14 @@ class DeadLetteredStudy:
 
 
 @dataclass(frozen=True)
+class QuarantinedInstance:
+    study: str
+    entry: str  # its name in <spool_dir>/quarantine/<study>/
+    reason: str
+    since: float  # epoch seconds (mtime of its reason file)
+
+
+@dataclass(frozen=True)
 class Delivery:
     time: str
     study: str
@@ -76,6 +89,7 @@ class StatusReport:
     dead_lettered: tuple[DeadLetteredStudy, ...] = ()
     deliveries: tuple[Delivery, ...] = ()
     notes: tuple[str, ...] = field(default=())  # unreadable lines, missing folders
+    quarantined: tuple[QuarantinedInstance, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +102,7 @@ class StatusReport:
                               for d in self.dead_lettered],
             "recent_deliveries": [asdict(d) for d in self.deliveries],
             "notes": list(self.notes),
+            "quarantined": [dict(asdict(q), since=iso(q.since)) for q in self.quarantined],
         }
 
 
@@ -102,8 +117,10 @@ def build_report(spool_dir: Path, dead_letter_dir: Path, now: float, recent: int
             if (d := _dead_lettered(Path(dead_letter_dir) / uid, uid, count, senders)) is not None]
     dead.sort(key=lambda d: d.since)
     deliveries = _recent_deliveries(Path(spool_dir) / JOURNAL, recent, notes)
+    quarantined = tuple(QuarantinedInstance(q.study_uid, q.name, _one_line(q.reason), q.since)
+                        for q in list_quarantined(spool_dir))
     return StatusReport(str(spool_dir), str(dead_letter_dir), now, tuple(waiting), tuple(dead),
-                        tuple(deliveries), tuple(notes))
+                        tuple(deliveries), tuple(notes), quarantined)
 
 
 def _studies(root: Path, what: str, notes: list[str],
@@ -111,7 +128,8 @@ def _studies(root: Path, what: str, notes: list[str],
     """(UID, instance count, newest mtime, senders) of each study folder under root."""
     try:
         with os.scandir(root) as it:
-            entries = [e for e in it if not is_hidden(e.name) and e.is_dir()]
+            # Study folders only: lost+found, quarantine/ and an operator's notes are no studies.
+            entries = [e for e in it if is_study_folder_name(e.name) and e.is_dir()]
     except FileNotFoundError:
         if not instances_under:  # no dead-letter folder is the normal case: nothing was ever set aside
             notes.append(f"{what} folder {root} does not exist (nothing received yet, or another path configured)")
@@ -243,6 +261,12 @@ def format_report(report: StatusReport) -> list[str]:
             out.append(f"  {d.study}:")
             out += [f"    {name}: took it ({result})" for name, result in d.delivered.items()]
             out += [f"    {name}: refused: {reason}" for name, reason in d.refused.items()]
+    if report.quarantined:
+        out.append("")
+        out.append(f"Quarantined spool entries ({Path(report.spool_dir) / 'quarantine'}): {len(report.quarantined)}"
+                   " — not delivered; fix the cause, move the entry back into its study folder, restart the node")
+        out += _table(("STUDY", "ENTRY", "SINCE", "REASON"),
+                      [(q.study, q.entry, iso(q.since), q.reason) for q in report.quarantined])
     out.append("")
     out.append(f"Recent deliveries ({Path(report.spool_dir) / JOURNAL}): {len(report.deliveries)} shown")
     out += _table(("TIME", "STUDY", "INSTANCES", "RESULT"),

@@ -142,7 +142,7 @@ def deliver_study(study_uid: str, instances: Iterable[SpooledInstance], sinks: S
             header, sender = read_instance(instance) if parsed is None else parsed
             series.add(header.series_uid)
         except Exception as exc:  # a spool file is written atomically; this is a bug or a disk fault
-            log.error("study %s: spooled instance %s cannot be used (%s); set aside as .corrupt",
+            log.error("study %s: spooled instance %s cannot be used (%s); quarantined",
                       study_uid, instance.sop_uid, type(exc).__name__,
                       extra={"study_uid": study_uid, "instance_uid": instance.sop_uid, "exc_type": type(exc).__name__})
             log.debug("study %s instance %s", study_uid, instance.sop_uid, exc_info=True)

@@ -2,7 +2,8 @@
 
 `write_study` is the study writer, shared with `convert` (scp.sources.folder), which
 writes the same files: an existing file is parsed and merged (union of series and instances), the result
-goes to a temporary file, is fsync'ed and renamed. Temporary files whose writer is gone
+goes to a temporary file, is fsync'ed and renamed, all under the file's lock
+(scp.store.files.locked), so several nodes may share one output folder. Temporary files whose writer is gone
 (a node killed while writing) are removed when the sink is created.
 """
 
@@ -16,8 +17,8 @@ from pathlib import Path
 from mapping import StudyResources, merge_resources, parse_resources, render, validate_resources
 from mapping.errors import DicomFhirError, MappingError, PatientMismatchError
 from scp.errors import DeliveryRejected, DeliveryRetryable
-from scp.store.files import write_atomically
-from scp.store.layout import output_file, temp_file_writer
+from scp.store.files import locked, write_atomically
+from scp.store.layout import TEMP_SUFFIX, output_file, temp_file_writer
 
 log = logging.getLogger("scp.sinks.disk")
 
@@ -55,7 +56,13 @@ def remove_orphaned_temp_files(folder: Path) -> int:
         pid = temp_file_writer(path.name)
         if pid is None or _running(pid):
             continue  # a live writer (another node, `convert`, `retry`): its file, its rename
-        path.unlink(missing_ok=True)
+        # A writer's temp file exists only while it holds its output file's lock: with the lock,
+        # a temp file still there is an orphan, even when its PID is another host's (a shared folder).
+        target = path.with_name(path.name[1:-len(f".{pid}{TEMP_SUFFIX}")])
+        with locked(target):
+            if not path.exists():
+                continue  # the writer (on another host) renamed it meanwhile
+            path.unlink(missing_ok=True)
         removed += 1
         log.info("removed %s, left by a writer that stopped before renaming it", path, extra={"destination": "disk"})
     return removed
@@ -83,15 +90,18 @@ def write_study(resources: StudyResources, out_dir: Path, shape: str = "bundle")
     UnusableOutputError when the existing file is not a study this tool wrote.
     """
     path = out_dir / output_file(resources.study_uid)
-    existing_doc = _read_json(path)
-    existing = _parsed(existing_doc, path, resources.fhir_version) if existing_doc is not None else None
-    if existing is not None:
-        resources = merge_resources(existing, resources)
-    doc = render(resources, shape)
-    if doc == existing_doc:
-        return path, False
-    _validate(resources, existing, path)
-    write_atomically(path, json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
+    # Read, merge and write under the file's lock: another writer of this study (a second node
+    # on a shared output folder, `convert`, `retry`) merging meanwhile would otherwise be lost.
+    with locked(path):
+        existing_doc = _read_json(path)
+        existing = _parsed(existing_doc, path, resources.fhir_version) if existing_doc is not None else None
+        if existing is not None:
+            resources = merge_resources(existing, resources)
+        doc = render(resources, shape)
+        if doc == existing_doc:
+            return path, False
+        _validate(resources, existing, path)
+        write_atomically(path, json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
     return path, True
 
 

@@ -353,7 +353,7 @@ def process_dicom_2_fhir(source: str | os.PathLike[str] | Dataset | Iterable[Dat
     PatientMismatchError. From a folder, unusable files are skipped (logged); among
     Datasets, one without the UIDs the mapping needs raises MappingError.
     """
-    if not _FHIR_ID.match(contained_patient_id):
+    if not _FHIR_ID.fullmatch(contained_patient_id):
         raise ConfigurationError(f"contained_patient_id: {contained_patient_id!r} is not a FHIR id "
                                  "(1-64 letters, digits, '-' and '.')")
     if isinstance(source, (str, os.PathLike)):
@@ -366,7 +366,7 @@ def process_dicom_2_fhir(source: str | os.PathLike[str] | Dataset | Iterable[Dat
     return ImagingStudy.model_validate(_with_contained_patient_id(document, contained_patient_id))
 
 
-_FHIR_ID = re.compile(r"^[A-Za-z0-9.\-]{1,64}$")
+_FHIR_ID = re.compile(r"[A-Za-z0-9.\-]{1,64}")  # fullmatch: "$" would let a final "\n" pass
 
 
 def _one_study_of_folder(directory: str | os.PathLike[str], options: MappingOptions) -> StudyResources | None:

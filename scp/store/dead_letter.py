@@ -35,7 +35,7 @@ from pathlib import Path
 
 from scp.store.files import write_atomically
 from scp.store.layout import (DELIVERED, DESTINATIONS, INSTANCES, INSTANCE_SUFFIX, REASON, instance_file,
-                              instance_uid, is_hidden, is_safe_uid, removing_folder)
+                              instance_uid, is_hidden, is_safe_uid, is_study_folder_name, removing_folder)
 from scp.store.spool import Spool, SpooledInstance, Version
 
 log = logging.getLogger("scp.store.dead_letter")
@@ -143,7 +143,8 @@ class DeadLetterBox:
             return []
         letters = []
         for entry in sorted(self.root.iterdir()):
-            if entry.is_dir() and not is_hidden(entry.name) and (entry / REASON).exists():
+            # Study folders only (lost+found and the like are not ours: never looked into).
+            if is_study_folder_name(entry.name) and entry.is_dir() and os.path.exists(entry / REASON):
                 try:
                     letters.append(self.get(entry.name))
                 except (KeyError, ValueError):
@@ -155,7 +156,7 @@ class DeadLetterBox:
         if not self.root.is_dir():
             return 0
         with os.scandir(self.root) as entries:
-            return sum(1 for e in entries if not is_hidden(e.name) and e.is_dir(follow_symlinks=False)
+            return sum(1 for e in entries if is_study_folder_name(e.name) and e.is_dir(follow_symlinks=False)
                        and os.path.exists(os.path.join(e.path, REASON)))
 
     def read_instances(self, study_uid: str) -> list[SpooledInstance]:

@@ -6,11 +6,14 @@ the file, the name (a create or rename) by fsync of the folder holding it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from scp.store.layout import temp_file
+from scp.store.layout import output_lock_file, temp_file
 
 
 def fsync_folder(folder: Path | str) -> None:
@@ -52,3 +55,37 @@ def move_durably(src: Path, dst: Path) -> None:
         with open(dst, "rb+") as f:
             os.fsync(f.fileno())
         os.unlink(src)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the lock of path (an exclusive flock on .<name>.lock beside it) for a read-modify-write.
+
+    Every writer of path on this file system (threads, other nodes, `convert`, `retry`) that
+    takes it sees the others' writes: a merge never loses what another writer merged meanwhile.
+    The lock file is removed on the way out while still locked; a waiter that then holds the
+    lock of a removed file notices (its inode is no longer the name's) and locks anew.
+    """
+    lock = path.with_name(output_lock_file(path.name))
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                current = os.stat(lock)
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (current.st_ino, current.st_dev) == (held.st_ino, held.st_dev):
+            break
+        os.close(fd)  # removed by the writer before us: lock the new one
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        finally:
+            os.close(fd)

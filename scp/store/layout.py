@@ -10,7 +10,17 @@ don't, without reading the old names too.
     <spool_dir>/<StudyInstanceUID>/.<SOPInstanceUID>.<thread>.tmp
         an instance being written (never acknowledged; removed at the next start)
     <spool_dir>/<StudyInstanceUID>/<SOPInstanceUID>.dcm.corrupt
-        a spooled file that could not be read, kept aside (never delivered)
+        a spooled file that could not be read, kept aside by older versions (never delivered;
+        now quarantine/, below)
+    <spool_dir>/.lock
+        holds the PID of the node that owns the spool, flock'ed while it runs: a second node
+        on the same spool refuses to start (scp.store.spool.SpoolLock)
+    <spool_dir>/quarantine/<StudyInstanceUID>/<SOPInstanceUID>.dcm
+        a spool entry that could not be read (permissions, an I/O error, a folder or a FIFO
+        named like an instance), set aside so that the rest of its study is delivered
+    <spool_dir>/quarantine/<StudyInstanceUID>/<SOPInstanceUID>.dcm.reason.txt
+        why (one line); `status` lists them. Fix the cause, move the file back into
+        <spool_dir>/<StudyInstanceUID>/ and restart the node to deliver it
     <spool_dir>/deliveries.jsonl
         the journal: one JSON line per finished delivery (scp.store.journal)
     <spool_dir>/deliveries.jsonl.1
@@ -36,10 +46,15 @@ don't, without reading the old names too.
         a set-aside study being removed (renamed first, so no reader sees half of it)
     <output_dir>/<StudyInstanceUID>.json
         the disk sink's output (and `convert`'s)
+    <output_dir>/.<StudyInstanceUID>.json.lock
+        flock'ed by the writer reading, merging and writing that file (several nodes may share
+        an output folder); removed by the writer when done
     <any folder>/.<name>.<pid>.tmp
         a file being written atomically by process <pid> (scp.store.files)
 
 Names starting with "." are the node's temporary files: every reader leaves them out.
+In the spool and the dead-letter folder only entries named like a UID are studies; anything
+else (lost+found, dotfiles, an operator's notes) is left alone, never read nor removed.
 """
 
 from __future__ import annotations
@@ -58,12 +73,25 @@ DESTINATIONS = "destinations"
 OUTPUT_SUFFIX = ".json"
 REMOVING_PREFIX = ".removing-"
 
-_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
+QUARANTINE = "quarantine"
+QUARANTINE_REASON_SUFFIX = ".reason.txt"
+LOCK = ".lock"
+LOCK_SUFFIX = ".lock"
+
+# fullmatch, not match with "$": "$" also matches before a final "\n", which a file name
+# (and the `status` table) must never get.
+_UID = re.compile(r"[0-9][0-9.]{0,63}")
 
 
 def is_safe_uid(uid: str) -> bool:
     """A UID usable as a file name: digits and dots, at most 64 characters (PS3.5 9.1)."""
-    return bool(_UID.match(uid)) and ".." not in uid
+    return isinstance(uid, str) and bool(_UID.fullmatch(uid)) and ".." not in uid
+
+
+def is_study_folder_name(name: str) -> bool:
+    """A spool or dead-letter entry the node may have made for a study (a UID); any other entry
+    (lost+found, an operator's notes, a folder of another program) is never read nor removed."""
+    return is_safe_uid(name)
 
 
 def is_hidden(name: str) -> bool:
@@ -108,6 +136,16 @@ def temp_file_writer(name: str) -> int | None:
         return int(name.rsplit(".", 2)[-2])
     except (ValueError, IndexError):
         return None
+
+
+def quarantine_reason(name: str) -> str:
+    """The file beside a quarantined entry that says why it was set aside."""
+    return f"{name}{QUARANTINE_REASON_SUFFIX}"
+
+
+def output_lock_file(name: str) -> str:
+    """The lock file writers of the output file `name` hold while they read, merge and write it."""
+    return f".{name}{LOCK_SUFFIX}"
 
 
 def rotated_journal(name: str = JOURNAL) -> str:

@@ -18,18 +18,25 @@ Two implementations share the interface (`Spool`): `FileSpool` (the node) and
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
+import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
-from scp.store.files import fsync_folder, move_durably
-from scp.store.layout import (corrupt_file, instance_file, instance_uid, is_hidden, is_safe_uid, is_temp_file,
-                              spool_temp_file)
+from scp.errors import ConfigurationError
+from scp.store.files import fsync_folder, move_durably, write_atomically
+from scp.store.layout import (LOCK, QUARANTINE, QUARANTINE_REASON_SUFFIX, instance_file, instance_uid,
+                              is_safe_uid, is_study_folder_name, is_temp_file, quarantine_reason, spool_temp_file)
 
 log = logging.getLogger("scp.store.spool")
+
+READ_ATTEMPTS = 3  # reads of a spool file before it is quarantined (a transient I/O error gets another chance)
 
 Version = tuple[int, int]  # (st_ino, st_mtime_ns) of a spool file: which version of an instance was read
 MakeDurable = Callable[[], None]
@@ -87,6 +94,7 @@ class FileSpool:
         # Serialises "rename into place" against "is this still the delivered version? unlink":
         # without it a resend landing between the check and the unlink would be lost.
         self._lock = threading.Lock()
+        self._unreadable: set[str] = set()  # study folders reported unreadable (reported once)
 
     def path(self, study_uid: str, sop_uid: str) -> Path:
         return self.root / study_uid / instance_file(sop_uid)
@@ -122,6 +130,7 @@ class FileSpool:
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
+            self._drop_folder_if_empty(folder)  # a refused first instance leaves no empty study folder
             raise
 
         def make_durable() -> None:
@@ -149,15 +158,19 @@ class FileSpool:
         raise AssertionError("unreachable")
 
     def recover(self) -> int:
-        """At start: drop temporary files a killed node left (never acknowledged) and empty folders.
+        """At start: drop temporary files a killed node left (never acknowledged) and empty study folders.
+
+        Only study folders (named like a UID) are looked into: lost+found, dotfiles and anything
+        else an operator or the file system put there is left alone.
 
         Returns how many temporary files were removed.
         """
         removed = 0
-        with os.scandir(self.root) as entries:
-            folders = [Path(e.path) for e in entries if not is_hidden(e.name) and e.is_dir(follow_symlinks=False)]
-        for folder in folders:
-            for name in os.listdir(folder):
+        for folder in self._study_folders():
+            names = self._list(folder)
+            if names is None:
+                continue
+            for name in names:
                 if is_temp_file(name):
                     (folder / name).unlink(missing_ok=True)
                     removed += 1
@@ -170,27 +183,112 @@ class FileSpool:
     def studies(self) -> dict[str, set[str]]:
         """Every study in the spool with its instances (SOP Instance UIDs); temp files ignored."""
         found: dict[str, set[str]] = {}
-        with os.scandir(self.root) as entries:
-            for entry in entries:
-                if is_hidden(entry.name) or not entry.is_dir(follow_symlinks=False):
-                    continue
-                sops = {uid for uid in map(instance_uid, os.listdir(entry.path)) if uid is not None}
-                if sops:
-                    found[entry.name] = sops
+        for folder in self._study_folders():
+            names = self._list(folder)
+            sops = {uid for uid in map(instance_uid, names or ()) if uid is not None}
+            if sops:
+                found[folder.name] = sops
         return found
 
+    def _study_folders(self) -> list[Path]:
+        """The study folders (named like a UID; not lost+found, dotfiles, quarantine, ...)."""
+        with os.scandir(self.root) as entries:
+            return [Path(e.path) for e in entries if is_study_folder_name(e.name) and e.is_dir(follow_symlinks=False)]
+
+    def _list(self, folder: Path) -> list[str] | None:
+        """The names in a study folder; None (reported once per folder, not at every scan) when unreadable."""
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:  # delivered (removed) meanwhile
+            return None
+        except OSError as exc:
+            with self._lock:
+                first = folder.name not in self._unreadable
+                self._unreadable.add(folder.name)
+            if first:
+                log.error("spool folder %s cannot be read (%s); its study waits until it can",
+                          folder, _os_reason(exc), extra={"study_uid": folder.name})
+            return None
+        with self._lock:
+            self._unreadable.discard(folder.name)
+        return names
+
     def read(self, study_uid: str, sop_uids: Iterable[str]) -> Iterator[SpooledInstance]:
-        """The current files of these instances, one at a time; instances whose file is gone are left out."""
+        """The current files of these instances, one at a time; instances whose file is gone are left out.
+
+        An entry that cannot be read READ_ATTEMPTS times in a row (permissions, an I/O error), or
+        that is no regular file at all (a folder, FIFO or symbolic link named like an instance), is
+        quarantined with its reason and left out: the rest of its study is delivered, and no study
+        waits forever for one file.
+        """
         for sop_uid in sop_uids:
-            path = self.path(study_uid, sop_uid)
+            instance = self._read_one(study_uid, sop_uid)
+            if instance is not None:
+                yield instance
+
+    def _read_one(self, study_uid: str, sop_uid: str) -> SpooledInstance | None:
+        path = self.path(study_uid, sop_uid)
+        problem = ""
+        for _ in range(READ_ATTEMPTS):
             try:
-                with open(path, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    data = f.read()
+                # O_NONBLOCK: a FIFO named like an instance would block open() for ever;
+                # O_NOFOLLOW: the node never writes links, so a link is not its file.
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except FileNotFoundError:
                 log.warning("study %s: instance %s is no longer in the spool", study_uid, sop_uid)
+                return None
+            except OSError as exc:
+                problem = _os_reason(exc)
+                if exc.errno == errno.ELOOP:
+                    problem = "a symbolic link, not a file the node wrote"
+                    break
                 continue
-            yield SpooledInstance(sop_uid, data, (st.st_ino, st.st_mtime_ns))
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    problem = f"not a regular file ({_kind(st.st_mode)})"
+                    break
+                with os.fdopen(fd, "rb") as f:
+                    fd = -1
+                    data = f.read()
+                return SpooledInstance(sop_uid, data, (st.st_ino, st.st_mtime_ns))
+            except OSError as exc:
+                problem = _os_reason(exc)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        self.quarantine(study_uid, sop_uid, f"cannot be read: {problem}")
+        return None
+
+    def quarantine(self, study_uid: str, sop_uid: str, reason: str, version: Version | None = None) -> Path | None:
+        """Move a spool entry to <root>/quarantine/<study>/ with <name>.reason.txt beside it; the
+        quarantined path, or None when the entry is gone (or, with `version`, was received again)."""
+        path = self.path(study_uid, sop_uid)
+        folder = self.root / QUARANTINE / study_uid
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    return None
+                if version is not None and (st.st_ino, st.st_mtime_ns) != version:
+                    return None
+                target = folder / path.name
+                if os.path.lexists(target):  # quarantined before: both are kept
+                    target = folder / f"{path.name}.{time.time_ns()}"
+                write_atomically(folder / quarantine_reason(target.name), (reason.replace("\n", " ") + "\n").encode())
+                os.replace(path, target)
+            fsync_folder(folder)
+        except OSError as exc:
+            log.error("study %s: spool entry %s %s, and it cannot be quarantined (%s); left out of the delivery",
+                      study_uid, path.name, reason, _os_reason(exc),
+                      extra={"study_uid": study_uid, "instance_uid": sop_uid})
+            return None
+        log.error("study %s: spool entry %s %s; quarantined in %s (the rest of the study is delivered)",
+                  study_uid, path.name, reason, folder, extra={"study_uid": study_uid, "instance_uid": sop_uid})
+        self._drop_folder_if_empty(path.parent)
+        return target
 
     def remove(self, study_uid: str, versions: dict[str, Version], move_to: Path | None = None) -> int:
         """Delete (or move into folder move_to) the files still at the given versions.
@@ -222,19 +320,13 @@ class FileSpool:
         self._drop_folder_if_empty(folder)
         return taken
 
-    def mark_corrupt(self, study_uid: str, sop_uid: str, version: Version) -> None:
-        """Keep an unreadable spool file aside (<sop>.dcm.corrupt) so it is not delivered again.
+    def mark_corrupt(self, study_uid: str, sop_uid: str, version: Version,
+                     reason: str = "cannot be used: not a DICOM header the node can parse") -> None:
+        """Quarantine an unusable spool file (see `quarantine`) so it is not delivered again.
 
         Only the version that was read: an instance received again meanwhile is a new file, kept.
         """
-        path = self.path(study_uid, sop_uid)
-        with self._lock:
-            try:
-                st = os.stat(path)
-                if (st.st_ino, st.st_mtime_ns) == version:
-                    os.replace(path, path.with_name(corrupt_file(sop_uid)))
-            except FileNotFoundError:
-                pass
+        self.quarantine(study_uid, sop_uid, reason, version)
 
     def _drop_folder_if_empty(self, folder: Path) -> None:
         with self._lock:
@@ -270,23 +362,134 @@ class FileSpool:
 
     def depth(self) -> int:
         """Studies waiting in the spool."""
-        with os.scandir(self.root) as entries:
-            return sum(1 for e in entries if not is_hidden(e.name) and e.is_dir(follow_symlinks=False))
+        return len(self._study_folders())
 
     def size_bytes(self) -> int:
         """Bytes of the instance files waiting in the spool (temp and corrupt files left out)."""
         total = 0
-        with os.scandir(self.root) as studies:
-            for study in studies:
-                if is_hidden(study.name) or not study.is_dir(follow_symlinks=False):
-                    continue
-                try:
-                    with os.scandir(study.path) as files:
-                        total += sum(f.stat(follow_symlinks=False).st_size for f in files
-                                     if instance_uid(f.name) is not None)
-                except FileNotFoundError:  # delivered (removed) while we counted
-                    continue
+        for study in self._study_folders():
+            try:
+                with os.scandir(study) as files:
+                    total += sum(f.stat(follow_symlinks=False).st_size for f in files
+                                 if instance_uid(f.name) is not None)
+            except OSError:  # delivered (removed) while we counted, or unreadable (reported by studies())
+                continue
         return total
+
+
+@dataclass(frozen=True)
+class QuarantinedEntry:
+    """A spool entry set aside because it could not be read (scp.store.layout: quarantine/)."""
+
+    study_uid: str
+    name: str  # the entry's name in the quarantine folder (<SOPInstanceUID>.dcm, or with a suffix)
+    reason: str
+    since: float  # epoch seconds (mtime of its reason file)
+
+
+def list_quarantined(spool_dir: Path | str) -> list[QuarantinedEntry]:
+    """Every quarantined spool entry, oldest first (a pure read: `status` calls it beside a node)."""
+    root = Path(spool_dir) / QUARANTINE
+    found = []
+    try:
+        studies = sorted(e for e in os.listdir(root) if is_safe_uid(e))
+    except OSError:
+        return []
+    for study_uid in studies:
+        try:
+            names = os.listdir(root / study_uid)
+        except OSError:
+            continue
+        for name in names:
+            if not name.endswith(QUARANTINE_REASON_SUFFIX) or name.startswith("."):
+                continue
+            reason_path = root / study_uid / name
+            try:
+                reason = reason_path.read_text(encoding="utf-8", errors="replace").partition("\n")[0]
+                since = reason_path.stat().st_mtime
+            except OSError:
+                continue
+            found.append(QuarantinedEntry(study_uid, name[:-len(QUARANTINE_REASON_SUFFIX)], reason, since))
+    return sorted(found, key=lambda q: q.since)
+
+
+class SpoolBusyError(ConfigurationError):
+    """Another process (a node, `retry --requeue`) holds the spool's lock; `pid` is its PID (None: unknown)."""
+
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class SpoolLock:
+    """The spool's owner: an exclusive flock on <spool_dir>/.lock, which holds the owner's PID.
+
+    A spool belongs to one node: two would deliver the same studies twice and remove each
+    other's files. The lock goes with the process (the kernel drops it when the process
+    ends, even by SIGKILL), so a stale lock file never blocks a restart.
+    """
+
+    def __init__(self, root: Path | str, fd: int) -> None:
+        self.root = Path(root)
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, root: Path | str, what: str = "node.spool_dir (--spool-dir)",
+                advice: str = "a spool belongs to one node: stop that one, or give this one its own spool folder"
+                ) -> "SpoolLock":
+        """Take the lock (never waits); SpoolBusyError naming the holder's PID when another process has it."""
+        root = Path(root)
+        path = root / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise SpoolBusyError(f"{what}: {root} is in use by another node (PID {holder or 'unknown'}); {advice}",
+                                 holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(root, fd)
+
+    def release(self) -> None:
+        """Let go (the file stays: removing a lock file races with the next process opening it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "SpoolLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def _os_reason(exc: OSError) -> str:
+    return f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno, exc.errno)})" if exc.errno else str(exc)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "unknown kind"
 
 
 class MemorySpool:
