@@ -66,6 +66,8 @@ class FhirConfig:
     ca_bundle: Path | None = None
     timeout: float = 30.0
     max_backoff: float = 300.0  # cap of the exponential retry delay, seconds
+    request_deadline: float = 120.0  # seconds one whole request may take (timeout is per read)
+    max_response_bytes: int = 64 * 2**20  # a larger answer is a retryable error, never read whole
 
     def __post_init__(self) -> None:
         _check(self.auth in AUTH_MODES, "fhir.auth", f"one of {AUTH_MODES}", self.auth)
@@ -80,6 +82,10 @@ class FhirConfig:
                     f"(set it, or fhir.{name}_env naming an environment variable)")
         _check(self.timeout > 0, "fhir.timeout", "a positive number of seconds", self.timeout)
         _check(self.max_backoff > 0, "fhir.max_backoff", "a positive number of seconds", self.max_backoff)
+        _check(self.request_deadline > 0, "fhir.request_deadline", "a positive number of seconds",
+               self.request_deadline)
+        _check(self.max_response_bytes >= 1024, "fhir.max_response_bytes", "a size of at least 1024 bytes",
+               self.max_response_bytes)
 
     def __repr__(self) -> str:  # never print secrets
         hidden = {"token", "password", "client_secret"}
