@@ -40,6 +40,7 @@ class NodeConfig:
     shape: str = "bundle"
     max_pdu: int = 0  # 0 = unlimited, as pynetdicom
     journal_max_bytes: int = 10 * 1024 * 1024  # deliveries.jsonl is rotated to deliveries.jsonl.1 beyond this
+    delivery_workers: int = 4  # studies delivered at once (a slow destination holds up only its own)
 
     def __post_init__(self) -> None:
         _check(0 < len(self.ae_title.strip()) <= 16, "node.ae_title", "1 to 16 characters", self.ae_title)
@@ -47,6 +48,8 @@ class NodeConfig:
         _check(self.idle_timeout > 0, "node.idle_timeout", "a positive number of seconds", self.idle_timeout)
         _check(self.shape in SHAPES, "node.shape", f"one of {SHAPES}", self.shape)
         _check(self.max_pdu >= 0, "node.max_pdu", "0 or a positive size", self.max_pdu)
+        _check(1 <= self.delivery_workers <= 64, "node.delivery_workers", "a number of threads from 1 to 64",
+               self.delivery_workers)
         _check(self.journal_max_bytes >= 4096, "node.journal_max_bytes", "at least 4096 bytes",
                self.journal_max_bytes)
 

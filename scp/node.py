@@ -86,7 +86,7 @@ class Node:
                                        retry=RetryPolicy(max_backoff=config.fhir.max_backoff), clock=clock,
                                        metrics=metrics,
                                        on_delivered=self._delivered if self.hooks is not None else None,
-                                       route=study_route(config))
+                                       route=study_route(config), workers=node.delivery_workers)
         self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics)
         self.server = StorageServer(node, config.security, self.handler, SenderTable.from_config(config))
         self.readiness = Readiness(self._readiness_checks(clock))
