@@ -220,8 +220,8 @@ class FhirClient:
     def _broke_rule(self, exc: WebError, context: str) -> DeliveryRetryable:
         """What a server breaking a rule of scp.web means for the study: retried, never dropped."""
         if isinstance(exc, OffBase):
-            message = (f"{_prefix(context)}configuration error: FHIR server {self.shown_base} {exc}; "
-                       f"set fhir.url to the server's real base URL (the study stays in the spool)")
+            message = (f"{_prefix(context)}configuration error: the FHIR server's {exc}; set fhir.url of "
+                       f"destination {self.name} to the server's real base URL (the study stays in the spool)")
             if not self._off_base_logged:  # once per destination: every retry would say the same
                 self._off_base_logged = True
                 log.error("destination %s: %s", self.name, message, extra={"destination": self.name})
