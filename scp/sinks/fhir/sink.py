@@ -24,10 +24,10 @@ part is never merged into a study whose patient identifier differs from ours
 
 The server's answers are checked before they are used (a server may ignore a search
 parameter and answer with everything it has): every ImagingStudy a search or a read
-returns must carry our study's ``urn:dicom:uid`` identifier, and a Patient a conditional
-create matched must carry the identifier it was matched on; otherwise the delivery is
+returns must carry our study's ``urn:dicom:uid`` identifier, and a Patient (or Endpoint) a
+conditional create matched must carry the identifier it was matched on; otherwise the delivery is
 DeliveryRejected as a server fault, with the reason and the server's resource kept
-(`check_study_uid`, `check_matched_patient`).
+(`check_study_uid`, `check_matched`; an Endpoint's match likewise).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from scp.sinks.fhir.client import FhirClient, Reply, RequestStats
 log = logging.getLogger("scp.sinks.fhir.sink")
 
 MAX_CONFLICTS = 10  # 412s in a row before the delivery is retried later instead
+MATCHED_KINDS = ("Patient", "Endpoint")  # conditional creates whose match is checked from the transaction's answer
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,10 @@ class FhirSink:
         if existing is None:
             _check_valid(lambda: validate_resources(resources))
             # The answer carries the resources stored or matched: a Patient the conditional create
-            # matched is checked from it, with no request more (check_matched_patient).
+            # matched is checked from it, with no request more (check_matched).
             reply = self.client.request("POST", "", body=bundle(), headers={"Prefer": "return=representation"},
                                         expect=(200, 201), context=context, stats=stats)  # 201: lenient servers
-            self._check_patient_matches(bundle(), reply.body, context, stats)
+            self._check_conditional_matches(bundle(), reply.body, context, stats)
             status, reference = _imaging_study_result(bundle(), reply.body, context)
             if status == 201:
                 return Outcome("created", reference)
@@ -135,27 +136,29 @@ class FhirSink:
         check_study_uid(resource, uid, context)
         return ServerStudy(study.id, _version(resource, reply), resource, study.patients)
 
-    def _check_patient_matches(self, sent: dict[str, Any], body: Any, context: str, stats: RequestStats) -> None:
-        """Each Patient a conditional create of `sent` matched (entry status 200) carries the identifier
-        it was matched on (read back when the answer is minimal); else DeliveryRejected (server fault)."""
+    def _check_conditional_matches(self, sent: dict[str, Any], body: Any, context: str, stats: RequestStats) -> None:
+        """Each Patient or Endpoint a conditional create of `sent` matched (entry status 200) carries the
+        identifier it was matched on (read back when the answer is minimal); else DeliveryRejected (a
+        server fault). The ImagingStudy's match is searched again and checked by `_find`."""
         entries = _check_transaction(body, context)
         for index, entry in enumerate(sent.get("entry") or []):
             request, resource = entry.get("request") or {}, entry.get("resource") or {}
-            if resource.get("resourceType") != "Patient" or not request.get("ifNoneExist") or index >= len(entries):
+            kind = resource.get("resourceType")
+            if kind not in MATCHED_KINDS or not request.get("ifNoneExist") or index >= len(entries):
                 continue
             answer = entries[index] if isinstance(entries[index], dict) else {}
             response = answer.get("response") or {}
             if _status_code(response.get("status")) != 200:
                 continue  # created: ours
             matched = answer.get("resource")
-            reference = _reference_in(response.get("location") or "", "Patient") or (
-                f"Patient/{matched['id']}" if isinstance(matched, dict) and matched.get("id") else None)
-            if not (isinstance(matched, dict) and matched.get("resourceType") == "Patient"):
+            reference = _reference_in(response.get("location") or "", kind) or (
+                f"{kind}/{matched['id']}" if isinstance(matched, dict) and matched.get("id") else None)
+            if not (isinstance(matched, dict) and matched.get("resourceType") == kind):
                 if reference is None:
-                    raise DeliveryRetryable(f"{context}: the transaction response names no Patient it matched")
+                    raise DeliveryRetryable(f"{context}: the transaction response names no {kind} it matched")
                 matched = _resource_of(self.client.request("GET", reference, expect=(200,), context=context,
-                                                           stats=stats), "Patient", context)
-            check_matched_patient(matched, primary_identifier(resource.get("identifier")), reference, context)
+                                                           stats=stats), kind, context)
+            check_matched(matched, primary_identifier(resource.get("identifier")), reference, context)
 
     def _merge_into(self, study: ServerStudy, resources: StudyResources, bundle: Callable[[], dict[str, Any]],
                     context: str, stats: RequestStats) -> Outcome:
@@ -176,7 +179,7 @@ class FhirSink:
                                             expect=(200, 412), context=context, stats=stats)
                 if reply.status == 200:
                     _check_transaction(reply.body, context)
-                    self._check_patient_matches(request, reply.body, context, stats)
+                    self._check_conditional_matches(request, reply.body, context, stats)
             if reply.status != 412:
                 return Outcome("updated", reference)
             log.info("%s: %s changed on the server meanwhile (412); merging again", context, reference,
@@ -320,18 +323,19 @@ def check_study_uid(resource: dict[str, Any], uid: str, context: str) -> None:
         documents={"server-imagingstudy.json": _json_bytes(resource)})
 
 
-def check_matched_patient(patient: dict[str, Any], identifier: tuple[str | None, str] | None,
-                          reference: str | None, context: str) -> None:
-    """DeliveryRejected (a server fault) when the Patient a conditional create matched does not carry
-    the identifier it was matched on. The reason names no identifier value (a patient ID)."""
-    if identifier is None or identifier in identifier_pairs(patient.get("identifier")):
+def check_matched(resource: dict[str, Any], identifier: tuple[str | None, str] | None,
+                  reference: str | None, context: str) -> None:
+    """DeliveryRejected (a server fault) when the Patient or Endpoint a conditional create matched does
+    not carry the identifier it was matched on. The reason names no identifier value (a patient ID)."""
+    if identifier is None or identifier in identifier_pairs(resource.get("identifier")):
         return
+    kind = resource.get("resourceType")
     raise DeliveryRejected(
-        f"{context}: FHIR server fault: the conditional create of the study's Patient (ifNoneExist on its "
-        f"identifier, system {identifier[0]}) matched {reference or 'a Patient'}, which does not carry that "
-        f"identifier (the server ignored the search parameter); the study's resources on the server may "
-        f"refer to the wrong patient: check them, fix the server, then retry",
-        documents={"server-patient.json": _json_bytes(patient)})
+        f"{context}: FHIR server fault: the conditional create of the study's {kind} (ifNoneExist on its "
+        f"identifier, system {identifier[0]}) matched {reference or 'another ' + str(kind)}, which does not "
+        f"carry that identifier (the server ignored the search parameter); the study's resources on the "
+        f"server may refer to the wrong {str(kind).lower()}: check them, fix the server, then retry",
+        documents={f"server-{str(kind).lower()}.json": _json_bytes(resource)})
 
 
 def _reference_in(location: str, resource_type: str) -> str | None:
