@@ -153,6 +153,7 @@ class _Watch:
         self._started = clock()
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._done = False
         self.fired = False
         self._timer = threading.Timer(deadline, self._fire)
         self._timer.daemon = True
@@ -169,12 +170,18 @@ class _Watch:
 
     def _fire(self) -> None:
         with self._lock:
+            if self._done:
+                return
             self.fired = True
             if self._sock is not None:
                 _shut(self._sock)
 
     def cancel(self) -> None:
+        """The request is over: its (keep-alive) connection goes back to the pool, never to be shut."""
         self._timer.cancel()
+        with self._lock:
+            self._sock = None
+            self._done = True
 
 
 def _shut(sock: socket.socket) -> None:
