@@ -397,3 +397,28 @@ def test_a_study_is_never_delivered_by_two_threads_at_once(tmp_path):
 def test_delivery_workers_must_be_at_least_one(tmp_path):
     with pytest.raises(ValueError, match="workers: expected at least 1"):
         make_worker(tmp_path, FileSpool(tmp_path / "spool"), [], FakeClock(), workers=0)
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("section", "key", "value", "expected"), [
+    ("fhir", "request_deadline", 0, "fhir.request_deadline: expected a positive number of seconds, got 0"),
+    ("fhir", "max_response_bytes", 10, "fhir.max_response_bytes: expected a size of at least 1024 bytes, got 10"),
+    ("node", "delivery_workers", 0, "node.delivery_workers: expected a number of threads from 1 to 64, got 0"),
+])
+def test_the_bounds_of_distrust_are_validated_with_a_clear_message(section, key, value, expected):
+    from scp.config import config_from_mapping
+    from scp.errors import ConfigurationError
+
+    extra = {"url": "http://fhir.test/R4"} if section == "fhir" else {}
+    with pytest.raises(ConfigurationError) as caught:
+        config_from_mapping({section: {key: value, **extra}}, environ={})
+    assert expected in str(caught.value)
+
+
+def test_the_defaults_bound_every_request_and_answer():
+    from scp.config import Config
+
+    config = Config()
+    assert (config.fhir.request_deadline, config.fhir.max_response_bytes) == (120.0, 64 * 2**20)
+    assert config.node.delivery_workers == 4
