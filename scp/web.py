@@ -102,6 +102,9 @@ def within_base(url: str, base: str) -> bool:
     target, root = urlsplit(url), urlsplit(base)
     if (target.scheme.lower(), _host_port(target)) != (root.scheme.lower(), _host_port(root)):
         return False
+    segments = target.path.lower().replace("%2e", ".").split("/")
+    if "." in segments or ".." in segments:  # /R4/../admin is not under /R4, whatever its prefix
+        return False
     prefix = root.path.rstrip("/")
     return target.path == prefix or target.path.startswith(prefix + "/") or not prefix
 

@@ -240,6 +240,8 @@ def test_a_redirect_within_the_base_url_is_followed(stand_in):
     ("http://fhir.example/R4/Patient", False),  # a downgrade to plain HTTP
     ("https://fhir.example:8443/R4/Patient", False),
     ("https://evil.example/R4/Patient", False),
+    ("https://fhir.example/R4/../admin", False),  # dot segments climb out of the base
+    ("https://fhir.example/R4/%2E%2E/admin", False),
 ])
 def test_within_the_base_url_means_same_scheme_host_port_and_a_path_under_it(url, inside):
     assert within_base(url, "https://fhir.example/R4") is inside
