@@ -3,6 +3,7 @@
     server = stand_in(lambda handler: handler.send_json(200, searchset()))   # the fixture
     server.base    # http://127.0.0.1:<port>/R4
     server.seen    # [(method, path)] of every request
+    server.ports() # the client ports they came from (one per TCP connection)
     server.stop    # an Event set when the test ends: waits in an app end with it
 """
 
@@ -35,6 +36,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         self.body = self.rfile.read(length) if length else b""
         self.server.seen.append((self.command, self.path))  # type: ignore[attr-defined]
+        self.server.peers.add(self.client_address[1])  # type: ignore[attr-defined]
         try:
             self.server.app(self)  # type: ignore[attr-defined]
         except (BrokenPipeError, ConnectionResetError):  # the client gave up on us: what the tests want
@@ -63,6 +65,7 @@ class StandIn:
         self.server.daemon_threads = True
         self.server.app = app  # type: ignore[attr-defined]
         self.server.seen = []  # type: ignore[attr-defined]
+        self.server.peers = set()  # type: ignore[attr-defined]
         self.server.stop = self.stop  # type: ignore[attr-defined]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
@@ -74,6 +77,10 @@ class StandIn:
     @property
     def seen(self) -> list[tuple[str, str]]:
         return self.server.seen  # type: ignore[attr-defined]
+
+    def ports(self) -> set[int]:
+        """The client ports requests came from: one per TCP connection."""
+        return set(self.server.peers)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self.stop.set()
