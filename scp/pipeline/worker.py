@@ -113,8 +113,8 @@ class DeliveryWorker:
     def arrived(self, study_uid: str, sop_uid: str) -> None:
         """An instance was stored: worth parsing ahead once the node is quiet (the receiver's hot path)."""
         if self.cache.arrived(study_uid, sop_uid):
-            with self._changed:  # a new study: the thread may be asleep until the next due part
-                self._changed.notify()
+            with self._changed:  # a new study: the thread that works ahead may be asleep until the next due part
+                self._changed.notify_all()  # (notify() could wake another delivery thread instead)
 
     def submit(self, study_uid: str, sop_uids: Iterable[str]) -> None:
         """A completed part: deliver it as soon as the worker is free (never blocks on delivery)."""
