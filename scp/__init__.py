@@ -5,6 +5,7 @@ sub-package is a layer and imports only from the layers below it (tests/test_lay
 checks it):
 
     scp.errors, scp.config   what every layer shares: the exception tree, the configuration
+    scp.web                  bounded HTTP (deadline, size cap, redirects within the base URL)
     scp.dicom                DICOM bytes: the one element walker
     scp.store                what is kept on disk: layout, durable files, spool file format,
                              spool, dead letter, journal

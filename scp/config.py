@@ -40,6 +40,7 @@ class NodeConfig:
     shape: str = "bundle"
     max_pdu: int = 0  # 0 = unlimited, as pynetdicom
     journal_max_bytes: int = 10 * 1024 * 1024  # deliveries.jsonl is rotated to deliveries.jsonl.1 beyond this
+    delivery_workers: int = 4  # studies delivered at once (a slow destination holds up only its own)
 
     def __post_init__(self) -> None:
         _check(0 < len(self.ae_title.strip()) <= 16, "node.ae_title", "1 to 16 characters", self.ae_title)
@@ -47,6 +48,8 @@ class NodeConfig:
         _check(self.idle_timeout > 0, "node.idle_timeout", "a positive number of seconds", self.idle_timeout)
         _check(self.shape in SHAPES, "node.shape", f"one of {SHAPES}", self.shape)
         _check(self.max_pdu >= 0, "node.max_pdu", "0 or a positive size", self.max_pdu)
+        _check(1 <= self.delivery_workers <= 64, "node.delivery_workers", "a number of threads from 1 to 64",
+               self.delivery_workers)
         _check(self.journal_max_bytes >= 4096, "node.journal_max_bytes", "at least 4096 bytes",
                self.journal_max_bytes)
 
@@ -68,6 +71,8 @@ class FhirConfig:
     max_backoff: float = 300.0  # cap of the exponential retry delay, seconds
     # The FHIR release written (mapping) and expected of every server (/metadata): one per node.
     version: str = "R4"
+    request_deadline: float = 120.0  # seconds one whole request may take (timeout is per read)
+    max_response_bytes: int = 64 * 2**20  # a larger answer is a retryable error, never read whole
 
     def __post_init__(self) -> None:
         _check(self.auth in AUTH_MODES, "fhir.auth", f"one of {AUTH_MODES}", self.auth)
@@ -83,6 +88,10 @@ class FhirConfig:
                     f"(set it, or fhir.{name}_env naming an environment variable)")
         _check(self.timeout > 0, "fhir.timeout", "a positive number of seconds", self.timeout)
         _check(self.max_backoff > 0, "fhir.max_backoff", "a positive number of seconds", self.max_backoff)
+        _check(self.request_deadline > 0, "fhir.request_deadline", "a positive number of seconds",
+               self.request_deadline)
+        _check(self.max_response_bytes >= 1024, "fhir.max_response_bytes", "a size of at least 1024 bytes",
+               self.max_response_bytes)
 
     def __repr__(self) -> str:  # never print secrets
         hidden = {"token", "password", "client_secret"}

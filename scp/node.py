@@ -86,7 +86,7 @@ class Node:
                                        retry=RetryPolicy(max_backoff=config.fhir.max_backoff), clock=clock,
                                        metrics=metrics,
                                        on_delivered=self._delivered if self.hooks is not None else None,
-                                       route=study_route(config))
+                                       route=study_route(config), workers=node.delivery_workers)
         self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics)
         self.server = StorageServer(node, config.security, self.handler, SenderTable.from_config(config))
         self.readiness = Readiness(self._readiness_checks(clock))
@@ -109,7 +109,8 @@ class Node:
             # Its own client (a short timeout), sharing the sink's credentials and token cache; the
             # destination's own settings (TLS, timeout), [fhir]'s for a sink built without them.
             fhir = getattr(sink, "fhir", None) or self.config.fhir
-            probe_client = FhirClient(replace(fhir, url=client.base, timeout=min(PROBE_TIMEOUT, fhir.timeout)),
+            probe_client = FhirClient(replace(fhir, url=client.base, timeout=min(PROBE_TIMEOUT, fhir.timeout),
+                                              request_deadline=min(PROBE_TIMEOUT, fhir.request_deadline)),
                                       auth=client.auth, name=sink.name)
             checks[sink.name] = DestinationCheck(
                 lambda c=probe_client: c.request("GET", "metadata", expect=(200,)),

@@ -21,6 +21,7 @@ from tests.conftest import REPO
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("mapping",),  # pure DICOM → FHIR: imports nothing of scp
     ("scp", "scp.errors", "scp.config", "scp.logs"),  # what every layer shares
+    ("scp.web",),  # bounded HTTP to servers not trusted (the FHIR sink, a DICOMweb client)
     ("scp.senders",),  # who sent a study and what follows from it (receive and pipeline both read it)
     ("scp.dicom",),
     ("scp.store",),

@@ -1,7 +1,12 @@
-"""The delivery thread: completed parts → scp.pipeline.delivery, off the receiving path.
+"""The delivery threads: completed parts → scp.pipeline.delivery, off the receiving path.
 
-One worker thread takes completed parts (`submit`, called by the completion timer) and
-delivers them one at a time, so reception never waits for conversion or a FHIR server.
+A pool of `workers` threads (``node.delivery_workers``) takes completed parts (`submit`,
+called by the completion timer) and delivers them, one study per thread at a time, so
+reception never waits for conversion or a FHIR server, and a slow destination holds up
+only the studies being delivered to it: the others, and their disk output, go on in the
+other threads. A study is never delivered by two threads at once (a part completing while
+its study is being delivered waits for that delivery), so a study's parts reach each
+destination in order.
 
 Each sink is a destination, and each of a study's destinations (`route`, see
 scp.pipeline.delivery) has its own outcome:
@@ -75,7 +80,12 @@ class DeliveryWorker:
                  retry: RetryPolicy = RetryPolicy(), clock: Callable[[], float] = time.monotonic,
                  rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
                  on_delivered: Callable[[DeliveryReport], None] | None = None,
-                 route: Route | None = None) -> None:
+                 route: Route | None = None, workers: int = 1) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise TypeError(f"workers: expected an int, got {type(workers).__name__}")
+        if workers < 1:
+            raise ValueError(f"workers: expected at least 1 delivery thread, got {workers}")
+        self.workers = workers
         self.spool = spool
         self.route = route  # a study's senders -> its destinations (None: every sink)
         self.sinks = list(sinks)
@@ -93,17 +103,18 @@ class DeliveryWorker:
         self.last_delivered: dict[str, float] = {}
         self.cache = ParseAheadCache(clock)
         self._pending: dict[str, _Part] = {}
+        self._in_flight: set[str] = set()  # studies a thread is delivering now: not taken by another
         self._changed = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # --- input ------------------------------------------------------------------------------
 
     def arrived(self, study_uid: str, sop_uid: str) -> None:
         """An instance was stored: worth parsing ahead once the node is quiet (the receiver's hot path)."""
         if self.cache.arrived(study_uid, sop_uid):
-            with self._changed:  # a new study: the thread may be asleep until the next due part
-                self._changed.notify()
+            with self._changed:  # a new study: the thread that works ahead may be asleep until the next due part
+                self._changed.notify_all()  # (notify() could wake another delivery thread instead)
 
     def submit(self, study_uid: str, sop_uids: Iterable[str]) -> None:
         """A completed part: deliver it as soon as the worker is free (never blocks on delivery)."""
@@ -123,20 +134,27 @@ class DeliveryWorker:
     # --- the worker -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
-        self._thread.start()
+        # The first thread also works ahead while nothing is due (one is enough: it only fills a cache).
+        self._threads = [threading.Thread(target=self._run, args=(number == 0,),
+                                          name="delivery" if number == 0 else f"delivery-{number + 1}", daemon=True)
+                         for number in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop after the delivery in progress (parts not delivered stay in the spool)."""
+        """Stop after the deliveries in progress (parts not delivered stay in the spool); `timeout`
+        bounds the wait for all of them together."""
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("a delivery is still in progress; its study stays in the spool")
+        until = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if until is None else max(0.0, until - time.monotonic()))
+        busy = sum(thread.is_alive() for thread in self._threads)
+        if busy:
+            log.warning("a delivery is still in progress (%d thread(s)); its study stays in the spool", busy)
 
-    def _run(self) -> None:
+    def _run(self, works_ahead: bool = True) -> None:
         while True:
             with self._changed:
                 if self._stopping:
@@ -144,6 +162,12 @@ class DeliveryWorker:
                 part = self._next_due_locked()
             if isinstance(part, _Part):
                 self._deliver(part)
+                continue
+            if not works_ahead:
+                with self._changed:
+                    if self._stopping:
+                        return
+                    self._changed.wait(part)
                 continue
             try:
                 worked = self.work_ahead()
@@ -214,14 +238,17 @@ class DeliveryWorker:
         return True
 
     def _next_due_locked(self, now: float | None = None) -> _Part | float | None:
-        """The due part (taken out of pending), else seconds until one is due (None: nothing)."""
-        if not self._pending:
+        """The due part (taken out of pending, its study now in flight), else seconds until one is due
+        (None: nothing, or only studies in flight: their delivery's end wakes the threads)."""
+        waiting = [p for p in self._pending.values() if p.study_uid not in self._in_flight]
+        if not waiting:
             return None
-        part = min(self._pending.values(), key=lambda p: p.due_at)
+        part = min(waiting, key=lambda p: p.due_at)
         wait = part.due_at - (self._clock() if now is None else now)
         if wait > 0:
             return wait
         del self._pending[part.study_uid]
+        self._in_flight.add(part.study_uid)
         return part
 
     def _deliver(self, part: _Part) -> None:
@@ -239,6 +266,7 @@ class DeliveryWorker:
             self._retry_later(part, exc, None, None)
         finally:
             with self._changed:
+                self._in_flight.discard(uid)
                 if requeue:
                     again = self._pending.get(uid)
                     if again is None:

@@ -10,18 +10,20 @@ repr, log lines and exceptions never contain them.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, urlencode
 
 import requests
 
 from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
+from scp.web import Limits, WebError, fetch
 
 log = logging.getLogger("scp.sinks.fhir.auth")
 
@@ -99,7 +101,7 @@ class ClientCredentials:
     def __init__(self, token_url: str, client_id: str, client_secret: str, scope: str | None = None, *,
                  session: requests.Session | None = None, timeout: float = 30.0,
                  verify: bool | str = True, clock: Callable[[], float] = time.monotonic,
-                 margin: float = EXPIRY_MARGIN) -> None:
+                 margin: float = EXPIRY_MARGIN, limits: Limits | None = None) -> None:
         self.token_url = token_url
         self.client_id = client_id
         self._client_auth = "Basic " + base64.b64encode(
@@ -107,6 +109,10 @@ class ClientCredentials:
         self.scope = scope
         self._session = session or requests.Session()
         self._timeout = timeout
+        # The token endpoint is not trusted more than the FHIR server: the same rules (scp.web), and
+        # a redirect is followed only within token_url. It matters more here: the token is fetched
+        # under a lock every delivery to this destination waits on.
+        self._limits = limits or Limits(read_timeout=timeout, deadline=4 * timeout, max_bytes=2**20)
         self._verify = verify
         self._clock = clock
         self._margin = margin
@@ -132,21 +138,24 @@ class ClientCredentials:
             form["scope"] = self.scope
         started = self._clock()
         try:
-            response = self._session.post(
-                self.token_url, data=form, timeout=self._timeout, verify=self._verify,
-                headers={"Authorization": self._client_auth, "Accept": "application/json"})
+            response = fetch(self._session, "POST", self.token_url, base=self.token_url, limits=self._limits,
+                             data=urlencode(form).encode("ascii"), verify=self._verify,
+                             headers={"Authorization": self._client_auth, "Accept": "application/json",
+                                      "Content-Type": "application/x-www-form-urlencoded"})
+        except WebError as exc:
+            raise DeliveryRetryable(f"OAuth2 token endpoint {self.token_url}: {exc}"[:500]) from None
         except requests.RequestException as exc:
             raise DeliveryRetryable(f"OAuth2 token endpoint {self.token_url} unreachable: "
                                     f"{type(exc).__name__}: {exc}"[:500]) from None
         self.tokens_fetched += 1
-        if response.status_code in (408, 429) or response.status_code >= 500:
-            raise DeliveryRetryable(f"OAuth2 token endpoint {self.token_url} answered HTTP {response.status_code}")
-        if response.status_code != 200:
+        if response.status in (408, 429) or response.status >= 500:
+            raise DeliveryRetryable(f"OAuth2 token endpoint {self.token_url} answered HTTP {response.status}")
+        if response.status != 200:
             raise DeliveryRejected(
                 f"OAuth2 token endpoint {self.token_url} refused client {self.client_id!r}: HTTP "
-                f"{response.status_code} {_oauth_error(response)}; check fhir.client_id/client_secret/scope")
+                f"{response.status} {_oauth_error(response.content)}; check fhir.client_id/client_secret/scope")
         try:
-            body = response.json()
+            body = json.loads(response.content)
             value = body["access_token"]
             if not isinstance(value, str) or not value:
                 raise ValueError("access_token is not a non-empty string")
@@ -169,10 +178,10 @@ def renewal_delay(expires_in: float, margin: float = EXPIRY_MARGIN) -> float:
     return max(expires_in - margin, expires_in / 2, 0.0)
 
 
-def _oauth_error(response: requests.Response) -> str:
+def _oauth_error(content: bytes) -> str:
     """The RFC 6749 error code (never the whole body, which could echo a secret)."""
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
         return ""
     if not isinstance(body, dict):
@@ -196,5 +205,7 @@ def build_auth(fhir: FhirConfig, *, session: requests.Session | None = None,
         return BasicAuth(fhir.username or "", fhir.password or "")
     if fhir.auth == "oauth2":
         return ClientCredentials(fhir.token_url or "", fhir.client_id or "", fhir.client_secret or "", fhir.scope,
-                                 session=session, timeout=fhir.timeout, verify=tls_verify(fhir), clock=clock)
+                                 session=session, timeout=fhir.timeout, verify=tls_verify(fhir), clock=clock,
+                                 limits=Limits(read_timeout=fhir.timeout, deadline=fhir.request_deadline,
+                                               max_bytes=min(fhir.max_response_bytes, 2**20)))
     return NoAuth()

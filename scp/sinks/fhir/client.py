@@ -13,7 +13,11 @@ What a failure means for the study is decided here, once:
   only (reason.txt after the first line, DEBUG): servers fill them with what they
   matched on, e.g. HAPI with a match URL quoting the PatientID.
 
-Every request has a timeout, so a slow server delays only the delivery worker.
+Every request goes through scp.web.fetch, under the limits of its destination: a timeout per
+read (``fhir.timeout``), an overall deadline (``fhir.request_deadline``) and a cap on the
+answer's size (``fhir.max_response_bytes``), each past its bound a `DeliveryRetryable`
+naming it; a redirect is followed only within ``fhir.url``, else it is a configuration error
+(logged once per destination at ERROR, the study retried: never dropped).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import requests
 from scp.sinks.fhir.auth import Auth, build_auth, tls_verify
 from scp.config import FhirConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
+from scp.web import Answer, DeadlineExceeded, Limits, OffBase, TooLarge, WebError, fetch
 
 log = logging.getLogger("scp.sinks.fhir.client")
 
@@ -155,6 +160,9 @@ class FhirClient:
         self.shown_base = display_url(self.base)
         self.name = name  # the destination it serves, for the log lines
         self._timeout = fhir.timeout
+        self._limits = Limits(read_timeout=fhir.timeout, deadline=fhir.request_deadline,
+                              max_bytes=fhir.max_response_bytes)
+        self._off_base_logged = False  # a redirect off fhir.url is logged at ERROR once per destination
         self._max_backoff = fhir.max_backoff
         self._verify = tls_verify(fhir)
         self._session_factory = session_factory
@@ -174,18 +182,18 @@ class FhirClient:
         """
         data = None if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         response = self._send(method, path, data, params, headers, context, stats)
-        if response.status_code == 401 and self.auth.unauthorized():
+        if response.status == 401 and self.auth.unauthorized():
             log.info("%s: HTTP 401 from %s; fetching new credentials and trying once more",
                      context or "FHIR", self.shown_base, extra={"destination": self.name})
             response = self._send(method, path, data, params, headers, context, stats)
-        reply = Reply(response.status_code, response.headers, _json_or_text(response))
-        if response.status_code in set(expect):
+        reply = Reply(response.status, response.headers, _json_or_text(response.content))
+        if response.status in set(expect):
             return reply
         self._raise_for(method, path, data, _document_name(body), response, reply, context)
         raise AssertionError("unreachable")
 
     def _send(self, method: str, path: str, data: bytes | None, params: Mapping[str, str | list[str]] | None,
-              headers: Mapping[str, str] | None, context: str, stats: RequestStats | None) -> requests.Response:
+              headers: Mapping[str, str] | None, context: str, stats: RequestStats | None) -> Answer:
         sent_headers = {"Accept": FHIR_JSON}
         if data is not None:
             sent_headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
@@ -197,8 +205,10 @@ class FhirClient:
             stats.requests += 1
             stats.bytes_sent += len(data or b"")
         try:
-            return self._session().request(method, self.url(path), data=data, params=params, headers=sent_headers,
-                                           timeout=self._timeout, verify=self._verify, allow_redirects=False)
+            return fetch(self._session(), method, self.url(path), base=self.base, limits=self._limits, data=data,
+                         params=params, headers=sent_headers, verify=self._verify)
+        except WebError as exc:
+            raise self._broke_rule(exc, context) from None
         except requests.Timeout:
             raise DeliveryRetryable(f"{_prefix(context)}FHIR server {self.shown_base} did not answer {method} "
                                     f"within {self._timeout:g} s") from None
@@ -207,9 +217,26 @@ class FhirClient:
             raise DeliveryRetryable(f"{_prefix(context)}FHIR server {self.shown_base} unreachable "
                                     f"({type(exc).__name__}: {_short(str(exc))})") from None
 
-    def _raise_for(self, method: str, path: str, data: bytes | None, sent_name: str, response: requests.Response,
+    def _broke_rule(self, exc: WebError, context: str) -> DeliveryRetryable:
+        """What a server breaking a rule of scp.web means for the study: retried, never dropped."""
+        if isinstance(exc, OffBase):
+            message = (f"{_prefix(context)}configuration error: the FHIR server's {exc}; set fhir.url of "
+                       f"destination {self.name} to the server's real base URL (the study stays in the spool)")
+            if not self._off_base_logged:  # once per destination: every retry would say the same
+                self._off_base_logged = True
+                log.error("destination %s: %s", self.name, message, extra={"destination": self.name})
+            return DeliveryRetryable(message)
+        if isinstance(exc, TooLarge):
+            return DeliveryRetryable(f"{_prefix(context)}FHIR server {self.shown_base}: answer too large "
+                                     f"(fhir.max_response_bytes): {exc}")
+        if isinstance(exc, DeadlineExceeded):
+            return DeliveryRetryable(f"{_prefix(context)}FHIR server {self.shown_base}: "
+                                     f"request deadline passed (fhir.request_deadline): {exc}")
+        return DeliveryRetryable(f"{_prefix(context)}FHIR server {self.shown_base}: {exc}")
+
+    def _raise_for(self, method: str, path: str, data: bytes | None, sent_name: str, response: Answer,
                    reply: Reply, context: str) -> None:
-        status = response.status_code
+        status = response.status
         what = f"{_prefix(context)}FHIR server answered HTTP {status} to {method} {display_url(self.url(path))}"
         if is_retryable_status(status):
             delay = parse_retry_after(response.headers.get("Retry-After"), self._now())
@@ -217,7 +244,7 @@ class FhirClient:
                 delay = min(delay, self._max_backoff)
             raise DeliveryRetryable(what + (f" (retry after {delay:g} s)" if delay is not None else ""),
                                     retry_after=delay)
-        documents = {"outcome.json": response.content or b""}
+        documents = {"outcome.json": response.content}
         if data is not None:
             documents[sent_name] = data
         raise DeliveryRejected(f"{what} ({outcome_summary(reply.body)}; details in outcome.json)",
@@ -240,13 +267,13 @@ def _document_name(body: Any) -> str:
     return f"{kind.lower()}.json" if isinstance(kind, str) and kind.isalpha() else "request.json"
 
 
-def _json_or_text(response: requests.Response) -> Any:
-    if not response.content:
+def _json_or_text(content: bytes) -> Any:
+    if not content:
         return None
     try:
-        return response.json()
-    except ValueError:
-        return response.text
+        return json.loads(content)
+    except ValueError:  # UnicodeDecodeError included
+        return content.decode("utf-8", "replace")
 
 
 def _prefix(context: str) -> str:

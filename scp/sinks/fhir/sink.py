@@ -31,6 +31,13 @@ The server's FHIR release is read once from ``GET [base]/metadata``
 (``check_server_version``): a mismatch with fhir.version is a ConfigurationError. A server
 that cannot be reached then is not fatal (the node keeps receiving): it is checked again
 before the first delivery, and until it answers a delivery waits (DeliveryRetryable).
+
+The server's answers are checked before they are used (a server may ignore a search
+parameter and answer with everything it has): every ImagingStudy a search or a read
+returns must carry our study's ``urn:dicom:uid`` identifier, and a Patient (or Endpoint) a
+conditional create matched must carry the identifier it was matched on; otherwise the delivery is
+DeliveryRejected as a server fault, with the reason and the server's resource kept
+(`check_study_uid`, `check_matched`; an Endpoint's match likewise).
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from scp.sinks.fhir.client import FhirClient, Reply, RequestStats
 log = logging.getLogger("scp.sinks.fhir.sink")
 
 MAX_CONFLICTS = 10  # 412s in a row before the delivery is retried later instead
+MATCHED_KINDS = ("Patient", "Endpoint")  # conditional creates whose match is checked from the transaction's answer
 
 
 @dataclass(frozen=True)
@@ -147,8 +155,11 @@ class FhirSink:
         existing = self._find(uid, context, stats)
         if existing is None:
             _check_valid(lambda: validate_resources(resources))
-            reply = self.client.request("POST", "", body=bundle(), headers={"Prefer": "return=minimal"},
+            # The answer carries the resources stored or matched: a Patient the conditional create
+            # matched is checked from it, with no request more (check_matched).
+            reply = self.client.request("POST", "", body=bundle(), headers={"Prefer": "return=representation"},
                                         expect=(200, 201), context=context, stats=stats)  # 201: lenient servers
+            self._check_conditional_matches(bundle(), reply.body, context, stats)
             status, reference = _imaging_study_result(bundle(), reply.body, context)
             if status == 201:
                 return Outcome("created", reference)
@@ -168,12 +179,37 @@ class FhirSink:
             # before references carried it) is then still known by its Endpoint's address.
             params={"identifier": study_search(uid), "_include": ["ImagingStudy:subject", "ImagingStudy:endpoint"]},
             expect=(200,), context=context, stats=stats)
-        return _search_result(reply.body, context)
+        return _search_result(reply.body, context, uid)
 
-    def _reread(self, study: ServerStudy, context: str, stats: RequestStats) -> ServerStudy:
+    def _reread(self, study: ServerStudy, uid: str, context: str, stats: RequestStats) -> ServerStudy:
         reply = self.client.request("GET", f"ImagingStudy/{study.id}", expect=(200,), context=context, stats=stats)
         resource = _resource_of(reply, "ImagingStudy", context)
+        check_study_uid(resource, uid, context)
         return ServerStudy(study.id, _version(resource, reply), resource, study.patients, study.endpoints)
+
+    def _check_conditional_matches(self, sent: dict[str, Any], body: Any, context: str, stats: RequestStats) -> None:
+        """Each Patient or Endpoint a conditional create of `sent` matched (entry status 200) carries the
+        identifier it was matched on (read back when the answer is minimal); else DeliveryRejected (a
+        server fault). The ImagingStudy's match is searched again and checked by `_find`."""
+        entries = _check_transaction(body, context)
+        for index, entry in enumerate(sent.get("entry") or []):
+            request, resource = entry.get("request") or {}, entry.get("resource") or {}
+            kind = resource.get("resourceType")
+            if kind not in MATCHED_KINDS or not request.get("ifNoneExist") or index >= len(entries):
+                continue
+            answer = entries[index] if isinstance(entries[index], dict) else {}
+            response = answer.get("response") or {}
+            if _status_code(response.get("status")) != 200:
+                continue  # created: ours
+            matched = answer.get("resource")
+            reference = _reference_in(response.get("location") or "", kind) or (
+                f"{kind}/{matched['id']}" if isinstance(matched, dict) and matched.get("id") else None)
+            if not (isinstance(matched, dict) and matched.get("resourceType") == kind):
+                if reference is None:
+                    raise DeliveryRetryable(f"{context}: the transaction response names no {kind} it matched")
+                matched = _resource_of(self.client.request("GET", reference, expect=(200,), context=context,
+                                                           stats=stats), kind, context)
+            check_matched(matched, primary_identifier(resource.get("identifier")), reference, context)
 
     def _merge_into(self, study: ServerStudy, resources: StudyResources, bundle: Callable[[], dict[str, Any]],
                     context: str, stats: RequestStats) -> Outcome:
@@ -217,11 +253,12 @@ class FhirSink:
                                             expect=(200, 412), context=context, stats=stats)
                 if reply.status == 200:
                     _check_transaction(reply.body, context)
+                    self._check_conditional_matches(request, reply.body, context, stats)
             if reply.status != 412:
                 return Outcome("updated", reference)
             log.info("%s: %s changed on the server meanwhile (412); merging again", context, reference,
                      extra={"destination": self.name})
-            study = self._reread(study, context, stats)
+            study = self._reread(study, resources.study_uid, context, stats)
         raise DeliveryRetryable(f"{context}: {reference} kept changing on the server "
                                 f"({MAX_CONFLICTS} version conflicts in a row)")
 
@@ -353,7 +390,7 @@ def _resource_of(reply: Reply, resource_type: str, context: str) -> dict[str, An
     return body
 
 
-def _search_result(body: Any, context: str) -> ServerStudy | None:
+def _search_result(body: Any, context: str, uid: str | None = None) -> ServerStudy | None:
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
         raise DeliveryRetryable(f"{context}: the ImagingStudy search did not return a Bundle")
     matches, included, endpoints = [], [], []
@@ -368,12 +405,50 @@ def _search_result(body: Any, context: str) -> ServerStudy | None:
             endpoints.append(resource)
     if not matches:
         return None
+    if uid is not None:  # before anything else: a server ignoring the search answers with unrelated studies
+        for match in matches:
+            check_study_uid(match, uid, context)
     if len(matches) > 1:
         ids = ", ".join(f"ImagingStudy/{r.get('id')}" for r in matches)
         raise DeliveryRejected(f"{context}: the server holds {len(matches)} ImagingStudy resources with this "
                                f"study UID ({ids}); merge or delete the duplicates, then retry")
     study = matches[0]
     return ServerStudy(str(study.get("id")), _version(study), study, tuple(included), tuple(endpoints))
+
+
+def check_study_uid(resource: dict[str, Any], uid: str, context: str) -> None:
+    """DeliveryRejected (a server fault) when an ImagingStudy the server returned for our study does not
+    carry our study's UID: the server ignored the search parameter; nothing is merged into it."""
+    system, _, value = study_search(uid).partition("|")  # what the search asked for
+    if (system, value) in identifier_pairs(resource.get("identifier")):
+        return
+    raise DeliveryRejected(
+        f"{context}: FHIR server fault: asked for the ImagingStudy with identifier {study_search(uid)}, it returned ImagingStudy/{resource.get('id')}, which does not carry this "
+        f"study's UID (the server ignored the search parameter); not merged into it, fix the server, then retry",
+        documents={"server-imagingstudy.json": _json_bytes(resource)})
+
+
+def check_matched(resource: dict[str, Any], identifier: tuple[str | None, str] | None,
+                  reference: str | None, context: str) -> None:
+    """DeliveryRejected (a server fault) when the Patient or Endpoint a conditional create matched does
+    not carry the identifier it was matched on. The reason names no identifier value (a patient ID)."""
+    if identifier is None or identifier in identifier_pairs(resource.get("identifier")):
+        return
+    kind = resource.get("resourceType")
+    raise DeliveryRejected(
+        f"{context}: FHIR server fault: the conditional create of the study's {kind} (ifNoneExist on its "
+        f"identifier, system {identifier[0]}) matched {reference or 'another ' + str(kind)}, which does not "
+        f"carry that identifier (the server ignored the search parameter); the study's resources on the "
+        f"server may refer to the wrong {str(kind).lower()}: check them, fix the server, then retry",
+        documents={f"server-{str(kind).lower()}.json": _json_bytes(resource)})
+
+
+def _reference_in(location: str, resource_type: str) -> str | None:
+    """``Type/id`` from a Location such as ``https://x/Patient/7/_history/1``; None without one."""
+    parts = location.split("/")
+    if resource_type in parts and parts.index(resource_type) + 1 < len(parts):
+        return f"{resource_type}/{parts[parts.index(resource_type) + 1]}"
+    return None
 
 
 def _imaging_study_index(bundle: dict[str, Any]) -> int:
