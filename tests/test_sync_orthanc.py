@@ -1,0 +1,85 @@
+"""`dicom-fhir-scp sync` against a real DICOMweb server: Orthanc with its DICOMweb plugin
+(tests/orthanc_dicomweb.py), into the real FHIR engine (tests/fhir_engine.py) and the disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.fhir_engine import fhir_engine, fhir_engine_process  # noqa: F401 (fixtures)
+from tests.mapping_cases import DICOMDIR_TESTS, charset_file
+from tests.orthanc_dicomweb import OrthancDicomWeb, require_orthanc_dicomweb
+
+pytestmark = [pytest.mark.interop]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _study_files() -> list[Path]:
+    files = [p for p in sorted(DICOMDIR_TESTS.rglob("*")) if p.is_file() and "DICOMDIR" not in p.name
+             and "README" not in p.name]
+    files += [Path(get_testdata_file("CT_small.dcm")), charset_file("chrH31.dcm"), charset_file("chrX1.dcm")]
+    return files
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    require_orthanc_dicomweb()
+    (tmp_path / "orthanc").mkdir()
+    with OrthancDicomWeb(tmp_path / "orthanc") as server:
+        yield server
+
+
+def _sync(tmp_path: Path, orthanc: OrthancDicomWeb, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "scp", "sync", "--dicomweb-url", orthanc.dicomweb_url,
+               "-od", str(tmp_path / "out"), "--spool-dir", str(tmp_path / "spool"),
+               "--dead-letter-dir", str(tmp_path / "dead"), "--window-days", "3650", *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _convert(tmp_path: Path, files: list[Path]) -> Path:
+    """What the node's mapping makes of the same files (convert: the same mapping, from Part 10)."""
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for i, path in enumerate(files):
+        (folder / f"{i}.dcm").write_bytes(path.read_bytes())
+    out = tmp_path / "converted"
+    subprocess.run([sys.executable, "-m", "scp", "convert", str(folder), "-od", str(out)], check=True,
+                   capture_output=True, timeout=300, cwd=REPO)
+    return out
+
+
+def test_backfill_delivers_every_study_with_the_content_the_mapping_gives_from_the_files(
+        tmp_path, orthanc, fhir_engine):
+    files = _study_files()
+    orthanc.upload(files)
+    study_uids = {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in files}
+
+    result = _sync(tmp_path, orthanc, "--fhir-url", fhir_engine.base_url)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    converted = _convert(tmp_path, files)
+    for uid in study_uids:
+        ours = json.loads((tmp_path / "out" / f"{uid}.json").read_text())
+        assert ours == json.loads((converted / f"{uid}.json").read_text()), uid
+    in_fhir = {i["value"].removeprefix("urn:oid:") for s in fhir_engine.resources("ImagingStudy")
+               for i in s["identifier"] if i.get("system") == "urn:dicom:uid"}
+    assert in_fhir == study_uids
+
+
+def test_a_second_run_fetches_no_metadata_and_writes_nothing_to_fhir(tmp_path, orthanc, fhir_engine):
+    orthanc.upload(_study_files()[:12])
+    assert _sync(tmp_path, orthanc, "--fhir-url", fhir_engine.base_url).returncode == 0
+    fhir_engine.reset_stats()
+
+    again = _sync(tmp_path, orthanc, "--fhir-url", fhir_engine.base_url)
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 delivered" in again.stderr and "done before" in again.stderr
+    assert fhir_engine.request_log() == []
