@@ -83,3 +83,51 @@ def test_a_second_run_fetches_no_metadata_and_writes_nothing_to_fhir(tmp_path, o
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 delivered" in again.stderr and "done before" in again.stderr
     assert fhir_engine.request_log() == []
+
+
+def _output(tmp_path: Path, uid: str) -> dict | None:
+    path = tmp_path / "out" / f"{uid}.json"
+    if not path.exists():
+        return None
+    document = json.loads(path.read_text())
+    return next(e["resource"] for e in document["entry"] if e["resource"]["resourceType"] == "ImagingStudy")
+
+
+def test_follow_picks_up_new_studies_added_instances_and_deleted_series_and_studies(tmp_path, orthanc):
+    from tests.clocks import wait_for
+    from tests.dicomgen import generate_study
+
+    first = generate_study(tmp_path / "first", n_instances=4, n_series=2)
+    orthanc.upload(first.files[:3])
+    command = [sys.executable, "-m", "scp", "sync", "--dicomweb-url", orthanc.dicomweb_url,
+               "--orthanc-url", orthanc.rest_url, "--follow", "--poll-interval", "0.3", "--window-days", "3650",
+               "-od", str(tmp_path / "out"), "--spool-dir", str(tmp_path / "spool"),
+               "--dead-letter-dir", str(tmp_path / "dead")]
+    log = open(tmp_path / "sync.log", "wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        wait_for(lambda: _output(tmp_path, first.study_uid), 60, "the backfilled study")
+        assert _output(tmp_path, first.study_uid)["numberOfInstances"] == 3
+
+        orthanc.upload(first.files[3:])  # an instance added to a delivered study
+        wait_for(lambda: (_output(tmp_path, first.study_uid) or {}).get("numberOfInstances") == 4, 60,
+                 "the added instance")
+
+        later = generate_study(tmp_path / "later", n_instances=2, n_series=1)
+        orthanc.upload(later.files)  # a study uploaded while following
+        wait_for(lambda: _output(tmp_path, later.study_uid), 60, "the study uploaded later")
+
+        series = _output(tmp_path, first.study_uid)["series"]
+        orthanc.delete_series(series[0]["uid"])
+        wait_for(lambda: _output(tmp_path, first.study_uid)["numberOfSeries"] == 1, 60, "the deleted series")
+        assert _output(tmp_path, first.study_uid)["numberOfInstances"] == 4 - series[0]["numberOfInstances"]
+
+        orthanc.delete_study(later.study_uid)
+        wait_for(lambda: _output(tmp_path, later.study_uid)["status"] == "entered-in-error", 60,
+                 "the deleted study")
+    except AssertionError:
+        log.flush()
+        raise AssertionError((tmp_path / "sync.log").read_text()[-4000:]) from None
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

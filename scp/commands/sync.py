@@ -147,9 +147,11 @@ def run(args: argparse.Namespace) -> int:
         log.info("sync from %s to %s ready on checkpoint %s", client.shown_base,
                  ", ".join(getattr(s, "name", "sink") for s in sinks), checkpoint.path)
         try:
+            from scp.sources.dicomweb.follow import follow, start_position
+            if sync.follow:
+                start_position(syncer)
             report = syncer.backfill(dt.date.today())
             if sync.follow:
-                from scp.sources.dicomweb.follow import follow
                 follow(syncer, stop, today=dt.date.today)
         except DeliveryError as exc:
             log.error("sync: %s (the checkpoint keeps what was done; run again to resume)", exc)

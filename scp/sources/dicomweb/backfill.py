@@ -100,7 +100,6 @@ class Syncer:
         self.wall_clock, self.sleep = wall_clock, sleep
         self.progress = progress or (lambda _what, _n: None)
         self.report = SyncReport()
-        self.orthanc_ids: dict[str, tuple[str, str]] = {}  # Orthanc ID -> (study UID, series UID or "")
 
     # --- listing ----------------------------------------------------------------------------
 
@@ -155,10 +154,13 @@ class Syncer:
         if not isinstance(metadata, list):
             raise DeliveryRejected(f"study {study_uid}: WADO-RS metadata is not a list")
         headers = [header_from_dicom_json(obj) for obj in metadata if isinstance(obj, dict)]
-        for header in headers:
-            self.orthanc_ids[orthanc_id(header.patient_id, header.study_uid, header.series_uid)] = (
-                header.study_uid, header.series_uid)
-            self.orthanc_ids[orthanc_id(header.patient_id, header.study_uid)] = (header.study_uid, "")
+        if self.sync.orthanc_url:  # a Deleted change names only Orthanc's ID: remember what it stands for
+            with self.checkpoint.lock:
+                known = self.checkpoint.state.orthanc_ids
+                for header in headers:
+                    known[orthanc_id(header.patient_id, header.study_uid, header.series_uid)] = [
+                        header.study_uid, header.series_uid]
+                    known[orthanc_id(header.patient_id, header.study_uid)] = [header.study_uid, ""]
         return convert_study(headers, self.options)
 
     def deliver(self, resources: StudyResources) -> dict[str, str]:

@@ -33,6 +33,7 @@ class SyncState:
     changes_since: int | None = None  # Orthanc /changes: the last Seq handled
     backfill_finished: float | None = None  # epoch seconds
     last_change: float | None = None  # epoch seconds: the newest change handled (lag in `status`)
+    orthanc_ids: dict[str, list[str]] = field(default_factory=dict)  # Orthanc ID -> [study UID, series UID]
     updated: float | None = None
 
 
