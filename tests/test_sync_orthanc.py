@@ -131,3 +131,32 @@ def test_follow_picks_up_new_studies_added_instances_and_deleted_series_and_stud
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_status_shows_the_sync_checkpoint_and_its_lag(tmp_path, orthanc):
+    orthanc.upload([Path(get_testdata_file("CT_small.dcm"))])
+    assert _sync(tmp_path, orthanc).returncode == 0
+    status = subprocess.run([sys.executable, "-m", "scp", "status", "--spool-dir", str(tmp_path / "spool"),
+                             "--dead-letter-dir", str(tmp_path / "dead")], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert f"sync from {orthanc.dicomweb_url}: backfill finished" in status.stdout
+    assert "1 study(ies) delivered, 0 failed" in status.stdout and "s ago" in status.stdout
+
+
+def test_the_source_down_mid_run_is_retried_and_nothing_is_lost(tmp_path, orthanc):
+    import threading
+
+    files = _study_files()[:12]
+    orthanc.upload(files)
+    study_uids = {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in files}
+    orthanc.stop()
+    # The sync starts while the server is down; it comes back after a few failed attempts.
+    restart = threading.Timer(3.0, orthanc.start)
+    restart.start()
+    try:
+        result = _sync(tmp_path, orthanc, "--retries", "8")
+    finally:
+        restart.join()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trying again" in result.stderr
+    assert {p.stem for p in (tmp_path / "out").glob("*.json")} == study_uids
