@@ -160,3 +160,58 @@ def test_the_source_down_mid_run_is_retried_and_nothing_is_lost(tmp_path, orthan
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trying again" in result.stderr
     assert {p.stem for p in (tmp_path / "out").glob("*.json")} == study_uids
+
+
+def _dated_studies(folder: Path, n: int, *, first: str = "2020-01-01", step_days: int = 10) -> dict[str, Path]:
+    """n one-instance studies, StudyDate first + i * step_days: StudyInstanceUID -> file."""
+    import datetime as dt
+
+    from tests.dicomgen import generate_study
+
+    start = dt.date.fromisoformat(first)
+    studies = {}
+    for i in range(n):
+        study = generate_study(folder / str(i), n_instances=1, n_series=1)
+        ds = pydicom.dcmread(study.files[0])
+        ds.StudyDate = (start + dt.timedelta(days=i * step_days)).strftime("%Y%m%d")
+        ds.save_as(study.files[0])
+        studies[study.study_uid] = study.files[0]
+    return studies
+
+
+def test_a_killed_backfill_resumes_without_fetching_finished_windows_again(tmp_path, orthanc):
+    import signal
+
+    from tests.clocks import wait_for
+
+    studies = _dated_studies(tmp_path / "dated", 20)
+    orthanc.upload(studies.values())
+    range_flags = ["--since", "2020-01-01", "--until", "2020-07-31", "--window-days", "10"]
+    command = [sys.executable, "-m", "scp", "sync", "--dicomweb-url", orthanc.dicomweb_url,
+               "-od", str(tmp_path / "out"), "--spool-dir", str(tmp_path / "spool"),
+               "--dead-letter-dir", str(tmp_path / "dead"), *range_flags, "--rate-limit", "4", "--parallel", "1"]
+    first_log = tmp_path / "first.log"
+    with open(first_log, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            checkpoint = tmp_path / "spool" / "sync"
+
+            def windows_done() -> int:
+                files = list(checkpoint.glob("checkpoint-*.json"))
+                return len(json.loads(files[0].read_text())["windows_done"]) if files else 0
+            wait_for(lambda: windows_done() >= 5, 60, "five windows done", ignore=(ValueError, OSError))
+        finally:
+            process.send_signal(signal.SIGKILL)  # no chance to save anything more
+            process.wait(timeout=30)
+    done_before = windows_done()
+    assert len(list((tmp_path / "out").glob("*.json"))) < len(studies)  # really killed mid-way
+
+    second = _sync(tmp_path, orthanc, *range_flags)
+
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p.stem for p in (tmp_path / "out").glob("*.json")} == set(studies)
+    assert f"({done_before} done before)" in second.stderr
+    deliveries = [line for text in (first_log.read_text(), second.stderr) for line in text.splitlines()
+                  if ": disk: " in line]
+    # Every study once, but for at most the one in flight when the first run was killed (parallel 1).
+    assert len(studies) <= len(deliveries) <= len(studies) + 1
