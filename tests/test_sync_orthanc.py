@@ -215,3 +215,48 @@ def test_a_killed_backfill_resumes_without_fetching_finished_windows_again(tmp_p
                   if ": disk: " in line]
     # Every study once, but for at most the one in flight when the first run was killed (parallel 1).
     assert len(studies) <= len(deliveries) <= len(studies) + 1
+
+
+def test_a_window_that_reaches_the_page_size_is_split_and_a_full_day_is_paged(tmp_path, orthanc):
+    spread = _dated_studies(tmp_path / "spread", 9, step_days=3)
+    same_day = _dated_studies(tmp_path / "same", 5, first="2021-06-01", step_days=0)
+    orthanc.upload([*spread.values(), *same_day.values()])
+
+    result = _sync(tmp_path, orthanc, "--page-size", "2", "--since", "2020-01-01", "--until", "2021-12-31")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.stem for p in (tmp_path / "out").glob("*.json")} == set(spread) | set(same_day)
+
+
+def test_studies_without_a_study_date_are_found_by_the_separate_listing(tmp_path, orthanc):
+    undated = _dated_studies(tmp_path / "undated", 3)
+    for path in undated.values():
+        ds = pydicom.dcmread(path)
+        del ds.StudyDate
+        ds.save_as(path)
+    dated = _dated_studies(tmp_path / "dated", 2)
+    orthanc.upload([*undated.values(), *dated.values()])
+
+    result = _sync(tmp_path, orthanc, "--page-size", "2")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.stem for p in (tmp_path / "out").glob("*.json")} == set(undated) | set(dated)
+    assert "3 study(ies) without StudyDate" in result.stderr
+
+
+def test_a_study_the_fhir_server_refuses_goes_to_the_dead_letter_and_is_tried_again_next_run(
+        tmp_path, orthanc, fhir_engine):
+    studies = _dated_studies(tmp_path / "dated", 2)
+    orthanc.upload(studies.values())
+    fhir_engine.fault(count=1, status=422, method="POST")
+
+    first = _sync(tmp_path, orthanc, "--fhir-url", fhir_engine.base_url, "--parallel", "1")
+
+    assert first.returncode == 1
+    dead = [p.name for p in (tmp_path / "dead").iterdir()]
+    assert len(dead) == 1 and dead[0] in studies
+    assert "HTTP 422" in (tmp_path / "dead" / dead[0] / "reason.txt").read_text()
+    second = _sync(tmp_path, orthanc, "--fhir-url", fhir_engine.base_url)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not (tmp_path / "dead" / dead[0]).exists()
+    assert len(fhir_engine.resources("ImagingStudy")) == 2
