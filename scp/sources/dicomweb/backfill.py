@@ -44,6 +44,7 @@ NUMBER_OF_SERIES = "00201206"
 NUMBER_OF_INSTANCES = "00201208"
 STUDY_DATE = "00080020"
 INCLUDE = f"{STUDY_DATE},{NUMBER_OF_SERIES},{NUMBER_OF_INSTANCES}"
+SAVE_INTERVAL = 1.0  # seconds between two checkpoint saves while windows come back empty
 
 
 @dataclass
@@ -229,8 +230,13 @@ class Syncer:
         self.progress("found", len(found))
         if not todo:
             return True
-        with ThreadPoolExecutor(max_workers=self.sync.parallel, thread_name_prefix="sync") as pool:
+        pool = ThreadPoolExecutor(max_workers=self.sync.parallel, thread_name_prefix="sync")
+        try:
             return all(list(pool.map(lambda item: self.sync_study(*item), todo)))
+        finally:
+            # On a stop (SIGTERM, Ctrl-C) the studies in flight finish, the queued ones are dropped:
+            # the window is not recorded done, so the next run lists it again.
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # --- the backfill -----------------------------------------------------------------------
 
@@ -241,6 +247,7 @@ class Syncer:
         planned = windows(since, until, self.sync.window_days)
         self.report.windows_total = len(planned) + 1
         self._retry_failed()
+        last_save = self.wall_clock()
         # Newest first: recent studies matter most to the people waiting for them.
         for window in reversed(planned):
             if window.key in state.windows_done:
@@ -253,7 +260,13 @@ class Syncer:
                     state.windows_done.append(window.key)
                     state.listed[window.key] = sorted(study_uid_of(obj) for obj in found)
             self.report.windows_done += 1
-            self.checkpoint.save(self.wall_clock())
+            # Saved after every window that delivered something; empty windows (most of a range
+            # starting in 1900) only once a second: each save is two fsyncs, and losing a second
+            # of empty windows costs a resumed run a few QIDO requests, no study fetched twice.
+            now = self.wall_clock()
+            if found or now - last_save >= SAVE_INTERVAL:
+                self.checkpoint.save(now)
+                last_save = now
             self.progress("window", 1)
         if not state.undated_done:
             undated = [obj for obj in self.list_studies(None) if not first_value(obj, STUDY_DATE)]
