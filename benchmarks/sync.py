@@ -10,7 +10,9 @@ over two years), uploads them to Orthanc with its DICOMweb plugin in a network n
   bare      a loop doing only the QIDO-RS listing (one request per sync window, the same
             windows) and WADO-RS /metadata per study with `parallel` threads (requests): the
             floor, what Orthanc costs to answer
-  sync      `dicom-fhir-scp sync` (a subprocess, start-up included) with the FHIR sink
+  disk      `dicom-fhir-scp sync` (a subprocess, start-up included) to -od only: the sync's
+            own cost over the bare loop (mapping, checkpoint, files)
+  sync      the same with the FHIR sink only (the engine validates and stores each study)
   resync    the same command again on its checkpoint (nothing to fetch or send)
 
 and prints studies/s, DICOMweb requests and FHIR requests per study for each.
@@ -76,12 +78,16 @@ def bare(dicomweb_url: str, parallel: int, today: dt.date) -> tuple[int, int]:
     return len(uids), requests_made + len(uids)
 
 
-def run_sync(workdir: Path, dicomweb_url: str, fhir_url: str, parallel: int) -> str:
-    command = [sys.executable, "-m", "scp", "sync", "--dicomweb-url", dicomweb_url, "--fhir-url", fhir_url,
-               "--spool-dir", str(workdir / "spool"), "--dead-letter-dir", str(workdir / "dead"),
+def run_sync(workdir: Path, dicomweb_url: str, fhir_url: str | None, parallel: int, spool: str = "spool") -> str:
+    command = [sys.executable, "-m", "scp", "sync", "--dicomweb-url", dicomweb_url,
+               "--spool-dir", str(workdir / spool), "--dead-letter-dir", str(workdir / "dead"),
                "--window-days", str(WINDOW_DAYS), "--parallel", str(parallel)]
-    # FHIR only: the disk sink off ("" unsets node.output_dir), as a FHIR deployment runs it.
-    env = {**os.environ, "DICOM_FHIR_SCP_NODE_OUTPUT_DIR": ""}
+    if fhir_url:
+        command += ["--fhir-url", fhir_url]
+        # FHIR only: the disk sink off ("" unsets node.output_dir), as a FHIR deployment runs it.
+        env = {**os.environ, "DICOM_FHIR_SCP_NODE_OUTPUT_DIR": ""}
+    else:
+        env = {**os.environ, "DICOM_FHIR_SCP_NODE_OUTPUT_DIR": str(workdir / "out")}
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=3600, env=env)
     if result.returncode != 0:
         raise SystemExit(f"sync failed:\n{result.stderr[-3000:]}")
@@ -106,10 +112,11 @@ def main() -> int:
             bare_s = time.monotonic() - started
             print(f"bare     {found} studies in {bare_s:.1f} s = {found / bare_s:.1f} studies/s, "
                   f"{bare_requests / found:.2f} DICOMweb requests/study, 0 FHIR requests")
-            for name in ("sync", "resync"):
+            for name in ("disk", "sync", "resync"):
                 engine.reset_stats()
                 started = time.monotonic()
-                log = run_sync(workdir, orthanc.dicomweb_url, engine.base_url, args.parallel)
+                log = run_sync(workdir, orthanc.dicomweb_url, None if name == "disk" else engine.base_url,
+                               args.parallel, "spool-disk" if name == "disk" else "spool")
                 elapsed = time.monotonic() - started
                 fhir = engine.stats()["requests"]
                 summary = next(line for line in log.splitlines() if "DICOMweb request(s)" in line)
