@@ -93,7 +93,12 @@ def _output(tmp_path: Path, uid: str) -> dict | None:
     return next(e["resource"] for e in document["entry"] if e["resource"]["resourceType"] == "ImagingStudy")
 
 
-def test_follow_picks_up_new_studies_added_instances_and_deleted_series_and_studies(tmp_path, orthanc):
+def _fhir_study(engine, uid: str) -> dict | None:
+    return next((s for s in engine.resources("ImagingStudy")
+                 if any(i.get("value") == f"urn:oid:{uid}" for i in s.get("identifier", []))), None)
+
+
+def test_follow_picks_up_new_studies_added_instances_and_deleted_series_and_studies(tmp_path, orthanc, fhir_engine):
     from tests.clocks import wait_for
     from tests.dicomgen import generate_study
 
@@ -101,6 +106,7 @@ def test_follow_picks_up_new_studies_added_instances_and_deleted_series_and_stud
     orthanc.upload(first.files[:3])
     command = [sys.executable, "-m", "scp", "sync", "--dicomweb-url", orthanc.dicomweb_url,
                "--orthanc-url", orthanc.rest_url, "--follow", "--poll-interval", "0.3", "--window-days", "3650",
+               "--fhir-url", fhir_engine.base_url,
                "-od", str(tmp_path / "out"), "--spool-dir", str(tmp_path / "spool"),
                "--dead-letter-dir", str(tmp_path / "dead")]
     log = open(tmp_path / "sync.log", "wb")
@@ -121,10 +127,14 @@ def test_follow_picks_up_new_studies_added_instances_and_deleted_series_and_stud
         orthanc.delete_series(series[0]["uid"])
         wait_for(lambda: _output(tmp_path, first.study_uid)["numberOfSeries"] == 1, 60, "the deleted series")
         assert _output(tmp_path, first.study_uid)["numberOfInstances"] == 4 - series[0]["numberOfInstances"]
+        wait_for(lambda: _fhir_study(fhir_engine, first.study_uid)["numberOfSeries"] == 1, 30,
+                 "the deleted series on the FHIR server")
 
         orthanc.delete_study(later.study_uid)
         wait_for(lambda: _output(tmp_path, later.study_uid)["status"] == "entered-in-error", 60,
                  "the deleted study")
+        wait_for(lambda: _fhir_study(fhir_engine, later.study_uid)["status"] == "entered-in-error", 30,
+                 "the deleted study on the FHIR server")
     except AssertionError:
         log.flush()
         raise AssertionError((tmp_path / "sync.log").read_text()[-4000:]) from None
