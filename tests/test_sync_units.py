@@ -112,9 +112,11 @@ class _Server:
 
     def __init__(self, replies: list[tuple[int, bytes]]) -> None:
         replies = list(replies)
+        seen = self.authorization = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                seen.append(self.headers.get("Authorization"))
                 status, body = replies.pop(0) if replies else (500, b"")
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
@@ -156,6 +158,14 @@ def test_a_reply_larger_than_the_cap_is_refused():
     with _Server([(200, b"[" + b"1," * 5000 + b"1]")]) as url:
         with pytest.raises(SourceRefused, match="max_response_bytes"):
             _client(url, max_response_bytes=4096).get_json("studies")
+
+
+def test_bearer_and_basic_credentials_are_sent_with_the_fhir_auth_code():
+    server = _Server([(200, b"[]"), (200, b"[]")])
+    with server as url:
+        _client(url, auth="bearer", token="t0k3n").get_json("studies")
+        _client(url, auth="basic", username="u", password="p").get_json("studies")
+    assert server.authorization == ["Bearer t0k3n", "Basic dTpw"]
 
 
 def test_a_refusal_is_not_retried():
@@ -273,3 +283,32 @@ def test_a_failed_listing_deletes_nothing(tmp_path):
     with pytest.raises(SourceUnavailable):
         poll(syncer, TODAY, pending)
     assert _study(tmp_path, uid)["status"] != "entered-in-error"
+
+
+# --- the command's user errors: one line, exit 2 ----------------------------------------------
+
+def _run_cli(tmp_path: Path, *args: str):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "scp", "sync", "--spool-dir", str(tmp_path / "spool"),
+                           "--dead-letter-dir", str(tmp_path / "dead"), "-od", str(tmp_path / "out"), *args],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_sync_without_a_dicomweb_url_is_a_user_error(tmp_path):
+    result = _run_cli(tmp_path)
+    assert result.returncode == 2
+    assert "--dicomweb-url" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_since_date_is_a_user_error_naming_the_key(tmp_path):
+    result = _run_cli(tmp_path, "--dicomweb-url", "http://127.0.0.1:9/dicom-web", "--since", "yesterday")
+    assert result.returncode == 2
+    assert "sync.since" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_secret_variable_that_is_not_set_is_a_user_error(tmp_path):
+    result = _run_cli(tmp_path, "--dicomweb-url", "http://127.0.0.1:9/dicom-web", "--auth", "bearer",
+                      "--token-env", "NO_SUCH_VARIABLE_FOR_SYNC")
+    assert result.returncode == 2
+    assert "NO_SUCH_VARIABLE_FOR_SYNC" in result.stderr and "Traceback" not in result.stderr
