@@ -55,6 +55,26 @@ def _convert(tmp_path: Path, files: list[Path]) -> Path:
     return out
 
 
+def _node_outputs(tmp_path: Path, files: list[Path], studies: int):
+    """The same files sent to the node over C-STORE (dcmsend: each file in its own transfer syntax)."""
+    from tests.conftest import require_tool
+    from tests.scp_node import NodeProcess
+
+    require_tool("dcmsend")
+    folder = tmp_path / "to-send"
+    folder.mkdir()
+    for i, path in enumerate(files):
+        (folder / f"{i}.dcm").write_bytes(path.read_bytes())
+    node = NodeProcess(tmp_path / "node").start()
+    try:
+        subprocess.run(["dcmsend", "-nh", "-nuc", "+sd", "+r", "-aec", "FHIRSCP", "127.0.0.1", str(node.port),
+                        str(folder)], check=True, capture_output=True, timeout=120)
+        node.wait_for_deliveries_total(len(files), studies, timeout=60)
+    finally:
+        node.stop()
+    return node
+
+
 def test_backfill_delivers_every_study_with_the_content_the_mapping_gives_from_the_files(
         tmp_path, orthanc, fhir_engine):
     files = _study_files()
@@ -64,9 +84,11 @@ def test_backfill_delivers_every_study_with_the_content_the_mapping_gives_from_t
     result = _sync(tmp_path, orthanc, "--fhir-url", fhir_engine.base_url)
     assert result.returncode == 0, result.stderr[-3000:]
 
+    node = _node_outputs(tmp_path, files, len(study_uids))
     converted = _convert(tmp_path, files)
     for uid in study_uids:
         ours = json.loads((tmp_path / "out" / f"{uid}.json").read_text())
+        assert ours == node.output_of(uid), uid
         assert ours == json.loads((converted / f"{uid}.json").read_text()), uid
     in_fhir = {i["value"].removeprefix("urn:oid:") for s in fhir_engine.resources("ImagingStudy")
                for i in s["identifier"] if i.get("system") == "urn:dicom:uid"}

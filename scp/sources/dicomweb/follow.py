@@ -6,9 +6,12 @@ Two change sources:
   StableAge: no new instance for that long, the node's idle rule) delivers the study
   (fetched again in full and merged, so an instance added later arrives with the next
   StableStudy); `NewInstance` / `NewStudy` need nothing, a StableStudy follows them;
-  `Deleted` of a study or series is propagated (scp.sources.dicomweb.deletes). The feed
-  position (`since`) is in the checkpoint, taken before the backfill starts so nothing
-  that changes during it is missed.
+  a `Deleted` change of a study or series is propagated (scp.sources.dicomweb.deletes).
+  Orthanc 1.10 (Debian 12) records no `Deleted` change in /changes (it removes a deleted
+  resource's entries instead), so after each read of the feed the delivered studies and
+  series are also compared with Orthanc's complete /studies and /series ID lists
+  (reconcile_orthanc). The feed position (`since`) is in the checkpoint, taken before the
+  backfill starts so nothing that changes during it is missed.
 - Generic polling: the last sync.recent_days of StudyDate are listed every
   sync.poll_interval; a study whose series / instance count changed is delivered once the
   count stayed the same for sync.stable_age; a study gone from a window that was fully
