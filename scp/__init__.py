@@ -16,6 +16,8 @@ checks it):
     scp.receive              the DICOM side: access policy, TLS, handlers, status table, and
                              scp.receive.transport, the one module that touches pynetdicom internals
     scp.sources              instances from a folder of files (`convert`)
+    scp.sources.dicomweb     studies pulled from a DICOMweb server (`sync`): client, windows,
+                             checkpoint, backfill, follow, deletes
     scp.node                 the node assembled
     scp.commands, scp.cli    the command line
 

@@ -21,6 +21,7 @@ COMMANDS = {
     "convert": "convert a folder of DICOM files to FHIR (no network)",
     "retry": "send dead-lettered studies again",
     "status": "show studies waiting in the spool, dead-lettered and recently delivered",
+    "sync": "pull studies from a DICOMweb server into FHIR (backfill, --follow)",
 }
 
 log = logging.getLogger("scp.cli")

@@ -228,6 +228,79 @@ class SenderConfig:
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
+ON_DELETE = ("entered-in-error", "delete", "keep")  # sync.on_delete
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """[sync]: `dicom-fhir-scp sync` from a DICOMweb server (scp.sources.dicomweb)."""
+
+    dicomweb_url: str | None = None  # QIDO-RS / WADO-RS root, e.g. http://pacs:8042/dicom-web
+    auth: str = "none"  # as [fhir]: none, bearer, basic, oauth2 (client credentials)
+    token: str | None = None
+    username: str | None = None
+    password: str | None = None
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    scope: str | None = None
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    timeout: float = 60.0  # seconds per request, the whole reply included
+    max_response_bytes: int = 512 * 2**20  # a reply larger than this is an error, not a memory blow-up
+    since: str | None = None  # first StudyDate of the backfill (YYYYMMDD or YYYY-MM-DD); None: 19000101
+    until: str | None = None  # last StudyDate; None: today
+    window_days: int = 30  # QIDO-RS date window; a window that reaches page_size is split
+    page_size: int = 1000  # QIDO-RS limit per request
+    rate_limit: float = 0.0  # requests per second to the DICOMweb server, 0 = unlimited
+    parallel: int = 4  # studies fetched and delivered at once
+    retries: int = 5  # attempts per request when the server is down or answers 5xx/429
+    max_backoff: float = 60.0  # cap of the delay between those attempts, seconds
+    follow: bool = False  # after the backfill keep running and pick up new, changed and deleted studies
+    orthanc_url: str | None = None  # Orthanc's REST root: follow its /changes feed instead of polling
+    poll_interval: float = 60.0  # seconds between two polls (or /changes reads)
+    recent_days: int = 2  # polling re-queries StudyDate windows of this many days back from today
+    stable_age: float = 30.0  # polling: a changed study is delivered after this many seconds unchanged
+    on_delete: str = "entered-in-error"  # a study deleted on the source: entered-in-error, delete or keep
+
+    def __post_init__(self) -> None:
+        _check(self.auth in AUTH_MODES, "sync.auth", f"one of {AUTH_MODES}", self.auth)
+        for name in ("dicomweb_url", "orthanc_url"):
+            url = getattr(self, name)
+            if url is not None:
+                _check(url.startswith(("http://", "https://")), f"sync.{name}", "an http(s) URL", url)
+        required = {"bearer": ("token",), "basic": ("username", "password"),
+                    "oauth2": ("token_url", "client_id", "client_secret")}.get(self.auth, ())
+        for name in required:
+            if self.dicomweb_url is not None and not getattr(self, name):
+                raise ConfigurationError(f"sync.{name}: required when sync.auth = {self.auth!r} "
+                                         f"(set it, or sync.{name}_env naming an environment variable)")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(re.fullmatch(r"\d{4}-?\d{2}-?\d{2}", value) is not None, f"sync.{name}",
+                       "a date YYYYMMDD or YYYY-MM-DD", value)
+        _check(self.timeout > 0, "sync.timeout", "a positive number of seconds", self.timeout)
+        _check(self.max_response_bytes >= 4096, "sync.max_response_bytes", "at least 4096 bytes",
+               self.max_response_bytes)
+        _check(self.window_days >= 1, "sync.window_days", "at least 1 day", self.window_days)
+        _check(self.page_size >= 2, "sync.page_size", "at least 2", self.page_size)
+        _check(self.rate_limit >= 0, "sync.rate_limit", "requests per second >= 0 (0 = unlimited)", self.rate_limit)
+        _check(1 <= self.parallel <= 64, "sync.parallel", "1 to 64", self.parallel)
+        _check(self.retries >= 1, "sync.retries", "at least 1", self.retries)
+        _check(self.max_backoff > 0, "sync.max_backoff", "a positive number of seconds", self.max_backoff)
+        _check(self.poll_interval > 0, "sync.poll_interval", "a positive number of seconds", self.poll_interval)
+        _check(self.recent_days >= 1, "sync.recent_days", "at least 1 day", self.recent_days)
+        _check(self.stable_age >= 0, "sync.stable_age", "a number of seconds >= 0", self.stable_age)
+        _check(self.on_delete in ON_DELETE, "sync.on_delete", f"one of {ON_DELETE}", self.on_delete)
+
+    def __repr__(self) -> str:  # never print secrets
+        hidden = {"token", "password", "client_secret"}
+        parts = ", ".join(f"{f.name}={'***' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
+                          for f in fields(self))
+        return f"SyncConfig({parts})"
+
+
 @dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
@@ -239,6 +312,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     senders: tuple[SenderConfig, ...] = ()  # [[senders]], first match wins
     destinations: Mapping[str, FhirConfig] = field(default_factory=dict)  # [fhir.destinations.NAME]
+    sync: SyncConfig = field(default_factory=SyncConfig)  # [sync]: the `sync` command
 
     def destination_names(self) -> tuple[str, ...]:
         """Every destination a sender may name: "disk" (node.output_dir), "fhir" ([fhir] url), the named ones."""
@@ -250,7 +324,8 @@ class Config:
 DESTINATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _SECTIONS = {"node": NodeConfig, "mapping": MappingOptions, "fhir": FhirConfig,
              "security": SecurityConfig, "operations": OperationsConfig, "hooks": HooksConfig,
-             "logging": LoggingConfig}
+             "logging": LoggingConfig,
+             "sync": SyncConfig}
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:

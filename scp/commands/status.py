@@ -49,11 +49,40 @@ def run(args: argparse.Namespace) -> int:
     config = override(load_config(args.config), "node",
                       spool_dir=args.spool_dir, dead_letter_dir=args.dead_letter_dir)
     report = build_report(config.node.spool_dir, config.node.dead_letter_dir, now=time.time(), recent=args.recent)
+    syncs = sync_status(config.node.spool_dir, time.time())
     if args.json:
-        sys.stdout.write(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.write(json.dumps({**report.to_json(), **({"sync": syncs} if syncs else {})},
+                                    indent=2, ensure_ascii=False) + "\n")
     else:
-        sys.stdout.write("\n".join(format_report(report)) + "\n")
+        sys.stdout.write("\n".join(format_report(report) + format_sync(syncs)) + "\n")
     return 0
+
+
+def sync_status(spool_dir: Path, now: float) -> list[dict]:
+    """Each `sync` checkpoint in the spool: its source, progress and lag (seconds since its last change
+    or, before any, since the checkpoint was written)."""
+    from scp.sources.dicomweb.checkpoint import all_checkpoints
+
+    result = []
+    for state in all_checkpoints(spool_dir):
+        newest = state.last_change or state.updated
+        result.append({"source": state.source, "windows_done": len(state.windows_done),
+                       "undated_done": state.undated_done, "studies": len(state.studies),
+                       "failed": sorted(state.failed), "backfill_finished": state.backfill_finished,
+                       "changes_since": state.changes_since, "updated": state.updated,
+                       "lag_seconds": None if newest is None else round(max(now - newest, 0.0), 1)})
+    return result
+
+
+def format_sync(syncs: list[dict]) -> list[str]:
+    lines = []
+    for s in syncs:
+        done = "backfill finished" if s["backfill_finished"] else "backfill in progress"
+        lines.append(f"sync from {s['source']}: {done}, {s['windows_done']} window(s) done, "
+                     f"{s['studies']} study(ies) delivered, {len(s['failed'])} failed"
+                     + (f", Orthanc /changes at {s['changes_since']}" if s["changes_since"] is not None else "")
+                     + (f", last change {s['lag_seconds']:.0f} s ago" if s["lag_seconds"] is not None else ""))
+    return lines
 
 
 def _count(text: str) -> int:
