@@ -32,6 +32,9 @@ from scp.store.spool import FileSpool, SpoolBusyError, SpoolLock, list_quarantin
 from tests.clocks import wait_for
 from tests.scp_node import instance_uids
 
+# One test starts a child process (a PID that is not running any more).
+pytestmark = pytest.mark.interop
+
 STUDY = "1.2.3.4"
 
 

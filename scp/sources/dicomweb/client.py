@@ -25,6 +25,7 @@ from scp.config import FhirConfig, SyncConfig
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.sinks.fhir.auth import Auth, build_auth
 from scp.sinks.fhir.client import display_url, is_retryable_status
+from scp.web import DeadlineExceeded, Limits, OffBase, TooLarge, WebError, fetch
 
 log = logging.getLogger("scp.sources.dicomweb.client")
 
@@ -132,36 +133,39 @@ class DicomWebClient:
         raise SourceUnavailable(f"{what}: {problem} ({self.sync.retries} attempts)")
 
     def _fetch(self, url: str, params: Mapping[str, str] | None) -> tuple[int, bytes]:
-        """One GET: (status, body). The only network call; SourceUnavailable for no answer."""
+        """One GET: (status, body). The only network call; SourceUnavailable for no answer.
+
+        Through scp.web, with the FHIR client's rules: sync.timeout bounds the whole request
+        (a server dripping bytes is cut off), the body is capped at sync.max_response_bytes,
+        and a redirect is followed only within the DICOMweb root."""
         self.limiter.wait()
         headers = {"Accept": f"{DICOM_JSON}, application/json"}
         authorization = self.auth.header()
         if authorization:
             headers["Authorization"] = authorization
-        limit = self.sync.max_response_bytes
+        limits = Limits(read_timeout=self.sync.timeout, deadline=self.sync.timeout,
+                        max_bytes=self.sync.max_response_bytes)
         try:
-            with self._session().get(url, params=params, headers=headers, timeout=self.sync.timeout,
-                                     verify=self._verify, allow_redirects=False, stream=True) as response:
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > limit:
-                    raise SourceRefused(f"GET {display_url(url)}: reply of {declared} bytes is larger than "
-                                        f"sync.max_response_bytes ({limit})")
-                chunks, size = [], 0
-                for chunk in response.iter_content(64 * 1024):
-                    size += len(chunk)
-                    if size > limit:
-                        raise SourceRefused(f"GET {display_url(url)}: reply larger than sync.max_response_bytes "
-                                            f"({limit})")
-                    chunks.append(chunk)
-                status = response.status_code
+            answer = fetch(self._session(), "GET", url, base=self.base, limits=limits, params=params,
+                           headers=headers, verify=self._verify)
+        except TooLarge as exc:
+            raise SourceRefused(f"GET {display_url(url)}: reply larger than sync.max_response_bytes "
+                                f"({limits.max_bytes}): {exc}") from None
+        except OffBase as exc:
+            raise SourceRefused(f"configuration error: the DICOMweb server's {exc}; set the URL to the "
+                                f"server's real root") from None
+        except DeadlineExceeded:
+            raise SourceUnavailable(f"no whole answer within {self.sync.timeout:g} s (sync.timeout)") from None
+        except WebError as exc:
+            raise SourceRefused(f"GET {display_url(url)}: {exc}") from None
         except requests.Timeout:
             raise SourceUnavailable(f"no answer within {self.sync.timeout:g} s") from None
         except requests.RequestException as exc:
             raise SourceUnavailable(f"unreachable ({type(exc).__name__})") from None
         with self._stats_lock:
             self.stats.requests += 1
-            self.stats.bytes_received += size
-        return status, b"".join(chunks)
+            self.stats.bytes_received += len(answer.content)
+        return answer.status, answer.content
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
