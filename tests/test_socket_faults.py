@@ -24,6 +24,7 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
+from scp.store.layout import LOCK
 from tests.clocks import wait_for
 from tests.dicom_wire import WireClient, associate_rq, command_set, p_data
 from tests.dicomgen import generate_study, template_dataset
@@ -56,8 +57,9 @@ def rss_peak_mb(node: NodeProcess) -> float:
 
 
 def spool_leftovers(node: NodeProcess) -> list[str]:
-    """Everything in the spool but the delivery journal."""
-    return sorted(str(p.relative_to(node.spool)) for p in node.spool.rglob("*") if p.name != "deliveries.jsonl")
+    """Everything in the spool but the delivery journal and the running node's lock file."""
+    return sorted(str(p.relative_to(node.spool)) for p in node.spool.rglob("*")
+                  if p.name not in ("deliveries.jsonl", LOCK))
 
 
 def new_warnings(node: NodeProcess, offset: int) -> list[str]:
