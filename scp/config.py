@@ -40,6 +40,7 @@ class NodeConfig:
     shape: str = "bundle"
     max_pdu: int = 0  # 0 = unlimited, as pynetdicom
     journal_max_bytes: int = 10 * 1024 * 1024  # deliveries.jsonl is rotated to deliveries.jsonl.1 beyond this
+    max_header_bytes: int = 16 * 2**20  # largest header (before pixel data, inflated) of an instance; 0xC000 beyond
 
     def __post_init__(self) -> None:
         _check(0 < len(self.ae_title.strip()) <= 16, "node.ae_title", "1 to 16 characters", self.ae_title)
@@ -49,6 +50,8 @@ class NodeConfig:
         _check(self.max_pdu >= 0, "node.max_pdu", "0 or a positive size", self.max_pdu)
         _check(self.journal_max_bytes >= 4096, "node.journal_max_bytes", "at least 4096 bytes",
                self.journal_max_bytes)
+        _check(self.max_header_bytes >= 65536, "node.max_header_bytes", "at least 65536 bytes",
+               self.max_header_bytes)
 
 
 @dataclass(frozen=True)
