@@ -199,3 +199,10 @@ def test_peak_rss_receiving_four_500_mb_instances_at_once_stays_under_400_mb(tmp
         assert rss_mb(node.process.pid) < 400
     finally:
         node.stop()
+
+
+def test_max_header_bytes_below_64_kib_is_a_configuration_error():
+    from mapping.errors import ConfigurationError
+    from scp.config import NodeConfig
+    with pytest.raises(ConfigurationError, match="node.max_header_bytes"):
+        NodeConfig(max_header_bytes=1000)

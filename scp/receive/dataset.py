@@ -297,6 +297,10 @@ def clear_incoming(folder: Path) -> int:
         if name.endswith(".tmp"):
             (folder / name).unlink(missing_ok=True)
             removed += 1
+    try:
+        folder.rmdir()  # made again by the next large data set; gone, the spool looks as the node left it
+    except OSError:
+        pass
     return removed
 
 
