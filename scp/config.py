@@ -38,7 +38,7 @@ class NodeConfig:
     idle_timeout: float = 30.0
     accept_unknown_sop_classes: bool = False
     shape: str = "bundle"
-    max_pdu: int = 0  # 0 = unlimited, as pynetdicom
+    max_pdu: int = 2**20  # a PDU is held whole in memory: 0 (unlimited) lets a sender send its instance as one
     journal_max_bytes: int = 10 * 1024 * 1024  # deliveries.jsonl is rotated to deliveries.jsonl.1 beyond this
     max_header_bytes: int = 16 * 2**20  # largest header (before pixel data, inflated) of an instance; 0xC000 beyond
 

@@ -206,3 +206,21 @@ def test_max_header_bytes_below_64_kib_is_a_configuration_error():
     from scp.config import NodeConfig
     with pytest.raises(ConfigurationError, match="node.max_header_bytes"):
         NodeConfig(max_header_bytes=1000)
+
+
+def test_peak_rss_receiving_a_large_instance_from_pynetdicom_stays_bounded(tmp_path, monkeypatch):
+    # pynetdicom sends a data set in PDUs as large as the receiver allows: with no limit, one PDU of the
+    # whole instance, held in memory before any of it reaches the disk. node.max_pdu's default bounds it.
+    from pynetdicom import _config as pynetdicom_config
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)  # the sender's memory, not ours
+    source = tmp_path / "big.dcm"
+    ds = large_instance(source, 300 << 20)
+    node = NodeProcess(tmp_path / "n").start()
+    try:
+        assoc = associate(node.port)
+        assert assoc.send_c_store(source).Status == 0x0000
+        assoc.release()
+        node.wait_for_deliveries(ds.StudyInstanceUID)
+        assert rss_mb(node.process.pid) < 200
+    finally:
+        node.stop()
