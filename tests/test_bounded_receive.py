@@ -20,7 +20,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from scp.receive.dataset import BadInstance, inflate_header, parse_received
+from scp.receive.dataset import SPILL_THRESHOLD, BadInstance, inflate_header, parse_received
 from scp.receive.status import CANNOT_UNDERSTAND, INVALID_SOP_INSTANCE
 from tests.bigfiles import large_instance, rss_mb
 from tests.conftest import require_tool
@@ -222,5 +222,48 @@ def test_peak_rss_receiving_a_large_instance_from_pynetdicom_stays_bounded(tmp_p
         assoc.release()
         node.wait_for_deliveries(ds.StudyInstanceUID)
         assert rss_mb(node.process.pid) < 200
+    finally:
+        node.stop()
+
+
+def test_a_large_deflated_instance_is_read_from_its_file_and_accepted(tmp_path):
+    # More than SPILL_THRESHOLD on the wire (incompressible pixel values): inflated from the temporary file.
+    ds = template_dataset()
+    for tag in [tag for tag in ds.keys() if tag >= 0x7FE00000]:
+        del ds[tag]
+    ds.StudyInstanceUID, ds.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    pixels = os.urandom(4 << 20)
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = (compressor.compress(encode(ds) + b"\xe0\x7f\x10\x00OW\x00\x00" + len(pixels).to_bytes(4, "little")
+                                    + pixels) + compressor.flush())
+    assert len(deflated) > SPILL_THRESHOLD
+    node = NodeProcess(tmp_path / "n").start()
+    try:
+        client = WireClient.connect(node.port, timeout=30)
+        assert client.associate(transfer_syntax=DEFLATED) == "accepted"
+        assert client.c_store(deflated, sop_uid=ds.SOPInstanceUID) == 0x0000
+        client.release()
+        node.wait_for_deliveries(ds.StudyInstanceUID)
+        assert instance_uids(node.output_of(ds.StudyInstanceUID)) == {ds.SOPInstanceUID}
+    finally:
+        node.stop()
+
+
+def test_a_large_instance_cut_short_in_its_pixel_data_is_refused_and_leaves_no_file(tmp_path):
+    ds = template_dataset()
+    for tag in [tag for tag in ds.keys() if tag >= 0x7FE00000]:
+        del ds[tag]
+    ds.StudyInstanceUID, ds.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    cut = encode(ds) + b"\xe0\x7f\x10\x00OW\x00\x00" + (8 << 20).to_bytes(4, "little") + bytes(4 << 20)
+    node = NodeProcess(tmp_path / "n").start()
+    try:
+        client = WireClient.connect(node.port, timeout=30)
+        assert client.associate() == "accepted"
+        assert client.c_store(cut, sop_uid=ds.SOPInstanceUID) == CANNOT_UNDERSTAND
+        assert client.c_echo() == 0x0000
+        client.release()
+        assert not node.spooled(ds.StudyInstanceUID)
+        assert not list((node.spool / ".incoming").iterdir())
+        assert "unexpected error" not in node.log()
     finally:
         node.stop()
