@@ -267,3 +267,14 @@ def test_a_large_instance_cut_short_in_its_pixel_data_is_refused_and_leaves_no_f
         assert "unexpected error" not in node.log()
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("kind", ["file", "memory"])
+def test_store_file_moves_a_whole_instance_file_in(tmp_path, kind):
+    from scp.store.spool import FileSpool, MemorySpool
+    spool = FileSpool(tmp_path / "archive") if kind == "file" else MemorySpool()
+    received = tmp_path / "received.tmp"
+    received.write_bytes(b"whole instance")
+    spool.store_file("1.2.3", "1.2.3.4", received)
+    assert not received.exists()
+    assert [i.data for i in spool.read("1.2.3", ["1.2.3.4"])] == [b"whole instance"]
