@@ -38,9 +38,10 @@ class NodeConfig:
     idle_timeout: float = 30.0
     accept_unknown_sop_classes: bool = False
     shape: str = "bundle"
-    max_pdu: int = 0  # 0 = unlimited, as pynetdicom
+    max_pdu: int = 2**20  # a PDU is held whole in memory: 0 (unlimited) lets a sender send its instance as one
     journal_max_bytes: int = 10 * 1024 * 1024  # deliveries.jsonl is rotated to deliveries.jsonl.1 beyond this
     delivery_workers: int = 4  # studies delivered at once (a slow destination holds up only its own)
+    max_header_bytes: int = 16 * 2**20  # largest header (before pixel data, inflated) of an instance; 0xC000 beyond
 
     def __post_init__(self) -> None:
         _check(0 < len(self.ae_title.strip()) <= 16, "node.ae_title", "1 to 16 characters", self.ae_title)
@@ -52,6 +53,8 @@ class NodeConfig:
                self.delivery_workers)
         _check(self.journal_max_bytes >= 4096, "node.journal_max_bytes", "at least 4096 bytes",
                self.journal_max_bytes)
+        _check(self.max_header_bytes >= 65536, "node.max_header_bytes", "at least 65536 bytes",
+               self.max_header_bytes)
 
 
 @dataclass(frozen=True)

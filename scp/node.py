@@ -87,7 +87,11 @@ class Node:
                                        metrics=metrics,
                                        on_delivered=self._delivered if self.hooks is not None else None,
                                        route=study_route(config), workers=node.delivery_workers)
-        self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics)
+        # Large data sets arrive into a hidden folder on the file system they end on: the archive's
+        # (it takes them by rename), else the spool's.
+        incoming = (node.archive_dir if node.archive_dir is not None else node.spool_dir) / ".incoming"
+        self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics,
+                                    incoming=incoming, max_header=node.max_header_bytes)
         self.server = StorageServer(node, config.security, self.handler, SenderTable.from_config(config))
         self.readiness = Readiness(self._readiness_checks(clock))
         if metrics is not None:  # read at scrape time, never on the C-STORE path
@@ -145,6 +149,7 @@ class Node:
 
     def start(self) -> tuple[str, int]:
         self.spool.recover()
+        self.handler.recover()
         waiting = self.spool.studies()
         if waiting:
             log.info("resuming %d study(ies) found in the spool (%d instance(s)); they complete in %g s",

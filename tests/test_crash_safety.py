@@ -31,7 +31,9 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from pynetdicom import _config as pynetdicom_config
 
 from scp.store.layout import LOCK
+from tests.bigfiles import large_instance
 from tests.clocks import wait_for
+from tests.conftest import require_tool
 from tests.dicomgen import GeneratedStudy, generate_study
 from tests.fhir_engine import FhirEngine, fhir_engine, fhir_engine_process  # noqa: F401
 from tests.scp_node import NodeProcess, instance_uids
@@ -246,5 +248,37 @@ def test_temporary_files_a_killed_node_left_behind_are_cleared_at_the_next_start
         wait_for(lambda: not [p for p in node.spool.iterdir() if p.is_dir()], 10,
                  f"the spool to empty; it holds {sorted(str(p.relative_to(node.spool)) for p in node.spool.rglob('*'))}")
         assert temporary_files(node.output) == []
+    finally:
+        node.stop()
+
+
+def test_sigkill_during_a_chunked_receive_loses_nothing_acknowledged_and_leaves_no_partial_file(
+        tmp_path, chunked_sending):
+    # A large data set goes to a temporary file in <spool>/.incoming as it arrives (scp.receive.dataset):
+    # killed half-way, the node must not keep any of it, and lose none of what it acknowledged before.
+    study = generate_study(tmp_path / "study", 5, 1)
+    big = tmp_path / "big.dcm"
+    large = large_instance(big, 1 << 30, study_uid=study.study_uid)
+    node = NodeProcess(tmp_path / "node", idle_timeout=600).start()
+    sender = StreamingSender(node.port, study).start()
+    sender.join()
+    assert len(sender.acknowledged) == 5, (sender.error, sender.failed)
+    incoming = node.spool / ".incoming"
+    storescu = subprocess.Popen([require_tool("storescu"), "-aec", "FHIRSCP", "127.0.0.1", str(node.port), str(big)],
+                                env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(p.stat().st_size > 50 << 20 for p in incoming.glob("*.tmp")), 60,
+                 "a partly received data set in the spool's .incoming folder")
+        sigkill(node)
+    finally:
+        storescu.wait(30)
+    assert large.SOPInstanceUID not in node.spooled(study.study_uid)
+
+    node.start(idle_timeout=IDLE_TIMEOUT)
+    try:
+        node.wait_for_deliveries(study.study_uid)
+        assert delivered(node, study.study_uid) == set(study.sop_uids)
+        assert temporary_files(node.spool) == []
     finally:
         node.stop()

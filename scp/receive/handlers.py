@@ -5,23 +5,31 @@ The C-STORE handler always returns a status from scp.receive.status, never raise
 whose header is durable in the spool: the fsync runs while pynetdicom encodes the
 response, and the connection's response gate (scp.receive.transport) holds the
 response until it is done.
+
+Data sets arrive into an IncomingDataSet (scp.receive.dataset): small ones in memory,
+large ones in a temporary file in `incoming` (a hidden folder of the archive, or of the
+spool without one), so memory does not grow with instance size. The header is read from
+that file; the archive takes the file by rename.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from scp.ops.metrics import Metrics, SenderMetrics
 from scp.receive import transport
-from scp.receive.dataset import BadInstance, full_file, header_file, parse_received
+from scp.receive.dataset import (MAX_HEADER, SPILL_THRESHOLD, BadInstance, IncomingDataSet, clear_incoming, full_file,
+                                 header_file, parse_received)
 from scp.logs import dimse_status
-from scp.receive.status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
-from scp.store.part10 import presentation_address
+from scp.receive.status import INVALID_SOP_INSTANCE, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
+from scp.store.part10 import file_meta, presentation_address
 from scp.store.spool import Spool
 
 log = logging.getLogger("scp.receive.handlers")
@@ -48,9 +56,15 @@ class StoreHandler:
     """
 
     def __init__(self, spool: Spool, on_stored: OnStored, *, archive: Spool | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, incoming: Path | None = None, max_header: int = MAX_HEADER,
+                 spill_threshold: int = SPILL_THRESHOLD) -> None:
+        """incoming: the folder of data sets being received (None: in memory, as pynetdicom does; for
+        tests of the layers above); max_header: node.max_header_bytes."""
         self.spool = spool
         self.archive = archive
+        self.incoming = incoming
+        self.max_header = max_header
+        self.spill_threshold = spill_threshold
         self.on_stored = on_stored
         self.metrics = metrics
         self._stats: dict[int, _AssociationStats] = {}
@@ -88,14 +102,41 @@ class StoreHandler:
 
     def _store(self, event) -> int:
         request = event.request
-        command_sop = str(request.AffectedSOPInstanceUID or "?")
-        stream = request.DataSet
-        if stream is None:
-            return self._fail(event, command_sop, BadInstance(0xA900, "no data set"))
-        view = stream.getbuffer()  # no copy of the (possibly large) data set
+        command_sop = str(request.AffectedSOPInstanceUID or "").strip("\x00 ")
+        incoming = transport.received_data_set(event)
+        try:
+            if not command_sop:
+                return self._fail(event, "?", BadInstance(INVALID_SOP_INSTANCE,
+                                                          "the request's Affected SOP Instance UID is empty"))
+            if incoming is None:
+                stream = request.DataSet
+                if stream is None:
+                    return self._fail(event, command_sop, BadInstance(0xA900, "no data set"))
+                return self._spool(event, command_sop, stream.getbuffer(), None)  # no copy of the data set
+            if incoming.error is not None:
+                log.error("C-STORE from %s: instance %s not stored: its data set could not be written to %s: %s "
+                          "(answered 0x%04X out of resources)", calling_aet(event), command_sop, incoming.folder,
+                          incoming.error, OUT_OF_RESOURCES,
+                          extra=log_fields(event, instance_uid=command_sop, status=dimse_status(OUT_OF_RESOURCES),
+                                           exc_type=type(incoming.error).__name__))
+                return OUT_OF_RESOURCES
+            if not incoming.spilled:
+                assert incoming.buffer is not None
+                return self._spool(event, command_sop, memoryview(incoming.buffer), incoming)
+            mapped, view = incoming.map()
+            try:
+                return self._spool(event, command_sop, view, incoming)
+            finally:
+                mapped.close()  # _spool released the view
+        finally:
+            if incoming is not None:
+                incoming.discard()
+
+    def _spool(self, event, command_sop: str, view: memoryview, incoming: IncomingDataSet | None) -> int:
+        """Parse, archive and spool one data set (view: its bytes; released here)."""
         try:
             try:
-                instance = parse_received(view, str(event.context.transfer_syntax))
+                instance = parse_received(view, str(event.context.transfer_syntax), self.max_header)
             except BadInstance as exc:
                 return self._fail(event, command_sop, exc)
             stats = self._stats.get(id(event.assoc))  # who is known once per association, not per instance
@@ -105,7 +146,7 @@ class StoreHandler:
                 calling, address = calling_aet(event), source_address(event)
             try:
                 if self.archive is not None:
-                    self.archive.store(instance.study_uid, instance.sop_uid, full_file(instance, calling, address))
+                    self._archive(instance, incoming, calling, address)
                 make_durable = self.spool.store_deferred(instance.study_uid, instance.sop_uid,
                                                          header_file(instance, calling, address))
             except OSError as exc:
@@ -136,6 +177,48 @@ class StoreHandler:
                       extra=log_fields(event, study_uid=study_uid, instance_uid=sop_uid, status=dimse_status(SUCCESS)))
         return SUCCESS
 
+    def _archive(self, instance, incoming: IncomingDataSet | None, calling: str, address: str) -> None:
+        """Keep the full instance: a spilled data set by renaming its file (it starts with the file meta
+        built from the command; when the data set's own UIDs differ it is copied in pieces instead)."""
+        assert self.archive is not None
+        if incoming is not None and incoming.spilled:
+            meta = file_meta(instance.sop_class_uid, instance.sop_uid, instance.transfer_syntax, calling, address)
+            if meta == incoming.prefix:
+                assert incoming.path is not None
+                incoming.make_durable()
+                self.archive.store_file(instance.study_uid, instance.sop_uid, incoming.path)
+                incoming.detach()
+                return
+            self.archive.store(instance.study_uid, instance.sop_uid, [meta, *incoming.chunks()])
+            return
+        self.archive.store(instance.study_uid, instance.sop_uid, full_file(instance, calling, address))
+
+    def _open_incoming(self, assoc_id: int, sop_class: str, sop_uid: str, syntax: str) -> IncomingDataSet:
+        """The writer of one arriving data set (called by pynetdicom's reader thread, scp.receive.transport)."""
+        assert self.incoming is not None
+        stats = self._stats.get(assoc_id)
+        calling, address = (stats.calling_aet or "?", stats.source) if stats is not None else ("?", "")
+        meta = functools.partial(file_meta, sop_class, sop_uid, syntax, calling, address)
+        return IncomingDataSet(self.incoming, meta, self.spill_threshold)
+
+    def _without_instance_uid(self, event, request) -> None:
+        stats = self._stats.get(id(event.assoc))
+        if stats is not None:
+            stats.failed += 1
+        log.warning("C-STORE from %s: an instance refused with 0x%04X: the request's Affected SOP Instance UID is "
+                    "empty or missing", calling_aet(event), INVALID_SOP_INSTANCE,
+                    extra=log_fields(event, status=dimse_status(INVALID_SOP_INSTANCE)))
+
+    def recover(self) -> int:
+        """At start: remove the data set files a killed node was receiving (none was acknowledged)."""
+        if self.incoming is None:
+            return 0
+        removed = clear_incoming(self.incoming)
+        if removed:
+            log.info("removed %d incomplete received data set(s) left by an interrupted node in %s (none was "
+                     "acknowledged)", removed, self.incoming)
+        return removed
+
     def _fail(self, event, sop_uid: str, exc: BadInstance) -> int:
         log.warning("C-STORE from %s: instance %s refused with 0x%04X: %s", calling_aet(event), sop_uid,
                     exc.status, exc.problem, extra=log_fields(event, instance_uid=sop_uid, status=dimse_status(exc.status)))
@@ -159,6 +242,11 @@ class StoreHandler:
         gate = transport.tune(event)
         if gate is not None:
             self._gates[id(event.assoc)] = gate
+        transport.answer_stores_without_instance_uid(event, INVALID_SOP_INSTANCE,
+                                                     functools.partial(self._without_instance_uid, event))
+        if self.incoming is not None:
+            transport.receive_data_sets(event, functools.partial(self._open_incoming, id(event.assoc)),
+                                        str(self.incoming / ".never-created"))
 
     def closed(self, event) -> None:
         """EVT_CONN_CLOSE: finish the pending fsyncs, log what the association did."""
@@ -173,6 +261,9 @@ class StoreHandler:
                             "A-ASSOCIATE-RQ, or left before the answer", assoc.requestor.address,
                             assoc.requestor.port, extra={"peer": peer(event)})
             return
+        partial = transport.partial_data_set(assoc)
+        if partial is not None:
+            partial.discard()  # the part of a data set that arrived before the connection ended
         sop_uid = transport.instance_in_progress(assoc)
         if sop_uid is not None:
             log.warning("association from %s at %s: the connection ended in the middle of instance %s; "

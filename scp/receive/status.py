@@ -12,6 +12,7 @@ from types import MappingProxyType
 # C-STORE and C-ECHO response statuses (PS3.7 C.4 general statuses, PS3.4 Table B.2-1 Storage)
 SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110  # an unexpected error while storing (a bug: logged with its traceback)
+INVALID_SOP_INSTANCE = 0x0117  # the request's Affected SOP Instance UID is empty or missing
 OUT_OF_RESOURCES = 0xA700  # the spool (or archive) could not be written: disk full, I/O error
 DATA_SET_DOES_NOT_MATCH = 0xA900  # a required UID is missing, empty or not a valid UID
 CANNOT_UNDERSTAND = 0xC000  # the data set cannot be parsed (cut short, not DICOM, bad deflate)
@@ -19,11 +20,15 @@ CANNOT_UNDERSTAND = 0xC000  # the data set cannot be parsed (cut short, not DICO
 DIMSE_STATUSES = MappingProxyType({
     SUCCESS: ("Success", "the instance's header is on disk (fsync'ed) before this status is sent"),
     PROCESSING_FAILURE: ("Failure: Processing Failure", "unexpected error while storing; see the node's log"),
+    INVALID_SOP_INSTANCE: ("Failure: Invalid SOP Instance", "the C-STORE request's Affected SOP Instance UID is "
+                           "empty or missing"),
     OUT_OF_RESOURCES: ("Failure: Refused: Out of Resources", "the spool or archive could not be written"),
     DATA_SET_DOES_NOT_MATCH: ("Failure: Data Set Does Not Match SOP Class",
                               "StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID or SOPClassUID missing, "
                               "empty or not a valid UID"),
-    CANNOT_UNDERSTAND: ("Failure: Cannot Understand", "the data set cannot be parsed (cut short, not DICOM)"),
+    CANNOT_UNDERSTAND: ("Failure: Cannot Understand", "the data set cannot be parsed (cut short, not DICOM), "
+                                                       "or its header is larger than node.max_header_bytes "
+                                                       "(inflated, for a deflated data set)"),
 })
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4: result 1 rejected-permanent,

@@ -14,6 +14,13 @@ says what it relies on.
   length costs no memory).
 - The response gate holds an association's outgoing PDUs until the instances they
   acknowledge are durable, so the fsync overlaps the response's encoding.
+- C-STORE data sets are received into a writer of the node's own (scp.receive.dataset's
+  IncomingDataSet, spilling to disk past a threshold) instead of pynetdicom's in-memory
+  BytesIO: pynetdicom's DIMSE reassembly writes data set fragments to a message's
+  ``_data_set_file`` when it has one (its STORE_RECV_CHUNKED_DATASET path), so one is
+  attached to each C-STORE message as soon as its command set is decoded
+  (`receive_data_sets`). The global switch stays off: its NamedTemporaryFile lives in
+  /tmp (not the spool's file system) and is flushed per fragment.
 """
 
 from __future__ import annotations
@@ -22,10 +29,14 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 from pynetdicom import _config
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
 log = logging.getLogger("scp.receive.transport")
 
@@ -192,3 +203,111 @@ class QuickAckReader:
             received += count
             self.received += count
         return buffer
+
+
+# --- receiving data sets (the dataset-receiving side; the socket-read side is above) -----------
+
+Opener = Callable[[str, str, str], Any]  # (Affected SOP Class UID, Affected SOP Instance UID, transfer syntax) -> writer
+
+
+class _DataSetFile:
+    """What pynetdicom's reassembly and its Storage SCP use of a ``_data_set_file``: write,
+    file.flush, close and name (which it unlinks after the handler). The writer does the work;
+    the handler frees it (close and unlink here would be too late, or wrong after a rename)."""
+
+    def __init__(self, writer: Any, unused_name: str) -> None:
+        self.writer = writer
+        self.file = self
+        self.name = unused_name  # never created: pynetdicom's unlink of it is a no-op
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def flush(self) -> None:
+        pass  # a flush per fragment is a syscall per fragment for nothing: durability is fsync's
+
+    def close(self) -> None:
+        pass
+
+
+def receive_data_sets(event, opener: Opener, unused_name: str) -> None:
+    """EVT_CONN_OPEN: this association's C-STORE data sets go to opener(...)'s writer as they arrive.
+
+    Relies on: ``assoc.dimse.receive_primitive`` (called per P-DATA by the DUL state machine),
+    ``assoc.dimse.message`` (the message being reassembled; its class becomes C_STORE_RQ once its
+    command set is decoded), its ``_data_set_file`` and ``context_id``, ``assoc._accepted_cx``.
+    A P-DATA holding several PDVs is passed on one PDV at a time, so the writer is attached
+    between a command set's last fragment and the first fragment of its data set.
+    """
+    assoc = event.assoc
+    dimse = assoc.dimse
+    original = dimse.receive_primitive
+
+    def attach() -> None:
+        message = dimse.message
+        if type(message) is not C_STORE_RQ or message._data_set_file is not None:
+            return
+        command = message.command_set
+        try:
+            syntax = str(assoc._accepted_cx[message.context_id].transfer_syntax[0])
+        except (KeyError, IndexError, TypeError):
+            syntax = ""
+        writer = opener(str(getattr(command, "AffectedSOPClassUID", "") or ""),
+                        str(getattr(command, "AffectedSOPInstanceUID", "") or ""), syntax)
+        message._data_set_file = _DataSetFile(writer, unused_name)
+
+    def receive_primitive(primitive) -> None:
+        values = primitive.presentation_data_value_list
+        if len(values) <= 1:
+            original(primitive)
+            attach()
+            return
+        for value in values:
+            single = P_DATA()
+            single.presentation_data_value_list = [value]
+            original(single)
+            attach()
+
+    dimse.receive_primitive = receive_primitive
+
+
+def received_data_set(event) -> Any | None:
+    """The writer that received this C-STORE's data set (None: it arrived in pynetdicom's memory)."""
+    holder = getattr(event.request, "_dataset_file", None)
+    return getattr(holder, "writer", None)
+
+
+def partial_data_set(assoc) -> Any | None:
+    """The writer of a C-STORE cut off in its data set (the connection ended), else None."""
+    holder = getattr(getattr(assoc.dimse, "message", None), "_data_set_file", None)
+    return getattr(holder, "writer", None)
+
+
+def answer_stores_without_instance_uid(event, status: int, on_answered: Callable[[Any], None]) -> None:
+    """EVT_CONN_OPEN: a C-STORE request without an Affected SOP Instance UID (empty or missing) is answered
+    with `status` at once, and on_answered(request) told (to log it).
+
+    pynetdicom drops such a request as "unexpected" (is_valid_request is false) and sends nothing:
+    the sender waits for its DIMSE timeout and aborts. Relies on: ``assoc._serve_request`` (called
+    per request by the association's thread), ``assoc.dimse.send_msg``.
+    """
+    assoc = event.assoc
+    original = assoc._serve_request
+
+    def serve_request(msg, context_id: int) -> None:
+        if (isinstance(msg, C_STORE) and msg.MessageIDBeingRespondedTo is None and msg.MessageID is not None
+                and not str(msg.AffectedSOPInstanceUID or "").strip("\x00 ")):
+            holder = getattr(msg, "_dataset_file", None)
+            writer = getattr(holder, "writer", None)
+            if writer is not None:
+                writer.discard()
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = msg.MessageID
+            rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+            rsp.Status = status
+            on_answered(msg)
+            assoc.dimse.send_msg(rsp, context_id)
+            return
+        original(msg, context_id)
+
+    assoc._serve_request = serve_request

@@ -63,6 +63,9 @@ class Spool(Protocol):
     def store_deferred(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> MakeDurable:
         """Store now, durable once the returned function returned (it raises OSError when it fails)."""
 
+    def store_file(self, study_uid: str, sop_uid: str, path: Path) -> None:
+        """Move a whole instance file in (rename; the caller fsync'ed it), durably before returning."""
+
     def recover(self) -> int:
         """At start: drop what a killed node left half-written; returns how many."""
 
@@ -144,6 +147,28 @@ class FileSpool:
                 os.close(fd)
 
         return make_durable
+
+    def store_file(self, study_uid: str, sop_uid: str, path: Path) -> None:
+        """Rename a whole instance file (already fsync'ed, on this file system) into place; fsync the folder.
+
+        The archive takes a large received instance this way: no second copy of its bytes.
+        Raises ValueError for an unsafe UID, OSError when the rename fails (another file system:
+        the caller copies instead).
+        """
+        if not is_safe_uid(study_uid) or not is_safe_uid(sop_uid):
+            raise ValueError(f"not a valid UID for a spool file name: study {study_uid!r}, instance {sop_uid!r}")
+        folder = self.root / study_uid
+        for attempt in range(3):
+            try:
+                with self._lock:
+                    os.replace(path, folder / instance_file(sop_uid))
+                break
+            except FileNotFoundError:
+                if attempt == 2 or not path.exists():
+                    raise
+                folder.mkdir(parents=True, exist_ok=True)
+                fsync_folder(self.root)
+        fsync_folder(folder)
 
     def _open_temp(self, folder: Path, tmp: Path) -> int:
         for attempt in range(3):
@@ -511,6 +536,10 @@ class MemorySpool:
     def store_deferred(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes]) -> MakeDurable:
         self.store(study_uid, sop_uid, chunks)
         return lambda: None
+
+    def store_file(self, study_uid: str, sop_uid: str, path: Path) -> None:
+        self.store(study_uid, sop_uid, [path.read_bytes()])
+        path.unlink()
 
     def recover(self) -> int:
         return 0
