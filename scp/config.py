@@ -217,6 +217,17 @@ class SenderConfig:
 
 
 @dataclass(frozen=True)
+class ConvertConfig:
+    """`dicom-fhir-scp convert` (the node does not read this section)."""
+
+    jobs: int | None = None  # processes reading headers; None = one per CPU (--jobs)
+
+    def __post_init__(self) -> None:
+        _check(self.jobs is None or (not isinstance(self.jobs, bool) and self.jobs >= 1), "convert.jobs",
+               "a positive number of processes (1 = read in the command's own process)", self.jobs)
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     mapping: MappingOptions = field(default_factory=MappingOptions)
@@ -227,6 +238,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     senders: tuple[SenderConfig, ...] = ()  # [[senders]], first match wins
     destinations: Mapping[str, FhirConfig] = field(default_factory=dict)  # [fhir.destinations.NAME]
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
 
     def destination_names(self) -> tuple[str, ...]:
         """Every destination a sender may name: "disk" (node.output_dir), "fhir" ([fhir] url), the named ones."""
@@ -238,7 +250,8 @@ class Config:
 DESTINATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _SECTIONS = {"node": NodeConfig, "mapping": MappingOptions, "fhir": FhirConfig,
              "security": SecurityConfig, "operations": OperationsConfig, "hooks": HooksConfig,
-             "logging": LoggingConfig}
+             "logging": LoggingConfig,
+             "convert": ConvertConfig}
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
