@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from tests.clocks import wait_for
+from tests.conftest import REPO
 from tests.dicomgen import GeneratedStudy, generate_study
 from tests.fhir_engine import FhirEngine
 from tests.fhir_nodes import send
@@ -28,29 +29,18 @@ NODES = 3
 
 
 def haproxy_config(nodes: list[tuple[int, int]], stats_socket: Path) -> str:
-    """The configuration the README shows, with each node's DICOM port and ops port."""
-    servers = "\n".join(f"    server node{n} 127.0.0.1:{dicom} check port {ops}"
-                        for n, (dicom, ops) in enumerate(nodes))
-    return f"""global
-    stats socket {stats_socket} mode 600 level admin
+    """The README's configuration ("Running several nodes"), bound here, with these nodes' DICOM and ops ports.
 
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-
-frontend dicom
-    bind 127.0.0.1:{FRONT_PORT}
-    default_backend nodes
-
-backend nodes
-    balance roundrobin
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server inter 500ms fall 2 rise 1
-{servers}
-"""
+    Taken from the README itself, so the configuration shown there is the one tested.
+    """
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Running several nodes"):]
+    block = section[section.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    lines = [line for line in block.splitlines() if not line.strip().startswith("server ")]
+    config = "\n".join(line.replace("bind :104", f"bind 127.0.0.1:{FRONT_PORT}") for line in lines)
+    servers = "\n".join(f"    server node{n} 127.0.0.1:{dicom} check port {ops}" for n, (dicom, ops) in enumerate(nodes))
+    return f"global\n    stats socket {stats_socket} mode 600 level admin\n\n{config.rstrip()}\n{servers}\n"
 
 
 def servers(stats_socket: Path) -> dict[str, dict[str, str]]:

@@ -1,7 +1,8 @@
 """Several nodes behind HAProxy (Debian's package, TCP mode), one FHIR server as the single truth.
 
-Three nodes, each with its own spool and output, behind one HAProxy that balances
-associations round-robin and health-checks each node's /readyz on its operations port.
+Three nodes, each with its own spool and output, behind one HAProxy with the README's
+configuration: associations balanced by least connections (round-robin among equals), each
+node health-checked on /readyz on its operations port.
 One study is sent in six parts, six associations: its instances land on different nodes,
 each node delivers what it received, and the validating FHIR engine ends with one
 ImagingStudy holding every instance and one Patient (conditional create + If-Match).
@@ -48,7 +49,7 @@ def test_haproxy_health_checks_see_every_node_ready_on_its_ops_endpoint(report):
 
 def test_associations_of_one_study_land_on_different_nodes(report):
     received = report["received"]
-    assert all(received.values()), f"a node received nothing: {received}"  # round-robin: two parts each
+    assert all(received.values()), f"a node received nothing: {received}"  # six associations one after another: two per node
     every = [uid for uids in received.values() for uid in uids]
     assert sorted(every) == sorted(report["sop_uids"])  # each instance on exactly one node
 
