@@ -12,6 +12,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from scp.sources.folder import convert_files, list_files
+from tests.clocks import wait_for
 from tests.conftest import REPO
 from tests.dicomgen import generate_study
 
@@ -88,16 +89,23 @@ def test_jobs_from_the_config_file_and_the_environment(tmp_path):
     assert load_config(None, {}).convert.jobs is None  # one per CPU
 
 
+def children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:  # the process ended
+        return []
+
+
 def test_ctrl_c_stops_every_process_without_a_traceback(tmp_path):
-    generate_study(tmp_path / "in", 400, 2)
+    generate_study(tmp_path / "in", 2000, 2)  # long enough to be interrupted while reading
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # Its own process group, as a terminal's foreground job: Ctrl-C is SIGINT to the whole group.
     process = subprocess.Popen([sys.executable, "-m", "scp", "convert", str(tmp_path / "in"), "-o",
                                 str(tmp_path / "out"), "--jobs", "2", "-d"], cwd=REPO, env=env,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    for line in process.stderr:  # workers run once the first header's DEBUG lines come back
-        if "converting" in line:
-            break
+    # Interrupt while the workers run (they are the command's children), not before the pool exists.
+    wait_for(lambda: children(process.pid) or process.poll() is not None, 60, "the worker processes")
+    assert process.poll() is None, "the conversion ended before it could be interrupted"
     os.killpg(process.pid, signal.SIGINT)
     rest = process.stderr.read()
     assert process.wait(timeout=60) == 130
