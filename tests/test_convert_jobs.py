@@ -112,3 +112,20 @@ def test_ctrl_c_stops_every_process_without_a_traceback(tmp_path):
     assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
     with pytest.raises(ProcessLookupError):  # no worker is left in the group
         os.killpg(process.pid, 0)
+
+
+def test_a_killed_worker_ends_the_command_with_one_line_not_a_hang(tmp_path):
+    generate_study(tmp_path / "in", 2000, 2)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "scp", "convert", str(tmp_path / "in"), "-o",
+                                str(tmp_path / "out"), "--jobs", "2"], cwd=REPO, env=env,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    workers = wait_for(lambda: children(process.pid) or process.poll() is not None, 60, "the worker processes")
+    assert process.poll() is None, "the conversion ended before a worker could be killed"
+    os.kill(int(workers[0]), signal.SIGKILL)  # as the OOM killer would
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 2
+    errors = [line for line in stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "worker process reading headers ended abruptly" in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert not list((tmp_path / "out").glob("*.json"))  # nothing half-converted was written

@@ -3,7 +3,7 @@
 Only file paths go to the workers and only results come back: an InstanceHeader
 (about half a kilobyte pickled) or a SkippedFile, never a Dataset, so the parent's
 memory stays as flat as with one process. Results are taken in the files' order
-(Pool.imap), so the parent groups by study exactly as one process does and the
+(Executor.map), so the parent groups by study exactly as one process does and the
 output is the same byte for byte.
 
 The log lines a file causes in a worker (pydicom's warnings naming the file, DEBUG
@@ -13,8 +13,10 @@ order and their format are those of one process; a progress bar is never torn by
 worker writing to the terminal.
 
 Ctrl-C: the terminal sends SIGINT to the whole process group. Workers ignore it, the
-parent's KeyboardInterrupt ends the pool (terminate), so there is one clean exit and
-no traceback from a worker.
+parent's KeyboardInterrupt drops the chunks not started and leaves; each worker ends
+after the chunk it is reading, so there is one clean exit and no traceback from a worker.
+A worker that is killed (out of memory) ends the command with one line (WorkerDied,
+exit status 2), never a hang.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+from mapping.errors import DicomFhirError
 
 log = logging.getLogger("scp.sources.parallel")
 
@@ -38,6 +44,10 @@ MAX_CHUNK = 32
 # What one file gives: the reader's result (scp.sources.folder: an InstanceHeader or a
 # SkippedFile) and the log records reading it made.
 Outcome = tuple[Any, list[logging.LogRecord]]
+
+
+class WorkerDied(DicomFhirError):
+    """A worker process ended without returning its results (killed): the conversion cannot be complete."""
 
 
 def default_jobs() -> int:
@@ -61,19 +71,27 @@ def read_in_workers(files: Sequence[Path], jobs: int, read: Callable[[Path], Any
     file. The caller emits the records (emit_records), then handles the result.
     """
     workers = max(1, min(jobs, len(files)))
-    context = _context()
-    # Frozen objects are out of the collector's reach: a worker's collections would otherwise
-    # touch, and so copy, every page it inherited (measured: about 10% of a worker's time).
-    gc.freeze()
+    executor = ProcessPoolExecutor(workers, mp_context=_context(), initializer=_worker_start)
     try:
-        pool = context.Pool(workers, initializer=_worker_start)
-    finally:
-        gc.unfreeze()
-    with pool:
-        # terminate() on leaving the block, also on KeyboardInterrupt or an error: nothing
-        # is left running and no result is waited for.
-        for path, outcome in zip(files, pool.imap(_Reader(read), files, chunk_size(len(files), workers))):
+        # Frozen objects are out of the collector's reach: a worker's collections would otherwise
+        # touch, and so copy, every page it inherited (measured: about 10% of a worker's time).
+        # map() submits every chunk at once, which forks the workers.
+        gc.freeze()
+        try:
+            results = executor.map(_Reader(read), files, chunksize=chunk_size(len(files), workers))
+        finally:
+            gc.unfreeze()
+        for path, outcome in zip(files, results):
             yield path, outcome
+    except BrokenProcessPool:
+        # A worker was killed (the OOM killer, a signal): its files' results are lost. A pool
+        # that waited for them would hang; this ends the command with one line instead.
+        raise WorkerDied("convert: a worker process reading headers ended abruptly (killed, or out of "
+                         "memory?); nothing was written; run again, or with --jobs 1") from None
+    finally:
+        # On Ctrl-C or an error: drop the chunks not started; each worker ends after its
+        # current chunk (at most MAX_CHUNK headers), without a result being waited for.
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
 def emit_records(records: list[logging.LogRecord]) -> None:
