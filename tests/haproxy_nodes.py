@@ -92,10 +92,17 @@ def main(workdir: Path, parts: int, instances: int) -> dict:
             found = engine.resources("ImagingStudy")
             return len(found) >= 1 and sum(len(s.get("instance", [])) for s in found[0].get("series", [])) >= instances
         wait_for(complete, 60, "one ImagingStudy with every instance on the engine")
+
+        def received(node: NodeProcess) -> set[str]:
+            return node.spooled(study.study_uid) | _output_instances(node, study.study_uid)
+
+        def journaled() -> bool:  # a node writes its journal line just after the server took the study
+            return all(any(d["result"].startswith("delivered") and d["instances"] == len(received(node))
+                           for d in node.deliveries(study.study_uid)) for node in nodes)
+        wait_for(journaled, 30, "each node's journal line for what it delivered")
         return {
             "study_uid": study.study_uid, "sop_uids": study.sop_uids, "health": health,
-            "received": {f"node{n}": sorted(node.spooled(study.study_uid)
-                                            | _output_instances(node, study.study_uid)) for n, node in enumerate(nodes)},
+            "received": {f"node{n}": sorted(received(node)) for n, node in enumerate(nodes)},
             "delivered": {f"node{n}": node.deliveries(study.study_uid) for n, node in enumerate(nodes)},
             "imaging_studies": engine.resources("ImagingStudy"), "patients": engine.resources("Patient"),
         }
