@@ -305,6 +305,17 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class ConvertConfig:
+    """`dicom-fhir-scp convert` (the node does not read this section)."""
+
+    jobs: int | None = None  # processes reading headers; None = one per CPU (--jobs)
+
+    def __post_init__(self) -> None:
+        _check(self.jobs is None or (not isinstance(self.jobs, bool) and self.jobs >= 1), "convert.jobs",
+               "a positive number of processes (1 = read in the command's own process)", self.jobs)
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     mapping: MappingOptions = field(default_factory=MappingOptions)
@@ -316,6 +327,7 @@ class Config:
     senders: tuple[SenderConfig, ...] = ()  # [[senders]], first match wins
     destinations: Mapping[str, FhirConfig] = field(default_factory=dict)  # [fhir.destinations.NAME]
     sync: SyncConfig = field(default_factory=SyncConfig)  # [sync]: the `sync` command
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
 
     def destination_names(self) -> tuple[str, ...]:
         """Every destination a sender may name: "disk" (node.output_dir), "fhir" ([fhir] url), the named ones."""
@@ -328,7 +340,7 @@ DESTINATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _SECTIONS = {"node": NodeConfig, "mapping": MappingOptions, "fhir": FhirConfig,
              "security": SecurityConfig, "operations": OperationsConfig, "hooks": HooksConfig,
              "logging": LoggingConfig,
-             "sync": SyncConfig}
+             "sync": SyncConfig, "convert": ConvertConfig}
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:

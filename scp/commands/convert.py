@@ -19,6 +19,7 @@ examples:
   dicom-fhir-scp convert /media/cdrom ./fhir-output      # OUT as a second argument
   dicom-fhir-scp convert studies/ --shape contained --timezone Europe/Berlin
   dicom-fhir-scp convert /media/cdrom -o ./fhir-r5 --fhir-version R5
+  dicom-fhir-scp convert /media/cdrom -od ./fhir-output --jobs 1   # one process only
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bundle: a FHIR transaction Bundle (default, or node.shape from --config); "
                              "contained: one ImagingStudy with the Patient contained")
     parser.add_argument("-c", "--config", metavar="FILE", type=Path,
-                        help="TOML configuration; its [mapping] section applies")
+                        help="TOML configuration; its [mapping] and [convert] sections apply")
     parser.add_argument("--fhir-version", choices=("R4", "R5"), default=None,
                         help="FHIR release to write (default: R4, or fhir.version from --config)")
+    parser.add_argument("-j", "--jobs", metavar="N", type=int, default=None,
+                        help="processes reading the files' headers (default: convert.jobs from --config, "
+                             "else one per CPU; 1: no worker processes). The output is the same for any N")
     mapping = parser.add_argument_group("mapping options (override [mapping] from --config)")
     mapping.add_argument("--timezone", metavar="ZONE",
                          help="IANA time zone of DICOM times without TimezoneOffsetFromUTC, e.g. Europe/Berlin "
@@ -60,22 +64,25 @@ def run(args: argparse.Namespace) -> int:
     from mapping.errors import ConfigurationError
     from scp.config import load_config, override
     from scp.sources.folder import convert_files, list_files, write_studies
+    from scp.sources.parallel import default_jobs
     from scp.store.folders import ensure_folder
 
     config = load_config(args.config)
     config = override(config, "mapping", timezone=args.timezone, dicomweb_url=args.dicomweb_url,
                        patient_identifier_system=args.patient_identifier_system)
     config = override(config, "fhir", version=args.fhir_version)
+    config = override(config, "convert", jobs=args.jobs)
     shape = args.shape or config.node.shape
+    jobs = config.convert.jobs or default_jobs()
     output_dir = _output_dir(args)
     if not args.source.exists():
         raise ConfigurationError(f"convert: {args.source}: no such file or folder")
     ensure_folder(output_dir, "convert -od")
     files = list_files(args.source, exclude=output_dir)
-    log.info("converting %d file(s) under %s to %s (shape %s, FHIR %s)", len(files), args.source, output_dir, shape,
-             config.mapping.fhir_version)
+    log.info("converting %d file(s) under %s to %s (shape %s, FHIR %s, %d job(s))", len(files), args.source,
+             output_dir, shape, config.mapping.fhir_version, jobs)
     with _progress_bar(len(files)) as advance:
-        report = convert_files(files, config.mapping, progress=advance)
+        report = convert_files(files, config.mapping, progress=advance, jobs=jobs)
     write_studies(report, output_dir, shape)
     for line in report.summary():
         log.info("%s", line)

@@ -44,6 +44,7 @@ from mapping.errors import (ConfigurationError, DicomFhirError, MappingError, Mu
 from mapping.options import MappingOptions
 from scp.dicom.elements import CutShort, Malformed, element_head, encoding, value_end
 from scp.sinks.disk import UnusableOutputError, write_study
+from scp.sources.parallel import emit_records, read_in_workers
 
 log = logging.getLogger("scp.sources.folder")
 
@@ -273,31 +274,53 @@ def _check_complete(fp: BinaryIO, ds: Dataset, path: Path) -> None:
 
 
 def read_instances(files: Iterable[Path], report: ConversionReport,
-                   progress: Callable[[Path], None] | None = None) -> Iterator[InstanceHeader]:
-    """Yield the header of each usable file; record the others in report.skipped."""
-    for path in files:
+                   progress: Callable[[Path], None] | None = None, *, jobs: int = 1) -> Iterator[InstanceHeader]:
+    """Yield the header of each usable file; record the others in report.skipped.
+
+    jobs > 1: headers are read in that many worker processes (scp.sources.parallel);
+    the headers, the log lines and the report are the same as with one, in the same order.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs: expected a positive number of processes, got {jobs!r}")
+    files = list(files)
+    if jobs == 1 or len(files) < 2:
+        outcomes = ((path, (read_outcome(path), [])) for path in files)
+    else:
+        outcomes = read_in_workers(files, jobs, read_outcome)
+    for path, (result, records) in outcomes:
         report.files_seen += 1
         try:
-            header = _read_instance(path)
-        except UnusableFileError as exc:
-            report.skipped.append(SkippedFile(exc.path, exc.reason, exc.detail))
-            if exc.reason == DICOMDIR:
-                log.debug("skipped %s: %s", path, exc.reason)
+            emit_records(records)
+            if isinstance(result, SkippedFile):
+                report.skipped.append(result)
+                if result.reason == DICOMDIR:
+                    log.debug("skipped %s: %s", path, result.reason)
+                else:
+                    log.warning("skipped %s", UnusableFileError(result.path, result.reason, result.detail))
             else:
-                log.warning("skipped %s", exc)
-        else:
-            yield header
+                yield result
         finally:
             if progress is not None:
                 progress(path)
 
 
+def read_outcome(path: Path) -> InstanceHeader | SkippedFile:
+    """The InstanceHeader of one file, or why it is skipped (as data: it also comes back from a worker)."""
+    try:
+        return _read_instance(path)
+    except UnusableFileError as exc:
+        return SkippedFile(exc.path, exc.reason, exc.detail)
+
+
 def convert_files(files: Iterable[Path], options: MappingOptions = MappingOptions(), *,
-                  progress: Callable[[Path], None] | None = None) -> ConversionReport:
-    """Convert the given files, grouped by StudyInstanceUID (see convert_folder)."""
+                  progress: Callable[[Path], None] | None = None, jobs: int = 1) -> ConversionReport:
+    """Convert the given files, grouped by StudyInstanceUID (see convert_folder).
+
+    jobs: processes reading headers (read_instances); the grouping and mapping stay here.
+    """
     report = ConversionReport()
     by_study: dict[str, dict[str, InstanceHeader]] = {}
-    for header in read_instances(files, report, progress):
+    for header in read_instances(files, report, progress, jobs=jobs):
         instances = by_study.setdefault(header.study_uid, {})
         if header.sop_instance_uid in instances:
             report.duplicate_instances += 1
