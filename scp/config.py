@@ -40,6 +40,15 @@ class NodeConfig:
     shape: str = "bundle"
     max_pdu: int = 0  # 0 = unlimited, as pynetdicom
     journal_max_bytes: int = 10 * 1024 * 1024  # deliveries.jsonl is rotated to deliveries.jsonl.1 beyond this
+    # Connection limits and timeouts (scp.receive.limits), seconds unless said otherwise.
+    max_associations: int = 64  # associations at once, from every peer together
+    max_associations_per_peer: int = 8  # associations at once from one IP address
+    request_timeout: float = 10.0  # a connection must complete its A-ASSOCIATE-RQ within this
+    acse_timeout: float = 30.0  # waiting for an A-RELEASE or A-ABORT exchange to complete
+    dimse_timeout: float = 60.0  # waiting for the next DIMSE message part
+    network_timeout: float = 60.0  # no byte for this long in the middle of a PDU (or idle): aborted
+    tls_handshake_timeout: float = 10.0  # the DICOM TLS handshake
+    stop_grace: float = 10.0  # on SIGTERM, the instance in flight may finish within this
 
     def __post_init__(self) -> None:
         _check(0 < len(self.ae_title.strip()) <= 16, "node.ae_title", "1 to 16 characters", self.ae_title)
@@ -49,6 +58,13 @@ class NodeConfig:
         _check(self.max_pdu >= 0, "node.max_pdu", "0 or a positive size", self.max_pdu)
         _check(self.journal_max_bytes >= 4096, "node.journal_max_bytes", "at least 4096 bytes",
                self.journal_max_bytes)
+        _check(self.max_associations >= 1, "node.max_associations", "at least 1", self.max_associations)
+        _check(1 <= self.max_associations_per_peer <= self.max_associations, "node.max_associations_per_peer",
+               f"1 to node.max_associations ({self.max_associations})", self.max_associations_per_peer)
+        for name in ("request_timeout", "acse_timeout", "dimse_timeout", "network_timeout",
+                     "tls_handshake_timeout"):
+            _check(getattr(self, name) > 0, f"node.{name}", "a positive number of seconds", getattr(self, name))
+        _check(self.stop_grace >= 0, "node.stop_grace", "0 or a positive number of seconds", self.stop_grace)
 
 
 @dataclass(frozen=True)

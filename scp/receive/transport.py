@@ -22,6 +22,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -192,3 +193,148 @@ class QuickAckReader:
             received += count
             self.received += count
         return buffer
+
+
+# --- connection limits and timeouts (scp.receive.limits, scp.receive.server) -------------------
+#
+# pynetdicom reads an accepted socket with no timeout: the listening socket's timeout is
+# not inherited by accept()ed sockets, and its DUL thread reads a PDU's header and then its
+# body with blocking recv() calls once select() said a byte is there. A peer that announces a
+# PDU and sends nothing more blocked that thread forever; its association thread then spun in
+# Association.kill() waiting for the DUL to reach Sta1, the ARTIM and idle timers never fired,
+# and the server's shutdown() joined every such thread. What follows bounds every read.
+
+UNLIMITED_ASSOCIATIONS = 1 << 20  # pynetdicom's own limit off: it counts silent connections (limits.py counts)
+LISTEN_BACKLOG = 512  # socketserver listens with 5: a flood of connects would keep real senders in SYN retries
+PRE_ASSOCIATION_POLL = 0.05  # s between the DUL's polls before an A-ASSOCIATE-RQ (pynetdicom: 1 ms)
+
+
+def harden_server(server: Any, backlog: int = LISTEN_BACKLOG) -> None:
+    """Right after AE.start_server: a wide listen backlog; the connection threads are daemons
+    and never joined when the server closes (a stop must not wait for a peer)."""
+    server.daemon_threads = True  # read by ThreadingMixIn for each new connection's thread
+    server.block_on_close = False  # ThreadingMixIn.server_close would join every connection thread
+    try:
+        server.socket.listen(backlog)  # listen() again only changes the backlog
+    except OSError as exc:
+        log.debug("listen backlog not widened: %s", exc)
+
+
+def stop_accepting(server: Any) -> None:
+    """Stop the accept loop and close the listening socket, without waiting for connections."""
+    server.block_on_close = False
+    server.shutdown()  # AssociationServer.shutdown: serve_forever ends, server_close, AE forgets it
+
+
+def guard_connection(event, request_timeout: float, network_timeout: float) -> None:
+    """EVT_CONN_OPEN (after `tune`): the A-ASSOCIATE-RQ must be complete within request_timeout.
+
+    The acceptor waits acse_timeout for the request and the DUL's ARTIM timer (PS3.8 9.1.5)
+    closes a silent connection after the same time; both get request_timeout until the request
+    is in (`association_requested` restores the ACSE timeout). Every read on the socket gets a
+    deadline: request_timeout from now for the request, then network_timeout per read.
+    """
+    assoc = event.assoc
+    assoc_socket = _association_socket(event)
+    if getattr(assoc_socket, "socket", None) is None:
+        return
+    assoc.acse_timeout = request_timeout  # also sets dul.artim_timer.timeout
+    assoc.network_timeout = network_timeout  # the DUL's idle timer, once associated
+    assoc.dul._run_loop_delay = PRE_ASSOCIATION_POLL  # hundreds of silent connections must not spin
+    reader = DeadlineReader(assoc_socket.recv, assoc_socket, network_timeout, peer_of(event))
+    reader.deadline = reader.clock() + request_timeout
+    assoc_socket.recv = reader
+
+
+def association_requested(assoc, acse_timeout: float) -> None:
+    """EVT_REQUESTED: the request is in; the ACSE timeout and the per-read network timeout apply."""
+    assoc.acse_timeout = acse_timeout
+    assoc.dul._run_loop_delay = 0.001  # pynetdicom's own: latency matters once associated
+    reader = getattr(getattr(assoc.dul, "socket", None), "recv", None)
+    if isinstance(reader, DeadlineReader):
+        reader.deadline = None
+        raw = reader.assoc_socket.socket
+        if raw is not None:  # the A-ASSOCIATE-AC is sent before the next read sets it
+            raw.settimeout(reader.network_timeout)
+
+
+def stalled_before_request(assoc) -> bool:
+    """The connection ended because its A-ASSOCIATE-RQ was not complete by its deadline
+    (scp.receive.limits logs those, rate-limited)."""
+    reader = getattr(getattr(assoc.dul, "socket", None), "recv", None)
+    return isinstance(reader, DeadlineReader) and reader.stalled and reader.deadline is not None
+
+
+def requestor_address(assoc) -> str:
+    """The peer's IP address (an Association's requestor), "" when unknown."""
+    try:
+        return str(assoc.requestor.address or "")
+    except AttributeError:
+        return ""
+
+
+def peer_of(event) -> str:
+    address = getattr(event, "address", None) or ("?", "?")
+    return "%s:%s" % tuple(address[:2])
+
+
+def is_requested(assoc) -> bool:
+    """The A-ASSOCIATE-RQ arrived (the requestor's primitive is set)."""
+    return getattr(assoc.requestor, "primitive", None) is not None
+
+
+def active_associations(ae) -> list:
+    """The AE's acceptor threads still running (one per connection, associated or not)."""
+    return [assoc for assoc in ae.active_associations if assoc.is_acceptor]
+
+
+def force_close(assoc) -> None:
+    """Shut the connection down under its threads: a blocked read returns, the DUL sees the
+    connection closed (Evt17) and both threads end. The sender resends what was not acknowledged."""
+    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if raw is None:
+        return
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class DeadlineReader:
+    """AssociationSocket.recv wrapper: every read has a timeout, and a stall is logged.
+
+    `deadline` (monotonic seconds) bounds the A-ASSOCIATE-RQ; after it, each read may wait
+    network_timeout for the next bytes. A stalled read returns nothing instead of raising, so
+    the DUL reports the connection closed (Evt17) without a traceback of its own.
+    """
+
+    def __init__(self, inner, assoc_socket, network_timeout: float, peer: str) -> None:
+        self.inner = inner
+        self.assoc_socket = assoc_socket
+        self.network_timeout = network_timeout
+        self.peer = peer
+        self.deadline: float | None = None
+        self.stalled = False  # a read timed out (the connection is then ended)
+        self.clock = time.monotonic
+
+    @property
+    def received(self) -> int:  # bytes_received() reads the QuickAckReader's count through this
+        return getattr(self.inner, "received", 0)
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        raw = self.assoc_socket.socket
+        deadline = self.deadline
+        timeout = self.network_timeout if deadline is None else max(deadline - self.clock(), 0.001)
+        try:
+            raw.settimeout(timeout)
+            return self.inner(nr_bytes)
+        except TimeoutError:
+            self.stalled = True
+            if deadline is None:
+                log.warning("connection from %s stalled: no data for %g s in the middle of a PDU (%d bytes "
+                            "announced); aborted (node.network_timeout)", self.peer, self.network_timeout,
+                            nr_bytes, extra={"peer": self.peer})
+            # Before the A-ASSOCIATE-RQ is complete, scp.receive.limits logs it (rate-limited per address).
+            return bytearray()
+        except OSError:
+            return bytearray()  # closed under us (a stop): the DUL sees Evt17
