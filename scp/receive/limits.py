@@ -117,15 +117,19 @@ class ConnectionLimits:
         self.acse_timeout = node.acse_timeout
         self.clock = clock
         self.rate = RateLimitedLog(log_interval, clock)
-        self._opened: dict[int, float] = {}  # id(assoc) -> when its connection opened
+        self._opened: dict[int, tuple[object, float]] = {}  # id(assoc) -> (assoc, when its connection opened)
         self._admitted: dict[int, tuple[object, str]] = {}  # id(assoc) -> (assoc, address)
         self._lock = threading.Lock()
 
     def connected(self, event) -> None:
         """EVT_CONN_OPEN: the request's deadline starts; every read gets a timeout."""
         with self._lock:
-            self._opened[id(event.assoc)] = self.clock()
-        transport.guard_connection(event, self.request_timeout, self.network_timeout)
+            # pynetdicom skips EVT_CONN_CLOSE when its acceptor gives up on a request first: forget
+            # connections whose threads ended.
+            for key in [k for k, (a, _) in self._opened.items() if a.ident is not None and not a.is_alive()]:
+                del self._opened[key]
+            self._opened[id(event.assoc)] = (event.assoc, self.clock())
+        transport.guard_connection(event, self.request_timeout, self.network_timeout, self.request_timed_out)
 
     def admit(self, assoc) -> Refusal | None:
         """EVT_REQUESTED: the ACSE timeout replaces the request's; None when the association fits
@@ -151,13 +155,16 @@ class ConnectionLimits:
         its A-ASSOCIATE-RQ within request_timeout is logged (rate-limited per address)."""
         assoc = event.assoc
         with self._lock:
-            opened = self._opened.pop(id(assoc), None)
+            opened = self._opened.pop(id(assoc), (None, None))[1]
             self._admitted.pop(id(assoc), None)
-        if opened is None or transport.is_requested(assoc):
-            return
+        if opened is None or transport.is_requested(assoc) or transport.stalled_before_request(assoc):
+            return  # a stalled request was counted when its read gave up
         if self.clock() - opened < self.request_timeout * TIMER_SLACK:
             return  # closed early by the peer or for bad bytes: scp.receive.handlers says so
-        address = transport.requestor_address(assoc)
+        self.request_timed_out(transport.requestor_address(assoc))
+
+    def request_timed_out(self, address: str) -> None:
+        """A connection from `address` closed without a complete A-ASSOCIATE-RQ in time."""
         count = self.rate.note(("request", address))
         if count is not None:
             log.warning("%d connection(s) from %s closed: no complete A-ASSOCIATE-RQ within %g s "

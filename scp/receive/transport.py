@@ -23,6 +23,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -212,6 +213,9 @@ PRE_ASSOCIATION_POLL = 0.05  # s between the DUL's polls before an A-ASSOCIATE-R
 def harden_server(server: Any, backlog: int = LISTEN_BACKLOG) -> None:
     """Right after AE.start_server: a wide listen backlog; the connection threads are daemons
     and never joined when the server closes (a stop must not wait for a peer)."""
+    quiet = logging.getLogger("pynetdicom.dul")
+    if not any(isinstance(f, QuietStalls) for f in quiet.filters):
+        quiet.addFilter(QuietStalls())
     server.daemon_threads = True  # read by ThreadingMixIn for each new connection's thread
     server.block_on_close = False  # ThreadingMixIn.server_close would join every connection thread
     try:
@@ -226,13 +230,16 @@ def stop_accepting(server: Any) -> None:
     server.shutdown()  # AssociationServer.shutdown: serve_forever ends, server_close, AE forgets it
 
 
-def guard_connection(event, request_timeout: float, network_timeout: float) -> None:
+def guard_connection(event, request_timeout: float, network_timeout: float,
+                     on_request_timeout: Callable[[str], None] | None = None) -> None:
     """EVT_CONN_OPEN (after `tune`): the A-ASSOCIATE-RQ must be complete within request_timeout.
 
     The acceptor waits acse_timeout for the request and the DUL's ARTIM timer (PS3.8 9.1.5)
     closes a silent connection after the same time; both get request_timeout until the request
     is in (`association_requested` restores the ACSE timeout). Every read on the socket gets a
     deadline: request_timeout from now for the request, then network_timeout per read.
+    on_request_timeout(peer address) is called when a request stalls past its deadline (said
+    here, not at EVT_CONN_CLOSE: pynetdicom skips that event when its acceptor gives up first).
     """
     assoc = event.assoc
     assoc_socket = _association_socket(event)
@@ -241,7 +248,8 @@ def guard_connection(event, request_timeout: float, network_timeout: float) -> N
     assoc.acse_timeout = request_timeout  # also sets dul.artim_timer.timeout
     assoc.network_timeout = network_timeout  # the DUL's idle timer, once associated
     assoc.dul._run_loop_delay = PRE_ASSOCIATION_POLL  # hundreds of silent connections must not spin
-    reader = DeadlineReader(assoc_socket.recv, assoc_socket, network_timeout, peer_of(event))
+    reader = DeadlineReader(assoc_socket.recv, assoc_socket, network_timeout, peer_of(event),
+                            on_request_timeout)
     reader.deadline = reader.clock() + request_timeout
     assoc_socket.recv = reader
 
@@ -308,8 +316,10 @@ class DeadlineReader:
     the DUL reports the connection closed (Evt17) without a traceback of its own.
     """
 
-    def __init__(self, inner, assoc_socket, network_timeout: float, peer: str) -> None:
+    def __init__(self, inner, assoc_socket, network_timeout: float, peer: str,
+                 on_request_timeout: Callable[[str], None] | None = None) -> None:
         self.inner = inner
+        self.on_request_timeout = on_request_timeout
         self.assoc_socket = assoc_socket
         self.network_timeout = network_timeout
         self.peer = peer
@@ -334,7 +344,20 @@ class DeadlineReader:
                 log.warning("connection from %s stalled: no data for %g s in the middle of a PDU (%d bytes "
                             "announced); aborted (node.network_timeout)", self.peer, self.network_timeout,
                             nr_bytes, extra={"peer": self.peer})
-            # Before the A-ASSOCIATE-RQ is complete, scp.receive.limits logs it (rate-limited per address).
+            elif self.on_request_timeout is not None:  # logs it, rate-limited per address
+                self.on_request_timeout(self.peer.rsplit(":", 1)[0])
             return bytearray()
         except OSError:
             return bytearray()  # closed under us (a stop): the DUL sees Evt17
+
+
+class QuietStalls(logging.Filter):
+    """pynetdicom's DUL logs "The received PDU is shorter than expected" at ERROR for every
+    connection a DeadlineReader ended; the reader (or scp.receive.limits) already said why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("The received PDU is shorter than expected"):
+            return True
+        dul_socket = getattr(threading.current_thread(), "socket", None)  # the DUL thread's AssociationSocket
+        reader = getattr(dul_socket, "recv", None)
+        return not (isinstance(reader, DeadlineReader) and reader.stalled)
