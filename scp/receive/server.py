@@ -49,6 +49,7 @@ class StorageServer:
         self.limits = ConnectionLimits(node)
         self.ae = self._build_ae()
         self._server = None
+        self._gate = None
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.node.ae_title)
@@ -85,6 +86,10 @@ class StorageServer:
         self._server = self.ae.start_server((self.node.bind, self.node.port), block=False,
                                             evt_handlers=handlers)
         transport.harden_server(self._server)
+        # Silent and half-sent requests wait on one thread, not two each (scp.receive.transport says why).
+        self._gate = transport.RequestGate(self._server, self.node.request_timeout,
+                                           whole_request=self.ssl_context is None,
+                                           on_timeout=self.limits.request_timed_out).start()
         host, port = self._server.server_address[:2]
         log.info("listening on %s:%d as %s%s", host or "*", port, self.node.ae_title,
                  " (DICOM TLS)" if self.ssl_context else "")
@@ -124,6 +129,8 @@ class StorageServer:
         deadline = time.monotonic() + grace
         transport.stop_accepting(self._server)  # no new associations; never waits for a connection
         self._server = None
+        if self._gate is not None:
+            self._gate.stop()  # the connections that have not asked for an association yet
         if not self._wait_in_flight(deadline):
             log.warning("an instance was still being received or stored after %g s (node.stop_grace); "
                         "closing its association anyway (the sender resends what was not acknowledged)", grace)

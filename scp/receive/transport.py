@@ -19,6 +19,7 @@ says what it relies on.
 from __future__ import annotations
 
 import logging
+import selectors
 import socket
 import ssl
 import threading
@@ -361,3 +362,187 @@ class QuietStalls(logging.Filter):
         dul_socket = getattr(threading.current_thread(), "socket", None)  # the DUL thread's AssociationSocket
         reader = getattr(dul_socket, "recv", None)
         return not (isinstance(reader, DeadlineReader) and reader.stalled)
+
+
+TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux: the connection's state is the first byte
+TCP_CLOSE_WAIT = 8  # the peer sent its FIN (include/net/tcp_states.h)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """The peer closed its side (data it sent may still be buffered); False when unknown."""
+    if TCP_INFO is None:
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0] == TCP_CLOSE_WAIT
+    except OSError:
+        return False
+
+
+GATE_POLL = 0.05  # s between looks at connections whose A-ASSOCIATE-RQ has partly arrived
+MAX_PEEK = 64 << 10  # bytes: a request announced longer than this goes to pynetdicom once its header is in
+A_ASSOCIATE_RQ = 0x01
+
+
+class RequestGate:
+    """Holds accepted connections on one thread until their A-ASSOCIATE-RQ has arrived whole.
+
+    pynetdicom gives every accepted connection two threads and a deep copy of the AE's
+    supported presentation contexts (thousands of objects) before reading a byte: 150
+    silent connections cost some 5 s of CPU, during which a real sender waited its turn.
+    The gate replaces the server's process_request: a connection goes on to pynetdicom when
+    its first PDU is in the socket buffer (peeked, not read: pynetdicom reads it as ever), or
+    is anything but an A-ASSOCIATE-RQ, or the peer closed; with TLS (encrypted, nothing to
+    peek at) as soon as the handshake's first bytes are in. A connection still waiting after
+    request_timeout is closed and reported through on_timeout(address) (rate-limited there).
+    """
+
+    def __init__(self, server: Any, request_timeout: float, *, whole_request: bool = True,
+                 on_timeout: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.server = server
+        self.request_timeout = request_timeout
+        self.whole_request = whole_request
+        self.on_timeout = on_timeout
+        self.clock = clock
+        self._hand_over = server.process_request  # ThreadingMixIn's: a thread per connection
+        self._selector = selectors.DefaultSelector()
+        self._waiting: dict[socket.socket, tuple[Any, float]] = {}  # socket -> (client address, deadline)
+        self._partial: set[socket.socket] = set()  # some bytes in, not yet the whole request
+        self._incoming: list[tuple[socket.socket, Any]] = []
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="request-gate", daemon=True)
+
+    def start(self) -> "RequestGate":
+        self.server.process_request = self.process_request  # the accept loop calls this one now
+        self._thread.start()
+        return self
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Called by the accept loop for each new connection: queued for the gate thread."""
+        with self._lock:
+            if self._stopping:
+                self.server.shutdown_request(request)
+                return
+            self._incoming.append((request, client_address))
+        self._wake()
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._incoming)
+
+    def stop(self) -> None:
+        """Close every connection still waiting (none asked for anything yet)."""
+        with self._lock:
+            self._stopping = True
+        self._wake()
+        self._thread.join(5)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake (the pipe is full) or closing
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    stopping, incoming, self._incoming = self._stopping, self._incoming, []
+                if stopping:
+                    for sock, _ in incoming:
+                        self.server.shutdown_request(sock)
+                    break
+                now = self.clock()
+                for sock, address in incoming:
+                    self._waiting[sock] = (address, now + self.request_timeout)
+                    self._check(sock)
+                timeout = self._next_timeout()
+                for key, _ in self._selector.select(timeout):
+                    if key.fileobj is self._wake_r:
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, OSError):
+                            pass
+                        continue
+                    self._check(key.fileobj)
+                for sock in list(self._partial):
+                    self._check(sock)
+                self._expire()
+        finally:
+            for sock in list(self._waiting):
+                self._forget(sock)
+                self.server.shutdown_request(sock)
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _next_timeout(self) -> float:
+        if self._partial:
+            return GATE_POLL
+        if not self._waiting:
+            return 1.0
+        soonest = min(deadline for _, deadline in self._waiting.values())
+        return max(min(soonest - self.clock(), 1.0), 0.0)
+
+    def _check(self, sock: socket.socket) -> None:
+        """Hand the connection over when its request is whole (or it is no request, or closed)."""
+        if sock not in self._waiting:
+            return
+        try:
+            head = sock.recv(MAX_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            self._watch(sock)
+            return
+        except OSError:
+            head = b""  # reset by the peer
+        if not head and sock not in self._partial:
+            # Closed before sending a byte (a port probe, a load balancer's check): nothing to log,
+            # as pynetdicom logged nothing for it, and no threads to start for it.
+            self._forget(sock)
+            self.server.shutdown_request(sock)
+            return
+        if head and self.whole_request and head[0] == A_ASSOCIATE_RQ:
+            incomplete = len(head) < 6 or len(head) < min(6 + int.from_bytes(head[2:6], "big"), MAX_PEEK)
+            if incomplete and not _peer_closed(sock):  # closed halfway: pynetdicom reads and logs it, as before
+                self._partial.add(sock)
+                self._unwatch(sock)
+                return
+        address, _ = self._waiting[sock]
+        self._forget(sock)
+        self._hand_over(sock, address)
+
+    def _watch(self, sock: socket.socket) -> None:
+        try:
+            self._selector.register(sock, selectors.EVENT_READ)
+        except KeyError:
+            pass  # registered already
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _forget(self, sock: socket.socket) -> None:
+        self._unwatch(sock)
+        self._partial.discard(sock)
+        self._waiting.pop(sock, None)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for sock, (address, deadline) in list(self._waiting.items()):
+            if now < deadline:
+                continue
+            self._forget(sock)
+            self.server.shutdown_request(sock)
+            if self.on_timeout is not None:
+                try:
+                    self.on_timeout(str(address[0]))
+                except Exception:  # an observer: logged, the gate goes on
+                    log.exception("request timeout report failed")
