@@ -42,6 +42,15 @@ class NodeConfig:
     journal_max_bytes: int = 10 * 1024 * 1024  # deliveries.jsonl is rotated to deliveries.jsonl.1 beyond this
     delivery_workers: int = 4  # studies delivered at once (a slow destination holds up only its own)
     max_header_bytes: int = 16 * 2**20  # largest header (before pixel data, inflated) of an instance; 0xC000 beyond
+    # Connection limits and timeouts (scp.receive.limits), seconds unless said otherwise.
+    max_associations: int = 64  # associations at once, from every peer together
+    max_associations_per_peer: int = 8  # associations at once from one IP address
+    request_timeout: float = 10.0  # a connection must complete its A-ASSOCIATE-RQ within this
+    acse_timeout: float = 30.0  # waiting for an A-RELEASE or A-ABORT exchange to complete
+    dimse_timeout: float = 60.0  # waiting for the next DIMSE message part
+    network_timeout: float = 60.0  # no byte for this long in the middle of a PDU (or idle): aborted
+    tls_handshake_timeout: float = 10.0  # the DICOM TLS handshake
+    stop_grace: float = 10.0  # on SIGTERM, the instance in flight may finish within this
 
     def __post_init__(self) -> None:
         _check(0 < len(self.ae_title.strip()) <= 16, "node.ae_title", "1 to 16 characters", self.ae_title)
@@ -55,6 +64,13 @@ class NodeConfig:
                self.journal_max_bytes)
         _check(self.max_header_bytes >= 65536, "node.max_header_bytes", "at least 65536 bytes",
                self.max_header_bytes)
+        _check(self.max_associations >= 1, "node.max_associations", "at least 1", self.max_associations)
+        _check(1 <= self.max_associations_per_peer <= self.max_associations, "node.max_associations_per_peer",
+               f"1 to node.max_associations ({self.max_associations})", self.max_associations_per_peer)
+        for name in ("request_timeout", "acse_timeout", "dimse_timeout", "network_timeout",
+                     "tls_handshake_timeout"):
+            _check(getattr(self, name) > 0, f"node.{name}", "a positive number of seconds", getattr(self, name))
+        _check(self.stop_grace >= 0, "node.stop_grace", "0 or a positive number of seconds", self.stop_grace)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from scp.store.spool import FileSpool
 
 log = logging.getLogger("scp.node")
 
+STOP_MOMENT = 0.5  # s the delivery and hooks get at a stop even when the server used all the grace
 PROBE_TIMEOUT = 3.0  # seconds a /readyz probe of a FHIR server may take (scrapers time out at ~10 s)
 
 
@@ -173,12 +174,17 @@ class Node:
     def port(self) -> int:
         return self.server.port
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Graceful: no new associations, the instance in flight finishes, the spool is kept."""
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful: no new associations, the instance in flight finishes, the spool is kept.
+
+        Everything together takes about `grace` seconds (node.stop_grace) at most: the server
+        gets it first, the delivery and the hooks what is left of it (at least a moment each)."""
+        grace = self.config.node.stop_grace if grace is None else grace
+        deadline = time.monotonic() + grace
         self.server.stop(grace)
         self.tracker.stop()
-        self.delivery.stop(timeout=grace)
+        self.delivery.stop(timeout=max(deadline - time.monotonic(), STOP_MOMENT))
         if self.hooks is not None:
-            self.hooks.stop(timeout=grace)
+            self.hooks.stop(timeout=max(deadline - time.monotonic(), STOP_MOMENT))
         waiting = self.spool.depth()
         log.info("stopped; %d study(ies) wait in the spool %s", waiting, self.config.node.spool_dir)

@@ -282,3 +282,44 @@ def test_sigkill_during_a_chunked_receive_loses_nothing_acknowledged_and_leaves_
         assert temporary_files(node.spool) == []
     finally:
         node.stop()
+
+
+def test_a_second_sigterm_exits_at_once_and_keeps_every_acknowledged_instance(tmp_path, chunked_sending):
+    # A peer stalled in the middle of an instance keeps the first SIGTERM's stop waiting for its
+    # grace (30 s here); the second SIGTERM ends the process at once, the spool as it is.
+    import signal
+    import socket
+
+    from tests.dicom_wire import associate_rq, command_set, p_data
+
+    study = generate_study(tmp_path / "study", INSTANCES, 2)
+    node = NodeProcess(tmp_path / "node", idle_timeout=600, config="[node]\nstop_grace = 30\n").start()
+    stalled = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+    try:
+        stalled.sendall(associate_rq("STALLED", "FHIRSCP"))
+        assert stalled.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+        stalled.sendall(p_data(1, [(True, True, command_set(0x0001, 1, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5"))]))
+        stalled.sendall(p_data(1, [(False, True, bytes(16384))])[:100])
+        sender = StreamingSender(node.port, study).start()
+        sender.wait_acknowledged(INSTANCES // 4)
+        node.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SIGTERM received: stopping" in node.log(), 10, "the first SIGTERM's log line")
+        started = time.monotonic()
+        node.process.send_signal(signal.SIGTERM)
+        code = node.process.wait(10)
+        took = time.monotonic() - started
+        node.process = None
+        assert code == 128 + signal.SIGTERM
+        assert took < 3, f"{took:.1f} s to exit after the second SIGTERM"
+        assert "SIGTERM received again: exiting at once" in node.log()
+        sender.join()
+        acknowledged = set(sender.acknowledged)
+        assert len(acknowledged) >= INSTANCES // 4
+        assert acknowledged <= node.spooled(study.study_uid)
+
+        node.start(idle_timeout=IDLE_TIMEOUT)
+        node.wait_for_deliveries(study.study_uid)
+        assert acknowledged <= instance_uids(node.output_of(study.study_uid))
+    finally:
+        stalled.close()
+        node.stop()

@@ -8,8 +8,9 @@ OUTPUT/<StudyInstanceUID>.json (merged with an earlier part) and, with --fhir-ur
 to the FHIR server. Studies left in the spool are delivered after a restart.
 
 Settings come from --config (TOML, see config/dicom-fhir-scp.toml); flags override it.
-SIGTERM or Ctrl-C stops the node gracefully (the instance in flight is finished, the
-spool is kept).
+SIGTERM or Ctrl-C stops the node gracefully: no new associations, the instance in flight
+may finish within node.stop_grace (10 s), the rest are aborted, the spool is kept. A second
+SIGTERM or Ctrl-C exits at once (nothing acknowledged is lost either way).
 
 Settings may also come from DICOM_FHIR_SCP_<SECTION>_<KEY> environment variables
 (e.g. DICOM_FHIR_SCP_NODE_PORT=104; DICOM_FHIR_SCP_CONFIG names the file):
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -152,7 +154,15 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def request_stop(signum, _frame) -> None:
-        log.info("%s received: stopping after the instance in flight", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            # A second signal: exit now. Safe for what was acknowledged: every success was sent
+            # only after its instance was fsync'ed; the rest is resent by its sender.
+            log.warning("%s received again: exiting at once", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("%s received: stopping; the instance in flight may finish within %g s (node.stop_grace); "
+                 "send it again to exit at once", name, config.node.stop_grace)
         stop.set()
 
     signal.signal(signal.SIGTERM, request_stop)

@@ -256,7 +256,10 @@ class StoreHandler:
             gate.drain()
         stats = self._stats.pop(id(assoc), None)
         if stats is None:
-            if not assoc.is_rejected and transport.bytes_received(assoc):  # a bare TCP probe sends nothing
+            # A bare TCP probe sends nothing; a request cut off by node.request_timeout is logged by
+            # scp.receive.limits, once per address and interval.
+            if (not assoc.is_rejected and transport.bytes_received(assoc)
+                    and not transport.stalled_before_request(assoc)):
                 log.warning("connection from %s:%s closed without an association: it sent no valid "
                             "A-ASSOCIATE-RQ, or left before the answer", assoc.requestor.address,
                             assoc.requestor.port, extra={"peer": peer(event)})

@@ -36,9 +36,14 @@ DIMSE_STATUSES = MappingProxyType({
 REJECT_NO_REASON = (0x01, 0x01, 0x01)  # the peer's address is not allowed
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # calling AE title not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # called AE title not recognized
+# result 2 rejected-transient, source 3 DICOM UL service-provider (presentation related),
+# diagnostic 2 local-limit-exceeded: node.max_associations or max_associations_per_peer (retry later)
+REJECT_LIMIT = (0x02, 0x03, 0x02)
 
 ASSOCIATE_REJECTIONS = MappingProxyType({
     REJECT_NO_REASON: "rejected-permanent, service-user, no reason given (peer address not allowed)",
     REJECT_CALLING_AE: "rejected-permanent, service-user, calling AE title not recognized",
     REJECT_CALLED_AE: "rejected-permanent, service-user, called AE title not recognized",
+    REJECT_LIMIT: "rejected-transient, service-provider (presentation), local limit exceeded "
+                  "(node.max_associations or node.max_associations_per_peer; retry later)",
 })

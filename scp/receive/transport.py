@@ -26,9 +26,11 @@ says what it relies on.
 from __future__ import annotations
 
 import logging
+import selectors
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -311,3 +313,354 @@ def answer_stores_without_instance_uid(event, status: int, on_answered: Callable
         original(msg, context_id)
 
     assoc._serve_request = serve_request
+
+
+# --- connection limits and timeouts (scp.receive.limits, scp.receive.server) -------------------
+#
+# pynetdicom reads an accepted socket with no timeout: the listening socket's timeout is
+# not inherited by accept()ed sockets, and its DUL thread reads a PDU's header and then its
+# body with blocking recv() calls once select() said a byte is there. A peer that announces a
+# PDU and sends nothing more blocked that thread forever; its association thread then spun in
+# Association.kill() waiting for the DUL to reach Sta1, the ARTIM and idle timers never fired,
+# and the server's shutdown() joined every such thread. What follows bounds every read.
+
+UNLIMITED_ASSOCIATIONS = 1 << 20  # pynetdicom's own limit off: it counts silent connections (limits.py counts)
+LISTEN_BACKLOG = 512  # socketserver listens with 5: a flood of connects would keep real senders in SYN retries
+PRE_ASSOCIATION_POLL = 0.05  # s between the DUL's polls before an A-ASSOCIATE-RQ (pynetdicom: 1 ms)
+
+
+def harden_server(server: Any, backlog: int = LISTEN_BACKLOG) -> None:
+    """Right after AE.start_server: a wide listen backlog; the connection threads are daemons
+    and never joined when the server closes (a stop must not wait for a peer)."""
+    quiet = logging.getLogger("pynetdicom.dul")
+    if not any(isinstance(f, QuietStalls) for f in quiet.filters):
+        quiet.addFilter(QuietStalls())
+    server.daemon_threads = True  # read by ThreadingMixIn for each new connection's thread
+    server.block_on_close = False  # ThreadingMixIn.server_close would join every connection thread
+    try:
+        server.socket.listen(backlog)  # listen() again only changes the backlog
+    except OSError as exc:
+        log.debug("listen backlog not widened: %s", exc)
+
+
+def stop_accepting(server: Any) -> None:
+    """Stop the accept loop and close the listening socket, without waiting for connections."""
+    server.block_on_close = False
+    server.shutdown()  # AssociationServer.shutdown: serve_forever ends, server_close, AE forgets it
+
+
+def guard_connection(event, request_timeout: float, network_timeout: float,
+                     on_request_timeout: Callable[[str], None] | None = None) -> None:
+    """EVT_CONN_OPEN (after `tune`): the A-ASSOCIATE-RQ must be complete within request_timeout.
+
+    The acceptor waits acse_timeout for the request and the DUL's ARTIM timer (PS3.8 9.1.5)
+    closes a silent connection after the same time; both get request_timeout until the request
+    is in (`association_requested` restores the ACSE timeout). Every read on the socket gets a
+    deadline: request_timeout from now for the request, then network_timeout per read.
+    on_request_timeout(peer address) is called when a request stalls past its deadline (said
+    here, not at EVT_CONN_CLOSE: pynetdicom skips that event when its acceptor gives up first).
+    """
+    assoc = event.assoc
+    assoc_socket = _association_socket(event)
+    if getattr(assoc_socket, "socket", None) is None:
+        return
+    assoc.acse_timeout = request_timeout  # also sets dul.artim_timer.timeout
+    assoc.network_timeout = network_timeout  # the DUL's idle timer, once associated
+    assoc.dul._run_loop_delay = PRE_ASSOCIATION_POLL  # hundreds of silent connections must not spin
+    reader = DeadlineReader(assoc_socket.recv, assoc_socket, network_timeout, peer_of(event),
+                            on_request_timeout)
+    reader.deadline = reader.clock() + request_timeout
+    assoc_socket.recv = reader
+
+
+def association_requested(assoc, acse_timeout: float) -> None:
+    """EVT_REQUESTED: the request is in; the ACSE timeout and the per-read network timeout apply."""
+    assoc.acse_timeout = acse_timeout
+    assoc.dul._run_loop_delay = 0.001  # pynetdicom's own: latency matters once associated
+    reader = getattr(getattr(assoc.dul, "socket", None), "recv", None)
+    if isinstance(reader, DeadlineReader):
+        reader.deadline = None
+        raw = reader.assoc_socket.socket
+        if raw is not None:  # the A-ASSOCIATE-AC is sent before the next read sets it
+            raw.settimeout(reader.network_timeout)
+
+
+def stalled_before_request(assoc) -> bool:
+    """The connection ended because its A-ASSOCIATE-RQ was not complete by its deadline
+    (scp.receive.limits logs those, rate-limited)."""
+    reader = getattr(getattr(assoc.dul, "socket", None), "recv", None)
+    return isinstance(reader, DeadlineReader) and reader.stalled and reader.deadline is not None
+
+
+def requestor_address(assoc) -> str:
+    """The peer's IP address (an Association's requestor), "" when unknown."""
+    try:
+        return str(assoc.requestor.address or "")
+    except AttributeError:
+        return ""
+
+
+def peer_of(event) -> str:
+    address = getattr(event, "address", None) or ("?", "?")
+    return "%s:%s" % tuple(address[:2])
+
+
+def is_requested(assoc) -> bool:
+    """The A-ASSOCIATE-RQ arrived (the requestor's primitive is set)."""
+    return getattr(assoc.requestor, "primitive", None) is not None
+
+
+def active_associations(ae) -> list:
+    """The AE's acceptor threads still running (one per connection, associated or not)."""
+    return [assoc for assoc in ae.active_associations if assoc.is_acceptor]
+
+
+def force_close(assoc) -> None:
+    """Shut the connection down under its threads: a blocked read returns, the DUL sees the
+    connection closed (Evt17) and both threads end. The sender resends what was not acknowledged."""
+    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if raw is None:
+        return
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class DeadlineReader:
+    """AssociationSocket.recv wrapper: every read has a timeout, and a stall is logged.
+
+    `deadline` (monotonic seconds) bounds the A-ASSOCIATE-RQ; after it, each read may wait
+    network_timeout for the next bytes. A stalled read returns nothing instead of raising, so
+    the DUL reports the connection closed (Evt17) without a traceback of its own.
+    """
+
+    def __init__(self, inner, assoc_socket, network_timeout: float, peer: str,
+                 on_request_timeout: Callable[[str], None] | None = None) -> None:
+        self.inner = inner
+        self.on_request_timeout = on_request_timeout
+        self.assoc_socket = assoc_socket
+        self.network_timeout = network_timeout
+        self.peer = peer
+        self.deadline: float | None = None
+        self.stalled = False  # a read timed out (the connection is then ended)
+        self.clock = time.monotonic
+
+    @property
+    def received(self) -> int:  # bytes_received() reads the QuickAckReader's count through this
+        return getattr(self.inner, "received", 0)
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        raw = self.assoc_socket.socket
+        deadline = self.deadline
+        timeout = self.network_timeout if deadline is None else max(deadline - self.clock(), 0.001)
+        try:
+            raw.settimeout(timeout)
+            return self.inner(nr_bytes)
+        except TimeoutError:
+            self.stalled = True
+            if deadline is None:
+                log.warning("connection from %s stalled: no data for %g s in the middle of a PDU (%d bytes "
+                            "announced); aborted (node.network_timeout)", self.peer, self.network_timeout,
+                            nr_bytes, extra={"peer": self.peer})
+            elif self.on_request_timeout is not None:  # logs it, rate-limited per address
+                self.on_request_timeout(self.peer.rsplit(":", 1)[0])
+            return bytearray()
+        except OSError:
+            return bytearray()  # closed under us (a stop): the DUL sees Evt17
+
+
+class QuietStalls(logging.Filter):
+    """pynetdicom's DUL logs "The received PDU is shorter than expected" at ERROR for every
+    connection a DeadlineReader ended; the reader (or scp.receive.limits) already said why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("The received PDU is shorter than expected"):
+            return True
+        dul_socket = getattr(threading.current_thread(), "socket", None)  # the DUL thread's AssociationSocket
+        reader = getattr(dul_socket, "recv", None)
+        return not (isinstance(reader, DeadlineReader) and reader.stalled)
+
+
+TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux: the connection's state is the first byte
+TCP_CLOSE_WAIT = 8  # the peer sent its FIN (include/net/tcp_states.h)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """The peer closed its side (data it sent may still be buffered); False when unknown."""
+    if TCP_INFO is None:
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0] == TCP_CLOSE_WAIT
+    except OSError:
+        return False
+
+
+GATE_POLL = 0.05  # s between looks at connections whose A-ASSOCIATE-RQ has partly arrived
+MAX_PEEK = 64 << 10  # bytes: a request announced longer than this goes to pynetdicom once its header is in
+A_ASSOCIATE_RQ = 0x01
+
+
+class RequestGate:
+    """Holds accepted connections on one thread until their A-ASSOCIATE-RQ has arrived whole.
+
+    pynetdicom gives every accepted connection two threads and a deep copy of the AE's
+    supported presentation contexts (thousands of objects) before reading a byte: 150
+    silent connections cost some 5 s of CPU, during which a real sender waited its turn.
+    The gate replaces the server's process_request: a connection goes on to pynetdicom when
+    its first PDU is in the socket buffer (peeked, not read: pynetdicom reads it as ever), or
+    is anything but an A-ASSOCIATE-RQ, or the peer closed; with TLS (encrypted, nothing to
+    peek at) as soon as the handshake's first bytes are in. A connection still waiting after
+    request_timeout is closed and reported through on_timeout(address) (rate-limited there).
+    """
+
+    def __init__(self, server: Any, request_timeout: float, *, whole_request: bool = True,
+                 on_timeout: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.server = server
+        self.request_timeout = request_timeout
+        self.whole_request = whole_request
+        self.on_timeout = on_timeout
+        self.clock = clock
+        self._hand_over = server.process_request  # ThreadingMixIn's: a thread per connection
+        self._selector = selectors.DefaultSelector()
+        self._waiting: dict[socket.socket, tuple[Any, float]] = {}  # socket -> (client address, deadline)
+        self._partial: set[socket.socket] = set()  # some bytes in, not yet the whole request
+        self._incoming: list[tuple[socket.socket, Any]] = []
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="request-gate", daemon=True)
+
+    def start(self) -> "RequestGate":
+        self.server.process_request = self.process_request  # the accept loop calls this one now
+        self._thread.start()
+        return self
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Called by the accept loop for each new connection: queued for the gate thread."""
+        with self._lock:
+            if self._stopping:
+                self.server.shutdown_request(request)
+                return
+            self._incoming.append((request, client_address))
+        self._wake()
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._incoming)
+
+    def stop(self) -> None:
+        """Close every connection still waiting (none asked for anything yet)."""
+        with self._lock:
+            self._stopping = True
+        self._wake()
+        self._thread.join(5)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake (the pipe is full) or closing
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    stopping, incoming, self._incoming = self._stopping, self._incoming, []
+                if stopping:
+                    for sock, _ in incoming:
+                        self.server.shutdown_request(sock)
+                    break
+                now = self.clock()
+                for sock, address in incoming:
+                    self._waiting[sock] = (address, now + self.request_timeout)
+                    self._check(sock)
+                timeout = self._next_timeout()
+                for key, _ in self._selector.select(timeout):
+                    if key.fileobj is self._wake_r:
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, OSError):
+                            pass
+                        continue
+                    self._check(key.fileobj)
+                for sock in list(self._partial):
+                    self._check(sock)
+                self._expire()
+        finally:
+            for sock in list(self._waiting):
+                self._forget(sock)
+                self.server.shutdown_request(sock)
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _next_timeout(self) -> float:
+        if self._partial:
+            return GATE_POLL
+        if not self._waiting:
+            return 1.0
+        soonest = min(deadline for _, deadline in self._waiting.values())
+        return max(min(soonest - self.clock(), 1.0), 0.0)
+
+    def _check(self, sock: socket.socket) -> None:
+        """Hand the connection over when its request is whole (or it is no request, or closed)."""
+        if sock not in self._waiting:
+            return
+        try:
+            head = sock.recv(MAX_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            self._watch(sock)
+            return
+        except OSError:
+            head = b""  # reset by the peer
+        if not head and sock not in self._partial:
+            # Closed before sending a byte (a port probe, a load balancer's check): nothing to log,
+            # as pynetdicom logged nothing for it, and no threads to start for it.
+            self._forget(sock)
+            self.server.shutdown_request(sock)
+            return
+        if head and self.whole_request and head[0] == A_ASSOCIATE_RQ:
+            incomplete = len(head) < 6 or len(head) < min(6 + int.from_bytes(head[2:6], "big"), MAX_PEEK)
+            if incomplete and not _peer_closed(sock):  # closed halfway: pynetdicom reads and logs it, as before
+                self._partial.add(sock)
+                self._unwatch(sock)
+                return
+        address, _ = self._waiting[sock]
+        self._forget(sock)
+        self._hand_over(sock, address)
+
+    def _watch(self, sock: socket.socket) -> None:
+        try:
+            self._selector.register(sock, selectors.EVENT_READ)
+        except KeyError:
+            pass  # registered already
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _forget(self, sock: socket.socket) -> None:
+        self._unwatch(sock)
+        self._partial.discard(sock)
+        self._waiting.pop(sock, None)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for sock, (address, deadline) in list(self._waiting.items()):
+            if now < deadline:
+                continue
+            self._forget(sock)
+            self.server.shutdown_request(sock)
+            if self.on_timeout is not None:
+                try:
+                    self.on_timeout(str(address[0]))
+                except Exception:  # an observer: logged, the gate goes on
+                    log.exception("request timeout report failed")
