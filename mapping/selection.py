@@ -15,11 +15,9 @@ from types import MappingProxyType
 from typing import Any
 
 from fhir.resources.imagingselection import ImagingSelection
-from pydantic import ValidationError
 
 from mapping.codes import CodedValue, codeable_concept
-from mapping.errors import MappingError
-from mapping.fhirjson import STUDY_UID_SYSTEM, in_order, study_uid_value
+from mapping.fhirjson import STUDY_UID_SYSTEM, in_order, study_uid_value, validated
 from mapping.header import KEY_OBJECT_SELECTION, RT_STRUCTURE_SET, SEGMENTATION, InstanceHeader
 from mapping.imaging_study import sop_class_coding, study_identifier
 
@@ -151,9 +149,4 @@ def _instance(uid: str, sop_class: str, header: InstanceHeader | None) -> dict[s
 def validate_selection(selection: dict[str, Any], context: str) -> Any:
     """selection as fhir.resources' R5 ImagingSelection model; MappingError naming the failing
     elements (never their values)."""
-    try:
-        return ImagingSelection.model_validate(selection)
-    except ValidationError as exc:
-        places = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'ImagingSelection'}: {e['msg']}"
-                           for e in exc.errors(include_input=False, include_url=False)[:5])
-        raise MappingError(f"{context}: the ImagingSelection does not validate: {places}") from None
+    return validated(selection, context, "R5")

@@ -73,6 +73,15 @@ class NodeConfig:
         _check(self.stop_grace >= 0, "node.stop_grace", "0 or a positive number of seconds", self.stop_grace)
 
 
+SECRETS = frozenset({"token", "password", "client_secret"})  # never in a repr (logs, tracebacks)
+
+
+def _repr_hiding_secrets(config: Any) -> str:
+    parts = ", ".join(f"{f.name}={'***' if f.name in SECRETS and getattr(config, f.name) else getattr(config, f.name)!r}"
+                      for f in fields(config))
+    return f"{type(config).__name__}({parts})"
+
+
 @dataclass(frozen=True)
 class FhirConfig:
     url: str | None = None  # None disables the FHIR sink
@@ -113,10 +122,7 @@ class FhirConfig:
                self.max_response_bytes)
 
     def __repr__(self) -> str:  # never print secrets
-        hidden = {"token", "password", "client_secret"}
-        parts = ", ".join(f"{f.name}={'***' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
-                          for f in fields(self))
-        return f"FhirConfig({parts})"
+        return _repr_hiding_secrets(self)
 
 
 @dataclass(frozen=True)
@@ -314,10 +320,7 @@ class SyncConfig:
         _check(self.on_delete in ON_DELETE, "sync.on_delete", f"one of {ON_DELETE}", self.on_delete)
 
     def __repr__(self) -> str:  # never print secrets
-        hidden = {"token", "password", "client_secret"}
-        parts = ", ".join(f"{f.name}={'***' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
-                          for f in fields(self))
-        return f"SyncConfig({parts})"
+        return _repr_hiding_secrets(self)
 
 
 @dataclass(frozen=True)

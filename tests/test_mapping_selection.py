@@ -4,7 +4,6 @@ passes both R5 validators (fhir.resources' R5 model and HL7's R5 JSON schema).""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pydicom
@@ -33,14 +32,7 @@ DCM = "http://dicom.nema.org/resources/ontology/DCM"
 
 
 def r5() -> MappingOptions:
-    """MappingOptions for R5: the real field once branch r5 is merged, until then a subclass with it."""
-    if "fhir_version" in {f.name for f in dataclasses.fields(MappingOptions)}:
-        return MappingOptions(fhir_version="R5")  # type: ignore[call-arg]
-
-    @dataclasses.dataclass(frozen=True)
-    class R5Options(MappingOptions):
-        fhir_version: str = "R5"
-    return R5Options()
+    return MappingOptions(fhir_version="R5")
 
 
 def valid(selection: dict[str, Any]) -> dict[str, Any]:

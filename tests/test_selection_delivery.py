@@ -27,13 +27,7 @@ RTSTRUCT = get_testdata_file("rtstruct.dcm")
 
 
 def r5() -> MappingOptions:
-    if "fhir_version" in {f.name for f in dataclasses.fields(MappingOptions)}:
-        return MappingOptions(fhir_version="R5")  # type: ignore[call-arg]
-
-    @dataclasses.dataclass(frozen=True)
-    class R5Options(MappingOptions):
-        fhir_version: str = "R5"
-    return R5Options()
+    return MappingOptions(fhir_version="R5")
 
 
 class RecordingClient:
@@ -79,7 +73,7 @@ def test_an_invalid_selection_is_rejected_before_it_is_sent():
     resources = convert_study([pydicom.dcmread(SEG, stop_before_pixels=True)], r5())
     without_code = {k: v for k, v in resources.selections[0].items() if k != "code"}  # code is 1..1
     broken = dataclasses.replace(resources, selections=(without_code,))
-    with pytest.raises(DeliveryRejected, match="ImagingSelection does not validate"):
+    with pytest.raises(DeliveryRejected, match="ImagingSelection does not validate as R5"):
         sink._send_selections(SERVER_STUDY, broken, "study x", RequestStats())
     assert client.sent == []
 
