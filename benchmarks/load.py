@@ -53,7 +53,8 @@ DISCARD = textwrap.dedent("""
 
 def run_node(feeds, work: Path, idle_timeout: float) -> tuple[float, float, list[str]]:
     expected = expected_per_study(feeds)
-    node = NodeProcess(work, idle_timeout=idle_timeout).start()
+    # every association comes from 127.0.0.1: above node.max_associations_per_peer's default of 8
+    node = NodeProcess(work, idle_timeout=idle_timeout, config="[node]\nmax_associations_per_peer = 16\n").start()
     try:
         started = time.monotonic()
         result = send_all(node.port, feeds)
