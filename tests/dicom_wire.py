@@ -90,6 +90,9 @@ def command_status(command: bytes) -> int:
     raise AssertionError(f"no Status in the response command set {command!r}")
 
 
+FRAGMENT = (1 << 20) - 6  # bytes of a data set per P-DATA PDU (its PDV item header takes 6)
+
+
 @dataclass
 class WireClient:
     sock: socket.socket
@@ -140,7 +143,10 @@ class WireClient:
     def c_store(self, dataset: bytes, sop_class: str = CT_IMAGE_STORAGE, sop_uid: str = "1.2.3.4") -> int:
         self.message_id += 1
         self.send(p_data(1, [(True, True, command_set(0x0001, self.message_id, sop_class, sop_uid))]))
-        self.send(p_data(1, [(False, True, dataset)]))
+        # fragments within the node's default Maximum Length (node.max_pdu, 1 MiB), as a real SCU sends
+        size = FRAGMENT
+        for start in range(0, max(len(dataset), 1), size):
+            self.send(p_data(1, [(False, start + size >= len(dataset), dataset[start:start + size])]))
         return self.response_status()
 
     def c_echo(self) -> int:

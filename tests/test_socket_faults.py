@@ -173,8 +173,28 @@ def test_an_oversized_pdu_length_costs_no_memory_and_leaves_the_node_serving(nod
     client.send(header + bytes(1000))
     time.sleep(0.5)  # real time for the node to read the header (and set memory aside, if it trusted it)
     client.close()
-    assert_still_serving(node, tmp_path, offset, "shorter than expected")
+    # once associated, a P-DATA over node.max_pdu is refused at its header
+    assert_still_serving(node, tmp_path, offset, "shorter than expected" if when == "before the association"
+                         else r"longer than the \d+ the node accepts")
     assert rss_peak_mb(node) - before < 100
+
+
+def test_a_p_data_pdu_longer_than_the_node_accepts_ends_the_association_before_its_body_is_read(node, tmp_path):
+    # The node advertises node.max_pdu (1 MiB); a sender ignoring it would otherwise make the node
+    # hold the whole PDU - up to 4 GiB - in memory before any of it reaches the disk.
+    offset = fault_offset(node)
+    client = WireClient.connect(node.port, timeout=10)
+    assert client.associate(calling="HUGESCU") == "accepted"
+    client.send(struct.pack(">BBL", 0x04, 0, 256 << 20) + bytes(1000))
+    try:
+        first = client.sock.recv(1)  # at once: nothing more of the 256 MiB is waited for
+    except ConnectionResetError:
+        first = b""
+    except TimeoutError:
+        pytest.fail("the node waited for the body of a P-DATA PDU longer than it accepts")
+    client.close()
+    assert first in (b"", b"\x07")  # closed, or A-ABORT
+    assert_still_serving(node, tmp_path, offset, r"P-DATA PDU of 268435456 bytes, longer than the \d+ the node accepts")
 
 
 # --- data sets that arrive whole but cannot be used -------------------------------------------------

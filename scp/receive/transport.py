@@ -29,6 +29,7 @@ import logging
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -380,6 +381,7 @@ def association_requested(assoc, acse_timeout: float) -> None:
     reader = getattr(getattr(assoc.dul, "socket", None), "recv", None)
     if isinstance(reader, DeadlineReader):
         reader.deadline = None
+        reader.max_pdu = getattr(assoc.acceptor, "maximum_length", 0) or 0
         raw = reader.assoc_socket.socket
         if raw is not None:  # the A-ASSOCIATE-AC is sent before the next read sets it
             raw.settimeout(reader.network_timeout)
@@ -427,6 +429,11 @@ def force_close(assoc) -> None:
         pass
 
 
+PDU_HEADER = 6  # bytes: type, reserved, length (PS3.8 9.3)
+P_DATA_TF = 0x04
+PDU_SLACK = 64 << 10  # bytes a sender may overshoot the advertised length by (broken, not hostile)
+
+
 class DeadlineReader:
     """AssociationSocket.recv wrapper: every read has a timeout, and a stall is logged.
 
@@ -443,14 +450,31 @@ class DeadlineReader:
         self.network_timeout = network_timeout
         self.peer = peer
         self.deadline: float | None = None
-        self.stalled = False  # a read timed out (the connection is then ended)
+        self.stalled = False  # a read timed out, or a PDU was refused (the connection is then ended)
         self.clock = time.monotonic
+        self.max_pdu = 0  # the P-DATA length the node advertised (0: unlimited); set once associated
+        self.oversized: int | None = None  # the length of a P-DATA PDU whose header announced more
 
     @property
     def received(self) -> int:  # bytes_received() reads the QuickAckReader's count through this
         return getattr(self.inner, "received", 0)
 
     def __call__(self, nr_bytes: int) -> bytearray:
+        if self.oversized is not None and nr_bytes == self.oversized:
+            # pynetdicom would read the whole PDU into memory: a sender ignoring the Maximum
+            # Length it was given (PS3.8 D.1) could make the node hold its whole instance.
+            log.warning("connection from %s sent a P-DATA PDU of %d bytes, longer than the %d the node accepts "
+                        "(node.max_pdu); aborted", self.peer, nr_bytes, self.max_pdu, extra={"peer": self.peer})
+            self.oversized, self.stalled = None, True
+            return bytearray()
+        data = self._read(nr_bytes)
+        if nr_bytes == PDU_HEADER and self.max_pdu and len(data) == PDU_HEADER:
+            kind, _, length = struct.unpack(">BBL", data)
+            if kind == P_DATA_TF and length > self.max_pdu + PDU_SLACK:
+                self.oversized = length
+        return data
+
+    def _read(self, nr_bytes: int) -> bytearray:
         raw = self.assoc_socket.socket
         deadline = self.deadline
         timeout = self.network_timeout if deadline is None else max(deadline - self.clock(), 0.001)
