@@ -71,3 +71,10 @@ def test_systemd_accepts_every_line_of_the_unit(tmp_path):
     copy.write_text(text)
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
     assert result.stdout + result.stderr == ""
+
+
+def test_the_units_stop_timeout_outlasts_the_nodes_stop_grace():
+    from scp.config import NodeConfig
+
+    unit = settings(UNIT.read_text())
+    assert int(unit["TimeoutStopSec"][0]) > NodeConfig().stop_grace + 2
