@@ -26,6 +26,18 @@ AUTH_MODES = ("none", "bearer", "basic", "oauth2")
 LOG_FORMATS = ("text", "json")  # scp.logs.FORMATS; kept here so the config needs no logging import
 
 
+WORKER_SOCKETS = ("reuseport", "handover")
+
+
+def default_workers() -> int:
+    """node.workers' default: the CPUs this process may run on (its affinity, as a container's
+    cpuset limits it; a CPU quota is not seen: set node.workers there)."""
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), 64))
+    except AttributeError:  # not Linux
+        return max(1, min(os.cpu_count() or 1, 64))
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     ae_title: str = "FHIRSCP"
@@ -41,6 +53,9 @@ class NodeConfig:
     max_pdu: int = 2**20  # a PDU is held whole in memory: 0 (unlimited) lets a sender send its instance as one
     journal_max_bytes: int = 10 * 1024 * 1024  # deliveries.jsonl is rotated to deliveries.jsonl.1 beyond this
     delivery_workers: int = 4  # studies delivered at once (a slow destination holds up only its own)
+    # Receive processes sharing the port (scp.receive.pool); 1 = the node's own process receives.
+    workers: int = field(default_factory=lambda: default_workers())
+    worker_sockets: str = "reuseport"  # how they share it: "reuseport" (SO_REUSEPORT) or "handover"
     max_header_bytes: int = 16 * 2**20  # largest header (before pixel data, inflated) of an instance; 0xC000 beyond
     # Connection limits and timeouts (scp.receive.limits), seconds unless said otherwise.
     max_associations: int = 64  # associations at once, from every peer together
@@ -58,6 +73,9 @@ class NodeConfig:
         _check(self.idle_timeout > 0, "node.idle_timeout", "a positive number of seconds", self.idle_timeout)
         _check(self.shape in SHAPES, "node.shape", f"one of {SHAPES}", self.shape)
         _check(self.max_pdu >= 0, "node.max_pdu", "0 or a positive size", self.max_pdu)
+        _check(1 <= self.workers <= 64, "node.workers", "a number of processes from 1 to 64", self.workers)
+        _check(self.worker_sockets in WORKER_SOCKETS, "node.worker_sockets", f"one of {WORKER_SOCKETS}",
+               self.worker_sockets)
         _check(1 <= self.delivery_workers <= 64, "node.delivery_workers", "a number of threads from 1 to 64",
                self.delivery_workers)
         _check(self.journal_max_bytes >= 4096, "node.journal_max_bytes", "at least 4096 bytes",

@@ -97,3 +97,24 @@ def configure(log_format: str, level: int) -> None:
     # Python's warnings go to stderr on their own, as bare text: through logging they are
     # lines of the chosen format too (a JSON log stays one object per line).
     logging.captureWarnings(True)
+
+
+# The loggers whose own levels a command sets (scp.cli), carried with `settings`.
+TUNED_LOGGERS = ("pynetdicom", "pydicom")
+
+
+def settings() -> dict[str, Any]:
+    """How this process logs (format, root level, the tuned loggers' levels), for `apply`
+    in a process it starts (a receive worker logs as the node does)."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, StderrHandler)), None)
+    log_format = "json" if handler is not None and isinstance(handler.formatter, JsonFormatter) else "text"
+    return {"format": log_format, "level": root.level,
+            "levels": {name: logging.getLogger(name).level for name in TUNED_LOGGERS}}
+
+
+def apply(given: dict[str, Any]) -> None:
+    """Log as `settings()` said another process does."""
+    configure(given["format"], given["level"])
+    for name, level in given["levels"].items():
+        logging.getLogger(name).setLevel(level)

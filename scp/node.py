@@ -1,5 +1,8 @@
 """The node assembled: server → spool → completion timer → delivery worker → sinks.
 
+With node.workers > 1 the server is a pool of receive processes (scp.receive.pool) feeding
+this one, which keeps completion and delivery.
+
     node = Node(config)            # sinks from the config: disk (node.output_dir), FHIR ([fhir] url)
     host, port = node.start()      # resumes studies found in the spool
     ...
@@ -28,8 +31,9 @@ from scp.pipeline.delivery import DeliveryReport, Route
 from scp.pipeline.hooks import BackgroundHooks, delivered_from_report, hook_runner
 from scp.pipeline.retry import RetryPolicy
 from scp.pipeline.worker import DeliveryWorker
-from scp.receive.handlers import StoreHandler
-from scp.receive.server import StorageServer
+from scp.receive.handlers import recover_incoming
+from scp.receive.pool import ReceivePool
+from scp.receive.server import StorageServer, incoming_folder, receiver
 from scp.senders import SenderTable
 from scp.sinks import Sink
 from scp.store.dead_letter import DeadLetterBox
@@ -88,12 +92,12 @@ class Node:
                                        metrics=metrics,
                                        on_delivered=self._delivered if self.hooks is not None else None,
                                        route=study_route(config), workers=node.delivery_workers)
-        # Large data sets arrive into a hidden folder on the file system they end on: the archive's
-        # (it takes them by rename), else the spool's.
-        incoming = (node.archive_dir if node.archive_dir is not None else node.spool_dir) / ".incoming"
-        self.handler = StoreHandler(self.spool, self._arrived, archive=self.archive, metrics=metrics,
-                                    incoming=incoming, max_header=node.max_header_bytes)
-        self.server = StorageServer(node, config.security, self.handler, SenderTable.from_config(config))
+        # node.workers > 1: receive workers (scp.receive.pool) tell this process what they spooled.
+        self.server: StorageServer | ReceivePool
+        if node.workers > 1:
+            self.server = ReceivePool(config, self._arrived, metrics=metrics, clock=clock)
+        else:
+            self.server = receiver(config, self.spool, self._arrived, archive=self.archive, metrics=metrics)
         self.readiness = Readiness(self._readiness_checks(clock))
         if metrics is not None:  # read at scrape time, never on the C-STORE path
             metrics.watch("spool_studies", self.spool.depth)
@@ -150,7 +154,7 @@ class Node:
 
     def start(self) -> tuple[str, int]:
         self.spool.recover()
-        self.handler.recover()
+        recover_incoming(incoming_folder(self.config.node))  # before anything receives
         waiting = self.spool.studies()
         if waiting:
             log.info("resuming %d study(ies) found in the spool (%d instance(s)); they complete in %g s",

@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--port", type=int, metavar="PORT", help="TCP port to listen on (default: 11112)")
     net.add_argument("-aet", "--ae-title", metavar="AETITLE", help="the node's AE title (default: FHIRSCP)")
     net.add_argument("--bind", metavar="ADDRESS", help="address to listen on (default: every interface)")
+    net.add_argument("--workers", type=int, metavar="N",
+                     help="receive in N processes sharing the port (default: one per CPU; 1: this process)")
     store = parser.add_argument_group("storage (override [node] from --config)")
     store.add_argument("-od", "--output-dir", metavar="DIR", type=Path,
                        help="write <StudyInstanceUID>.json here (default: ./fhir-output)")
@@ -76,6 +78,7 @@ def load(args: argparse.Namespace):
 
     config = load_config(args.config)
     config = override(config, "node", port=_port(args), ae_title=args.ae_title, bind=args.bind,
+                      workers=getattr(args, "workers", None),
                       output_dir=args.output_dir, spool_dir=args.spool_dir, dead_letter_dir=args.dead_letter_dir,
                       archive_dir=args.archive_dir, idle_timeout=args.idle_timeout,
                       accept_unknown_sop_classes=args.accept_unknown_sop_classes)

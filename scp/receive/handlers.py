@@ -211,13 +211,7 @@ class StoreHandler:
 
     def recover(self) -> int:
         """At start: remove the data set files a killed node was receiving (none was acknowledged)."""
-        if self.incoming is None:
-            return 0
-        removed = clear_incoming(self.incoming)
-        if removed:
-            log.info("removed %d incomplete received data set(s) left by an interrupted node in %s (none was "
-                     "acknowledged)", removed, self.incoming)
-        return removed
+        return recover_incoming(self.incoming) if self.incoming is not None else 0
 
     def _fail(self, event, sop_uid: str, exc: BadInstance) -> int:
         log.warning("C-STORE from %s: instance %s refused with 0x%04X: %s", calling_aet(event), sop_uid,
@@ -294,6 +288,16 @@ class StoreHandler:
                     return False
                 self._idle.wait(remaining)
         return True
+
+
+def recover_incoming(incoming: Path) -> int:
+    """At start, before anything receives: remove the data set files a killed node was receiving
+    into `incoming` (none was acknowledged); how many."""
+    removed = clear_incoming(incoming)
+    if removed:
+        log.info("removed %d incomplete received data set(s) left by an interrupted node in %s (none was "
+                 "acknowledged)", removed, incoming)
+    return removed
 
 
 def handle_echo(event) -> int:

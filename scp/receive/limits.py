@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
 from scp.config import NodeConfig
 from scp.receive import transport
@@ -102,6 +103,46 @@ class Limits:
         return None
 
 
+class Admissions:
+    """The associations admitted and not yet closed, by key, against the limits.
+
+    One table per node: in one process the server's own (ConnectionLimits builds it); with
+    receive workers (node.workers > 1) the coordinator's, which every worker asks
+    (scp.receive.worker), so the limits hold for the node, not for each process."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._admitted: dict[Hashable, str] = {}  # key -> address
+        self._lock = threading.Lock()
+
+    def admit(self, key: Hashable, address: str) -> Refusal | None:
+        """None when one more association from `address` fits (it counts under `key` until
+        released), else the refusal."""
+        with self._lock:
+            refusal = self.limits.refusal(address, list(self._admitted.values()))
+            if refusal is None:
+                self._admitted[key] = address
+            return refusal
+
+    def release(self, key: Hashable) -> None:
+        with self._lock:
+            self._admitted.pop(key, None)
+
+    def release_where(self, belongs: Callable[[Hashable], bool]) -> int:
+        """Forget every key `belongs` says yes to (a receive worker's, when it ended); how many."""
+        with self._lock:
+            gone = [key for key in self._admitted if belongs(key)]
+            for key in gone:
+                del self._admitted[key]
+            return len(gone)
+
+
+class AdmissionTable(Protocol):
+    def admit(self, key: Hashable, address: str) -> Refusal | None: ...
+
+    def release(self, key: Hashable) -> None: ...
+
+
 class ConnectionLimits:
     """The limits and the request timeout on the server's events (bound in scp.receive.server).
 
@@ -110,15 +151,17 @@ class ConnectionLimits:
     """
 
     def __init__(self, node: NodeConfig, *, clock: Callable[[], float] = time.monotonic,
-                 log_interval: float = LOG_INTERVAL) -> None:
+                 log_interval: float = LOG_INTERVAL, admissions: AdmissionTable | None = None) -> None:
+        """admissions: the node's table when it is not this process's (a receive worker's)."""
         self.limits = Limits.from_config(node)
+        self.admissions = admissions if admissions is not None else Admissions(self.limits)
         self.request_timeout = node.request_timeout
         self.network_timeout = node.network_timeout
         self.acse_timeout = node.acse_timeout
         self.clock = clock
         self.rate = RateLimitedLog(log_interval, clock)
         self._opened: dict[int, tuple[object, float]] = {}  # id(assoc) -> (assoc, when its connection opened)
-        self._admitted: dict[int, tuple[object, str]] = {}  # id(assoc) -> (assoc, address)
+        self._admitted: dict[int, object] = {}  # id(assoc) -> assoc, while admitted
         self._lock = threading.Lock()
 
     def connected(self, event) -> None:
@@ -137,12 +180,17 @@ class ConnectionLimits:
         transport.association_requested(assoc, self.acse_timeout)
         address = transport.requestor_address(assoc)
         with self._lock:
-            for key in [k for k, (a, _) in self._admitted.items() if not a.is_alive()]:
-                del self._admitted[key]  # a thread that ended without EVT_CONN_CLOSE must not count forever
-            refusal = self.limits.refusal(address, [a for _, a in self._admitted.values()])
-            if refusal is None:
-                self._admitted[id(assoc)] = (assoc, address)
-                return None
+            # A thread that ended without EVT_CONN_CLOSE must not count forever.
+            ended = [k for k, a in self._admitted.items() if not a.is_alive()]
+            for key in ended:
+                del self._admitted[key]
+        for key in ended:
+            self.admissions.release(key)
+        refusal = self.admissions.admit(id(assoc), address)
+        if refusal is None:
+            with self._lock:
+                self._admitted[id(assoc)] = assoc
+            return None
         count = self.rate.note(("limit", address))
         if count is not None:
             log.warning("%d association(s) from %s refused (A-ASSOCIATE-RJ transient, local limit exceeded): "
@@ -156,7 +204,9 @@ class ConnectionLimits:
         assoc = event.assoc
         with self._lock:
             opened = self._opened.pop(id(assoc), (None, None))[1]
-            self._admitted.pop(id(assoc), None)
+            admitted = self._admitted.pop(id(assoc), None) is not None
+        if admitted:
+            self.admissions.release(id(assoc))
         if opened is None or transport.is_requested(assoc) or transport.stalled_before_request(assoc):
             return  # a stalled request was counted when its read gave up
         if self.clock() - opened < self.request_timeout * TIMER_SLACK:

@@ -14,20 +14,25 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from scp.config import NodeConfig, SecurityConfig
+from scp.config import Config, NodeConfig, SecurityConfig
+from scp.ops.metrics import Metrics
 from scp.receive import transport
 from scp.receive.access import AccessPolicy
-from scp.receive.handlers import StoreHandler, handle_echo
-from scp.receive.limits import ConnectionLimits
+from scp.receive.handlers import OnStored, StoreHandler, handle_echo
+from scp.receive.limits import AdmissionTable, ConnectionLimits
 from scp.receive.tls import TlsHandshake, tls_context
 from scp.senders import SenderTable
+from scp.store.spool import Spool
 
 log = logging.getLogger("scp.receive.server")
 
@@ -39,14 +44,23 @@ class StorageServer:
     """The AE and its listening socket. `start()` returns the bound (address, port)."""
 
     def __init__(self, node: NodeConfig, security: SecurityConfig, handler: StoreHandler,
-                 senders: SenderTable | None = None) -> None:
+                 senders: SenderTable | None = None, *, reuse_port: bool = False,
+                 handed_over: socket.socket | None = None, admissions: AdmissionTable | None = None,
+                 on_closed: Callable[[object], None] | None = None) -> None:
         """senders: the [[senders]] table (SenderTable.from_config); None = no entries, every AE title allowed
-        (the security allow-lists still apply)."""
+        (the security allow-lists still apply).
+
+        A receive worker's server (scp.receive.worker) shares the node's port (reuse_port: SO_REUSEPORT;
+        handed_over: connections passed in on this AF_UNIX socket), counts its associations in the
+        node's table (admissions), and reports each closed connection (on_closed(event))."""
+        self.reuse_port = reuse_port
+        self.handed_over = handed_over
+        self.on_closed = on_closed
         self.node = node
         self.policy = AccessPolicy.from_config(node, security, senders)
         self.ssl_context = tls_context(security)
         self.handler = handler
-        self.limits = ConnectionLimits(node)
+        self.limits = ConnectionLimits(node, admissions=admissions)
         self.ae = self._build_ae()
         self._server = None
         self._gate = None
@@ -80,11 +94,13 @@ class StorageServer:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self.handler),
         ]
+        if self.on_closed is not None:
+            handlers.append((evt.EVT_CONN_CLOSE, self.on_closed))
         if self.ssl_context is not None:
             # Before the socket is tuned; no ssl_context for pynetdicom (scp.receive.tls says why).
             handlers.insert(0, (evt.EVT_CONN_OPEN, TlsHandshake(self.ssl_context, self.node.tls_handshake_timeout)))
-        self._server = self.ae.start_server((self.node.bind, self.node.port), block=False,
-                                            evt_handlers=handlers)
+        self._server = transport.start_server(self.ae, (self.node.bind, self.node.port), handlers,
+                                              reuse_port=self.reuse_port, handed_over=self.handed_over)
         transport.harden_server(self._server)
         # Silent and half-sent requests wait on one thread, not two each (scp.receive.transport says why).
         self._gate = transport.RequestGate(self._server, self.node.request_timeout,
@@ -154,3 +170,21 @@ class StorageServer:
             if remaining <= 0:
                 return False
             time.sleep(min(STOP_POLL, remaining))
+
+
+def receiver(config: Config, spool: Spool, on_stored: OnStored, *, archive: Spool | None = None,
+             metrics: Metrics | None = None, **listening) -> StorageServer:
+    """The node's DICOM side as the configuration says: the C-STORE handler on `spool` (and the
+    archive), its AE. The node's own process (scp.node) and each receive worker (scp.receive.worker)
+    build it here; `listening` goes to StorageServer (how a worker shares the port)."""
+    node = config.node
+    # Large data sets arrive into a hidden folder on the file system they end on: the archive's
+    # (it takes them by rename), else the spool's.
+    handler = StoreHandler(spool, on_stored, archive=archive, metrics=metrics, incoming=incoming_folder(node),
+                           max_header=node.max_header_bytes)
+    return StorageServer(node, config.security, handler, SenderTable.from_config(config), **listening)
+
+
+def incoming_folder(node: NodeConfig) -> Path:
+    """Where data sets arrive before they are stored (scp.receive.dataset)."""
+    return (node.archive_dir if node.archive_dir is not None else node.spool_dir) / ".incoming"

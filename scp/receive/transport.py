@@ -40,11 +40,13 @@ from pynetdicom import _config
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import ThreadedAssociationServer
 
 log = logging.getLogger("scp.receive.transport")
 
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 READ_AHEAD = 4 << 20  # bytes set aside for a PDU before its data arrives
+HANDOVER_EOF_POLL = 0.2  # s between looks at a closed hand-over channel, until the worker stops
 TRANSPORT_CLOSED = "Evt17"  # the DUL state machine's event for a closed connection (PS3.8 9.2)
 
 
@@ -342,6 +344,80 @@ def harden_server(server: Any, backlog: int = LISTEN_BACKLOG) -> None:
         server.socket.listen(backlog)  # listen() again only changes the backlog
     except OSError as exc:
         log.debug("listen backlog not widened: %s", exc)
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's server with SO_REUSEPORT set before its bind: every receive worker listens on
+    the same port, the kernel spreads the connections over them (scp.receive.pool)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class _HandedOverServer(ThreadedAssociationServer):
+    """pynetdicom's server with no listening socket of its own: its accept loop waits on an
+    AF_UNIX socket (`channel`) on which the coordinator passes each accepted connection
+    (SCM_RIGHTS, `pass_connection`); the rest (request gate, threads) is as ever."""
+
+    channel: socket.socket  # set on the class made per server (`start_server`)
+
+    def server_bind(self) -> None:
+        self.socket.close()  # the TCP socket TCPServer made: nothing binds here
+        self.socket = self.channel
+        self.server_address = self.channel_address
+
+    def server_activate(self) -> None:
+        pass
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        _, fds, _, _ = socket.recv_fds(self.socket, 1, 1)
+        if not fds:
+            # The coordinator went away: the worker stops because of it (scp.receive.worker);
+            # until then the loop looks again now and then, not in a spin.
+            time.sleep(HANDOVER_EOF_POLL)
+            raise OSError("the connection hand-over channel closed")
+        conn = socket.socket(fileno=fds[0])
+        conn.setblocking(True)
+        try:
+            return conn, conn.getpeername()
+        except OSError:
+            conn.close()
+            raise
+
+    def server_close(self) -> None:
+        try:
+            self.socket.close()
+        except OSError:
+            pass
+
+
+def start_server(ae: Any, address: tuple[str, int], handlers: list, *, reuse_port: bool = False,
+                 handed_over: socket.socket | None = None) -> Any:
+    """AE.start_server(address, block=False): the accept loop on a thread of its own.
+
+    The two ways receive workers share one port (scp.receive.pool): reuse_port, their own
+    listening sockets with SO_REUSEPORT; handed_over, connections passed in over this
+    AF_UNIX socket by the coordinator, which listens (`address` is then its address, for logs).
+    """
+    if handed_over is None and not reuse_port:
+        return ae.start_server(address, block=False, evt_handlers=handlers)
+    if handed_over is not None:
+        server_class = type("HandedOverServer", (_HandedOverServer,),
+                            {"channel": handed_over, "channel_address": address})
+    else:
+        server_class = _ReusePortServer
+    server = ae.make_server(address, evt_handlers=handlers, server_class=server_class)
+    thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # as AE.start_server does: AE.shutdown and active_associations see it
+    return server
+
+
+def pass_connection(channel: socket.socket, conn: socket.socket) -> None:
+    """The coordinator's side of the hand-over: send one accepted connection to a worker
+    (the caller closes its copy)."""
+    socket.send_fds(channel, [b"c"], [conn.fileno()])
 
 
 def stop_accepting(server: Any) -> None:

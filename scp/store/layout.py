@@ -7,7 +7,7 @@ don't, without reading the old names too.
     <spool_dir>/<StudyInstanceUID>/<SOPInstanceUID>.dcm
         one header-only DICOM Part 10 file per received instance (scp.store.part10),
         fsync'ed before the success status
-    <spool_dir>/<StudyInstanceUID>/.<SOPInstanceUID>.<thread>.tmp
+    <spool_dir>/<StudyInstanceUID>/.<SOPInstanceUID>.<pid>-<thread>.tmp
         an instance being written (never acknowledged; removed at the next start)
     <spool_dir>/<StudyInstanceUID>/<SOPInstanceUID>.dcm.corrupt
         a spooled file that could not be read, kept aside by older versions (never delivered;
@@ -15,6 +15,9 @@ don't, without reading the old names too.
     <spool_dir>/.lock
         holds the PID of the node that owns the spool, flock'ed while it runs: a second node
         on the same spool refuses to start (scp.store.spool.SpoolLock)
+    <spool_dir>/.rename.lock
+        flock'ed for each rename into the spool and each removal from it: the receive workers
+        and the coordinator (node.workers > 1) never interleave a resend with its removal
     <spool_dir>/quarantine/<StudyInstanceUID>/<SOPInstanceUID>.dcm
         a spool entry that could not be read (permissions, an I/O error, a folder or a FIFO
         named like an instance), set aside so that the rest of its study is delivered
@@ -76,6 +79,7 @@ REMOVING_PREFIX = ".removing-"
 QUARANTINE = "quarantine"
 QUARANTINE_REASON_SUFFIX = ".reason.txt"
 LOCK = ".lock"
+RENAME_LOCK = ".rename.lock"
 LOCK_SUFFIX = ".lock"
 
 # fullmatch, not match with "$": "$" also matches before a final "\n", which a file name
@@ -114,8 +118,8 @@ def corrupt_file(sop_uid: str) -> str:
     return instance_file(sop_uid) + CORRUPT_SUFFIX
 
 
-def spool_temp_file(sop_uid: str, writer: int) -> str:
-    """The name an instance is written under before its rename (writer: the thread's ident)."""
+def spool_temp_file(sop_uid: str, writer: int | str) -> str:
+    """The name an instance is written under before its rename (writer: the process and thread)."""
     return f".{sop_uid}.{writer}{TEMP_SUFFIX}"
 
 

@@ -32,7 +32,8 @@ from typing import Callable, Iterable, Iterator, Protocol
 from scp.errors import ConfigurationError
 from scp.store.files import fsync_folder, move_durably, write_atomically
 from scp.store.layout import (LOCK, QUARANTINE, QUARANTINE_REASON_SUFFIX, instance_file, instance_uid,
-                              is_safe_uid, is_study_folder_name, is_temp_file, quarantine_reason, spool_temp_file)
+                              is_safe_uid, is_study_folder_name, is_temp_file, quarantine_reason, spool_temp_file,
+                              RENAME_LOCK)
 
 log = logging.getLogger("scp.store.spool")
 
@@ -88,6 +89,35 @@ class Spool(Protocol):
         """Studies waiting."""
 
 
+class RenameGuard:
+    """A lock held by one thread of one process at a time: a thread lock, then an exclusive
+    flock on `path` (flock alone does not exclude the threads of one process, which share
+    the open file). Opened lazily, so a spool that is only read never creates the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RenameGuard":
+        self._thread_lock.acquire()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            assert self._fd is not None
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
 class FileSpool:
     """The node's spool on disk (see the module docstring)."""
 
@@ -95,8 +125,10 @@ class FileSpool:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         # Serialises "rename into place" against "is this still the delivered version? unlink":
-        # without it a resend landing between the check and the unlink would be lost.
-        self._lock = threading.Lock()
+        # without it a resend landing between the check and the unlink would be lost. Across
+        # processes too: receive workers rename, the coordinator unlinks (node.workers > 1).
+        self._lock = RenameGuard(self.root / RENAME_LOCK)
+        self._unreadable_lock = threading.Lock()
         self._unreadable: set[str] = set()  # study folders reported unreadable (reported once)
 
     def path(self, study_uid: str, sop_uid: str) -> Path:
@@ -121,7 +153,7 @@ class FileSpool:
         if not is_safe_uid(study_uid) or not is_safe_uid(sop_uid):
             raise ValueError(f"not a valid UID for a spool file name: study {study_uid!r}, instance {sop_uid!r}")
         folder = self.root / study_uid
-        tmp = folder / spool_temp_file(sop_uid, threading.get_ident())
+        tmp = folder / spool_temp_file(sop_uid, f"{os.getpid()}-{threading.get_ident()}")
         fd = self._open_temp(folder, tmp)
         try:
             for chunk in chunks:
@@ -227,14 +259,14 @@ class FileSpool:
         except FileNotFoundError:  # delivered (removed) meanwhile
             return None
         except OSError as exc:
-            with self._lock:
+            with self._unreadable_lock:
                 first = folder.name not in self._unreadable
                 self._unreadable.add(folder.name)
             if first:
                 log.error("spool folder %s cannot be read (%s); its study waits until it can",
                           folder, _os_reason(exc), extra={"study_uid": folder.name})
             return None
-        with self._lock:
+        with self._unreadable_lock:
             self._unreadable.discard(folder.name)
         return names
 
