@@ -17,7 +17,8 @@ from typing import IO, Any
 
 FORMATS = ("text", "json")
 # What the node knows at its call sites; only these extra names are copied into a JSON line.
-FIELDS = ("calling_aet", "peer", "study_uid", "instance_uid", "status", "destination", "exc_type", "exc")
+FIELDS = ("calling_aet", "peer", "study_uid", "instance_uid", "status", "destination", "exc_type", "exc",
+          "worker")
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
@@ -113,8 +114,27 @@ def settings() -> dict[str, Any]:
             "levels": {name: logging.getLogger(name).level for name in TUNED_LOGGERS}}
 
 
-def apply(given: dict[str, Any]) -> None:
-    """Log as `settings()` said another process does."""
+def apply(given: dict[str, Any], worker: int | None = None) -> None:
+    """Log as `settings()` said another process does; a receive worker's lines say which one
+    (the logger's name gets "/w<N>", JSON lines a "worker" field)."""
     configure(given["format"], given["level"])
     for name, level in given["levels"].items():
         logging.getLogger(name).setLevel(level)
+    if worker is not None:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, StderrHandler):
+                handler.addFilter(WorkerTag(worker))
+
+
+class WorkerTag(logging.Filter):
+    """Marks each line of a receive worker's process with its number."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "worker"):
+            record.worker = self.worker
+            record.name = f"{record.name}/w{self.worker}"
+        return True

@@ -137,6 +137,50 @@ class Admissions:
             return len(gone)
 
 
+class FloodLog:
+    """The lines about refused and timed-out connections: one per address and reason per interval.
+
+    One per node, like the admissions: with receive workers the coordinator's, which the
+    workers tell (scp.receive.worker), so an address flooding every worker still gets one line."""
+
+    def __init__(self, request_timeout: float, interval: float = LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.request_timeout = request_timeout
+        self.rate = RateLimitedLog(interval, clock)
+
+    def refused(self, address: str, reason: str) -> None:
+        """An association from `address` refused at the limits (`reason` says which)."""
+        count = self.rate.note(("limit", address))
+        if count is not None:
+            log.warning("%d association(s) from %s refused (A-ASSOCIATE-RJ transient, local limit exceeded): "
+                        "%s; further refusals for this address are counted into one line every %g s", count,
+                        address, reason, self.rate.interval, extra={"peer": address})
+
+    def timed_out(self, address: str) -> None:
+        """A connection from `address` closed without a complete A-ASSOCIATE-RQ in time."""
+        count = self.rate.note(("request", address))
+        if count is not None:
+            log.warning("%d connection(s) from %s closed: no complete A-ASSOCIATE-RQ within %g s "
+                        "(node.request_timeout); further ones from this address are counted into one line "
+                        "every %g s", count, address, self.request_timeout, self.rate.interval,
+                        extra={"peer": address})
+
+    def flush(self) -> None:
+        """At stop: the counts not yet in a line."""
+        for (reason, address), count in sorted(self.rate.pending().items()):
+            what = ("connection(s) closed without a complete A-ASSOCIATE-RQ" if reason == "request"
+                    else "association(s) refused at the connection limits")
+            log.warning("%d more %s from %s since the last line", count, what, address, extra={"peer": address})
+
+
+class FloodReporter(Protocol):
+    def refused(self, address: str, reason: str) -> None: ...
+
+    def timed_out(self, address: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+
 class AdmissionTable(Protocol):
     def admit(self, key: Hashable, address: str) -> Refusal | None: ...
 
@@ -151,15 +195,16 @@ class ConnectionLimits:
     """
 
     def __init__(self, node: NodeConfig, *, clock: Callable[[], float] = time.monotonic,
-                 log_interval: float = LOG_INTERVAL, admissions: AdmissionTable | None = None) -> None:
-        """admissions: the node's table when it is not this process's (a receive worker's)."""
+                 log_interval: float = LOG_INTERVAL, admissions: AdmissionTable | None = None,
+                 flood_log: FloodReporter | None = None) -> None:
+        """admissions, flood_log: the node's when they are not this process's (a receive worker's)."""
         self.limits = Limits.from_config(node)
         self.admissions = admissions if admissions is not None else Admissions(self.limits)
         self.request_timeout = node.request_timeout
         self.network_timeout = node.network_timeout
         self.acse_timeout = node.acse_timeout
         self.clock = clock
-        self.rate = RateLimitedLog(log_interval, clock)
+        self.flood_log = flood_log if flood_log is not None else FloodLog(node.request_timeout, log_interval, clock)
         self._opened: dict[int, tuple[object, float]] = {}  # id(assoc) -> (assoc, when its connection opened)
         self._admitted: dict[int, object] = {}  # id(assoc) -> assoc, while admitted
         self._lock = threading.Lock()
@@ -191,11 +236,7 @@ class ConnectionLimits:
             with self._lock:
                 self._admitted[id(assoc)] = assoc
             return None
-        count = self.rate.note(("limit", address))
-        if count is not None:
-            log.warning("%d association(s) from %s refused (A-ASSOCIATE-RJ transient, local limit exceeded): "
-                        "%s; further refusals for this address are counted into one line every %g s", count,
-                        address, refusal[1], self.rate.interval, extra={"peer": address})
+        self.flood_log.refused(address, refusal[1])
         return refusal
 
     def closed(self, event) -> None:
@@ -215,16 +256,8 @@ class ConnectionLimits:
 
     def request_timed_out(self, address: str) -> None:
         """A connection from `address` closed without a complete A-ASSOCIATE-RQ in time."""
-        count = self.rate.note(("request", address))
-        if count is not None:
-            log.warning("%d connection(s) from %s closed: no complete A-ASSOCIATE-RQ within %g s "
-                        "(node.request_timeout); further ones from this address are counted into one line "
-                        "every %g s", count, address, self.request_timeout, self.rate.interval,
-                        extra={"peer": address})
+        self.flood_log.timed_out(address)
 
     def flush(self) -> None:
         """At stop: the counts not yet in a line."""
-        for (reason, address), count in sorted(self.rate.pending().items()):
-            what = ("connection(s) closed without a complete A-ASSOCIATE-RQ" if reason == "request"
-                    else "association(s) refused at the connection limits")
-            log.warning("%d more %s from %s since the last line", count, what, address, extra={"peer": address})
+        self.flood_log.flush()

@@ -38,7 +38,7 @@ from scp import logs
 from scp.config import Config
 from scp.ops.metrics import Metrics
 from scp.receive import transport, worker as worker_process
-from scp.receive.limits import Admissions, Limits
+from scp.receive.limits import Admissions, FloodLog, Limits
 
 log = logging.getLogger("scp.receive.pool")
 
@@ -76,6 +76,7 @@ class ReceivePool:
         self.metrics = metrics
         self.clock = clock
         self.admissions = Admissions(Limits.from_config(config.node))
+        self.flood_log = FloodLog(config.node.request_timeout, clock=clock)
         self._workers: dict[int, _Worker] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -203,6 +204,11 @@ class ReceivePool:
         elif kind == "c":
             if self.metrics is not None:
                 self.metrics.for_sender(message[1]).associations.inc()
+        elif kind == "fl":
+            if message[1] == "limit":
+                self.flood_log.refused(message[2], message[3])
+            else:
+                self.flood_log.timed_out(message[2])
         elif kind == "ready":
             worker.ready.set()
         else:
@@ -332,6 +338,7 @@ class ReceivePool:
                 worker.handover.close()
         for thread in self._threads:
             thread.join(2)
+        self.flood_log.flush()
 
 
 def _how_ended(code: int | None) -> str:

@@ -29,7 +29,7 @@ from scp.ops.metrics import Metrics
 from scp.receive import transport
 from scp.receive.access import AccessPolicy
 from scp.receive.handlers import OnStored, StoreHandler, handle_echo
-from scp.receive.limits import AdmissionTable, ConnectionLimits
+from scp.receive.limits import AdmissionTable, ConnectionLimits, FloodReporter
 from scp.receive.tls import TlsHandshake, tls_context
 from scp.senders import SenderTable
 from scp.store.spool import Spool
@@ -46,13 +46,14 @@ class StorageServer:
     def __init__(self, node: NodeConfig, security: SecurityConfig, handler: StoreHandler,
                  senders: SenderTable | None = None, *, reuse_port: bool = False,
                  handed_over: socket.socket | None = None, admissions: AdmissionTable | None = None,
-                 on_closed: Callable[[object], None] | None = None) -> None:
+                 flood_log: FloodReporter | None = None, on_closed: Callable[[object], None] | None = None) -> None:
         """senders: the [[senders]] table (SenderTable.from_config); None = no entries, every AE title allowed
         (the security allow-lists still apply).
 
         A receive worker's server (scp.receive.worker) shares the node's port (reuse_port: SO_REUSEPORT;
         handed_over: connections passed in on this AF_UNIX socket), counts its associations in the
-        node's table (admissions), and reports each closed connection (on_closed(event))."""
+        node's table (admissions) and floods in its log (flood_log), and reports each closed
+        connection (on_closed(event))."""
         self.reuse_port = reuse_port
         self.handed_over = handed_over
         self.on_closed = on_closed
@@ -60,7 +61,7 @@ class StorageServer:
         self.policy = AccessPolicy.from_config(node, security, senders)
         self.ssl_context = tls_context(security)
         self.handler = handler
-        self.limits = ConnectionLimits(node, admissions=admissions)
+        self.limits = ConnectionLimits(node, admissions=admissions, flood_log=flood_log)
         self.ae = self._build_ae()
         self._server = None
         self._gate = None

@@ -16,11 +16,14 @@ owns completion and delivery; the worker tells it, as one JSON array per line on
     ["adm", key, addr]    may this association count? (the node's connection limits)
     ["rel", key]          it no longer counts
     ["x"]                 a connection closed (the hand-over's balance)
+    ["fl", kind, addr, why]  a refused ("limit") or timed-out ("request") connection, for the
+                          node's rate-limited log line
 
 An arrival is written before the instance's success goes back, so the coordinator reads
 every acknowledged instance even when the worker is killed right after (the kernel keeps
-what was written). When EVENTS closes (the coordinator is gone) the worker stops: what it
-acknowledged is in the spool, and the next node start resumes it.
+what was written). When EVENTS closes (the coordinator is gone) the worker exits at once, as
+the node would have had it been one process: what it acknowledged is in the spool, and the
+next node start resumes it; what was in flight was not acknowledged, and is sent again.
 """
 
 from __future__ import annotations
@@ -152,6 +155,22 @@ class ForwardedMetrics:
         return _ForwardedSender(self.channel, calling_aet)
 
 
+class ForwardedFloodLog:
+    """The connection floods, logged by the coordinator (one line per address for the node)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def refused(self, address: str, reason: str) -> None:
+        self.channel.send("fl", "limit", address, reason)
+
+    def timed_out(self, address: str) -> None:
+        self.channel.send("fl", "request", address, "")
+
+    def flush(self) -> None:
+        pass  # the coordinator's, at its stop
+
+
 class RemoteAdmissions:
     """The node's connection limits, asked of the coordinator (scp.receive.limits.Admissions there)."""
 
@@ -195,7 +214,8 @@ def build(start: Start, channel: Channel, admissions: RemoteAdmissions,
     archive = FileSpool(node.archive_dir) if node.archive_dir is not None else None
     return receiver(config, spool, lambda study, sop: channel.send("a", study, sop), archive=archive,
                     metrics=ForwardedMetrics(channel), reuse_port=handed_over is None, handed_over=handed_over,
-                    admissions=admissions, on_closed=lambda _event: channel.send("x"))
+                    admissions=admissions, flood_log=ForwardedFloodLog(channel),
+                    on_closed=lambda _event: channel.send("x"))
 
 
 def _listen_to_coordinator(stream, admissions: RemoteAdmissions, stop: threading.Event,
@@ -211,11 +231,12 @@ def _listen_to_coordinator(stream, admissions: RemoteAdmissions, stop: threading
                 stop.set()
                 return
     except (OSError, ValueError) as exc:
-        log.warning("receive worker %d: unreadable message from the coordinator (%s); stopping", os.getpid(), exc)
+        log.warning("receive worker (pid %d): unreadable message from the coordinator (%s)", os.getpid(), exc)
     if not stop.is_set():
-        log.warning("receive worker %d: the coordinator is gone; stopping (what was acknowledged is in the spool)",
-                    os.getpid())
-        stop.set()
+        log.warning("receive worker (pid %d): the node's coordinator is gone; exiting at once (what was "
+                    "acknowledged is in the spool for the next start)", os.getpid())
+        logging.shutdown()
+        os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     handed_over = socket.socket(fileno=int(argv[1])) if int(argv[1]) >= 0 else None
     stream = events.makefile("rb")
     start = _read_start(stream)
-    logs.apply(start.log_settings)
+    logs.apply(start.log_settings, worker=start.index)
     # Ctrl-C reaches the whole process group: the coordinator stops the workers, in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
