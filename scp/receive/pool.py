@@ -105,8 +105,8 @@ class ReceivePool:
         if self.mode == "handover":
             self._thread(self._accept, "handover")
         self._thread(self._watch, "workers")
-        log.info("listening on %s:%d as %s with %d receive workers (%s)", host or "*", port,
-                 self.config.node.ae_title, self.count, self.mode)
+        log.info("listening on %s:%d as %s with %d receive workers (%s), pids %s", host or "*", port,
+                 self.config.node.ae_title, self.count, self.mode, " ".join(map(str, self.pids)))
         return host, port
 
     def _bind(self) -> socket.socket:
@@ -265,6 +265,7 @@ class ReceivePool:
             self._stopping.wait(0.1)
 
     def _restart(self, worker: _Worker) -> None:
+        """Start another in its place (its last arrivals read first), unless the node is stopping."""
         code = worker.process.returncode
         lived = self.clock() - worker.started
         if worker.reader is not None:
@@ -284,7 +285,7 @@ class ReceivePool:
                 self._workers.pop(index, None)
             return
         replacement = self._spawn(index)
-        if replacement.ready.wait(READY_TIMEOUT):
+        if replacement.ready.wait(READY_TIMEOUT) and not self._stopping.is_set():
             log.info("receive worker %d started again (pid %d)", index, replacement.process.pid)
 
     # --- stop -----------------------------------------------------------------------------------
@@ -313,18 +314,31 @@ class ReceivePool:
         grace = self.config.node.stop_grace if grace is None else grace
         self._stopping.set()
         if self._socket is not None:
-            try:
-                self._socket.close()  # handover: no more accepts; reuseport: the port is let go
+            try:  # shutdown wakes the hand-over's accept() (close alone does not, on Linux)
+                self._socket.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        with self._lock:
-            workers = list(self._workers.values())
+            self._socket.close()  # handover: no more accepts; reuseport: the port is let go
+        deadline = time.monotonic() + grace + KILL_WAIT
+        stopped: set[int] = set()
+        while True:  # again for one a restart started meanwhile
+            with self._lock:
+                workers = [w for w in self._workers.values() if id(w) not in stopped]
+            if not workers:
+                break
+            self._stop_workers(workers, grace, deadline)
+            stopped.update(map(id, workers))
+        for thread in self._threads:
+            thread.join(2)
+        self.flood_log.flush()
+
+
+    def _stop_workers(self, workers: list[_Worker], grace: float, deadline: float) -> None:
         for worker in workers:
             self._tell(worker, "stop", grace)
-        deadline = time.monotonic() + grace + KILL_WAIT
         for worker in workers:
             try:
-                worker.process.wait(max(deadline - time.monotonic(), 0))
+                worker.process.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 log.warning("receive worker %d (pid %d) did not stop within %g s; killed", worker.index,
                             worker.process.pid, grace + KILL_WAIT)
@@ -336,9 +350,6 @@ class ReceivePool:
             worker.events.close()
             if worker.handover is not None:
                 worker.handover.close()
-        for thread in self._threads:
-            thread.join(2)
-        self.flood_log.flush()
 
 
 def _how_ended(code: int | None) -> str:
