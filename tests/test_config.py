@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mapping.errors import ConfigurationError
-from scp.config import Config, SenderConfig, config_from_mapping, load_config, override
+from scp.config import Config, SenderConfig, config_from_mapping, default_workers, load_config, override
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,3 +84,18 @@ def test_every_senders_key_is_described_in_the_documented_config():
     text = (REPO / "config" / "dicom-fhir-scp.toml").read_text()
     described = set(re.findall(r"^#   ([a-z_]+) ", text, re.MULTILINE))
     assert {f.name for f in fields(SenderConfig)} <= described
+
+
+def test_node_workers_default_to_the_cpus_this_process_may_use():
+    assert Config().node.workers == default_workers() >= 1
+
+
+@pytest.mark.parametrize("workers", [0, 65])
+def test_node_workers_outside_1_to_64_are_refused(workers):
+    with pytest.raises(ConfigurationError, match=r"node\.workers"):
+        config_from_mapping({"node": {"workers": workers}}, environ={})
+
+
+def test_node_worker_sockets_must_be_reuseport_or_handover():
+    with pytest.raises(ConfigurationError, match=r"node\.worker_sockets.*reuseport"):
+        config_from_mapping({"node": {"worker_sockets": "fork"}}, environ={})

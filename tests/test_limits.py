@@ -7,7 +7,7 @@ import pytest
 
 from mapping.errors import ConfigurationError
 from scp.config import NodeConfig
-from scp.receive.limits import Limits, RateLimitedLog
+from scp.receive.limits import Admissions, FloodLog, Limits, RateLimitedLog
 from scp.receive.status import ASSOCIATE_REJECTIONS, REJECT_LIMIT
 from tests.clocks import FakeClock
 
@@ -79,3 +79,37 @@ def test_the_defaults_are_64_associations_8_per_peer_and_a_10_s_request_timeout(
 def test_a_limit_or_timeout_out_of_range_is_a_configuration_error_naming_the_key(key, value):
     with pytest.raises(ConfigurationError, match=f"node.{key}"):
         NodeConfig(**{key: value})
+
+
+def test_admissions_count_every_key_against_the_node_limits():
+    admissions = Admissions(Limits(max_associations=3, max_associations_per_peer=2))
+    assert admissions.admit((0, 1), "10.0.0.1") is None
+    assert admissions.admit((1, 1), "10.0.0.1") is None  # another worker's association, same table
+    refusal = admissions.admit((0, 2), "10.0.0.1")
+    assert refusal is not None and refusal[0] == REJECT_LIMIT
+    assert admissions.admit((0, 2), "10.0.0.2") is None
+    assert admissions.admit((1, 2), "10.0.0.3") is not None  # 3 open: the node limit
+    admissions.release((0, 1))
+    assert admissions.admit((1, 2), "10.0.0.3") is None
+
+
+def test_a_workers_admissions_are_forgotten_when_it_ends():
+    admissions = Admissions(Limits(max_associations=2, max_associations_per_peer=2))
+    admissions.admit((0, 1), "10.0.0.1")
+    admissions.admit((0, 2), "10.0.0.1")
+    assert admissions.admit((1, 1), "10.0.0.1") is not None
+    assert admissions.release_where(lambda key: key[0] == 0) == 2
+    assert admissions.admit((1, 1), "10.0.0.1") is None
+
+
+def test_the_flood_log_says_one_line_per_address_and_interval_whoever_reports_it(caplog):
+    clock = FakeClock()
+    flood = FloodLog(request_timeout=10, interval=60, clock=clock)
+    with caplog.at_level("WARNING", logger="scp.receive.limits"):
+        for _ in range(3):  # e.g. from two workers
+            flood.timed_out("10.0.0.9")
+        clock.now += 61
+        flood.timed_out("10.0.0.9")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[1].startswith("3 connection(s) from 10.0.0.9")
