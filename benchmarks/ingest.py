@@ -598,6 +598,12 @@ def single(args: argparse.Namespace, tmp: Path, study: GeneratedStudy, megabytes
     return missed
 
 
+def load_average() -> str:
+    """The machine's load, printed with the figures: other processes on a shared machine lower them."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("single", "aggregate"), default=None,
@@ -646,10 +652,13 @@ def main() -> int:
         megabytes = sum(p.stat().st_size for p in study.files) / 1e6
         print(f"{args.n} instances, {megabytes:.1f} MB ({megabytes * 1e3 / args.n:.0f} KB each)\n", flush=True)
         if "single" in parts:
+            print(load_average())
             missed += single(args, tmp, study, megabytes)
             print()
         if "aggregate" in parts:
+            print(load_average())
             missed += aggregate(args, tmp, study, megabytes, modes)
+        print(load_average())
     print("targets: " + ("all met" if not missed else "MISSED:\n  " + "\n  ".join(missed)))
     return 1 if missed else 0
 
