@@ -13,7 +13,8 @@ checks it):
     scp.sinks                where a completed study goes: the disk (scp.sinks.disk), a FHIR
                              server (scp.sinks.fhir)
     scp.pipeline             completion timers, work done ahead, the retry policy, delivery
-    scp.receive              the DICOM side: access policy, TLS, handlers, status table, and
+    scp.receive              the DICOM side: access policy, TLS, handlers, status table, the
+                             receive workers (pool: the coordinator's side, worker: the process), and
                              scp.receive.transport, the one module that touches pynetdicom internals
     scp.sources              instances from a folder of files (`convert`)
     scp.sources.dicomweb     studies pulled from a DICOMweb server (`sync`): client, windows,
