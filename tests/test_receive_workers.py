@@ -196,3 +196,13 @@ def test_a_node_with_one_worker_receives_in_its_own_process(tmp_path):
         assert not WORKER_PIDS.search(node.log())
     finally:
         assert node.stop() == 0
+
+
+def test_sigterm_to_every_process_as_systemd_sends_it_stops_the_node_in_order(tmp_path):
+    node = NodeProcess(tmp_path / "node", config=config("reuseport")).start()
+    pids = worker_pids(node)
+    for pid in pids:  # systemd signals the whole cgroup; the workers leave the stop to their coordinator
+        os.kill(pid, 15)
+    assert node.stop() == 0
+    assert "ended unexpectedly" not in node.log()
+    assert not any(map(alive, pids))

@@ -246,11 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     stream = events.makefile("rb")
     start = _read_start(stream)
     logs.apply(start.log_settings, worker=start.index)
-    # Ctrl-C reaches the whole process group: the coordinator stops the workers, in order.
+    # Ctrl-C reaches the whole process group, systemd's SIGTERM the whole cgroup: a worker stops
+    # when its coordinator says so (or is gone), never on its own, so that a worker that stopped
+    # first is not mistaken for one that died (and started again) while the node stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stop = threading.Event()
     grace = [start.config.node.stop_grace]
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     channel = Channel(events)
     admissions = RemoteAdmissions(channel)
     server = build(start, channel, admissions, handed_over)
