@@ -97,8 +97,8 @@ def main(workdir: Path, parts: int, instances: int) -> dict:
             return node.spooled(study.study_uid) | _output_instances(node, study.study_uid)
 
         def journaled() -> bool:  # a node writes its journal line just after the server took the study
-            return all(any(d["result"].startswith("delivered") and d["instances"] == len(received(node))
-                           for d in node.deliveries(study.study_uid)) for node in nodes)
+            # A node whose two associations came more than idle_timeout apart delivers two parts.
+            return all(delivered_count(node.deliveries(study.study_uid)) == len(received(node)) for node in nodes)
         wait_for(journaled, 30, "each node's journal line for what it delivered")
         return {
             "study_uid": study.study_uid, "sop_uids": study.sop_uids, "health": health,
@@ -113,6 +113,11 @@ def main(workdir: Path, parts: int, instances: int) -> dict:
         for node in nodes:
             node.stop()
         engine.stop()
+
+
+def delivered_count(deliveries: list[dict]) -> int:
+    """Instances in a node's delivered parts (each part's instances are new to that node)."""
+    return sum(d["instances"] for d in deliveries if d["result"].startswith("delivered"))
 
 
 def _output_instances(node: NodeProcess, study_uid: str) -> set[str]:

@@ -30,7 +30,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from pynetdicom import _config as pynetdicom_config
 
-from scp.store.layout import LOCK, RENAME_LOCK
+from scp.store.layout import LOCK
 from tests.bigfiles import large_instance
 from tests.clocks import wait_for
 from tests.conftest import require_tool
@@ -113,10 +113,9 @@ def sigkill(node: NodeProcess) -> None:
 
 
 def temporary_files(folder: Path) -> list[str]:
-    """Hidden and temp files, the spool's lock files (<spool_dir>/.lock and .rename.lock, kept on
-    purpose) left out."""
+    """Hidden and temp files, the spool's lock file (<spool_dir>/.lock, kept on purpose) left out."""
     return sorted(p.name for p in folder.rglob("*") if p.is_file() and (p.name.startswith(".") or ".tmp" in p.name)
-                  and p not in (folder / LOCK, folder / RENAME_LOCK))
+                  and p != folder / LOCK)
 
 
 def output_files_are_whole(node: NodeProcess) -> None:

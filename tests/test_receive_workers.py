@@ -31,8 +31,13 @@ WORKER_PIDS = re.compile(r"with 2 receive workers \((\w+)\), pids (\d+) (\d+)")
 
 
 def config(mode: str, **node) -> str:
-    keys = {"workers": 2, "worker_sockets": mode, **node}
+    keys = {"worker_sockets": mode, **node}
     return "[node]\n" + "".join(f"{key} = {value!r}\n" for key, value in keys.items())
+
+
+def workers_node(root, mode: str, *, workers: int = 2, extra: str = "", **kwargs) -> NodeProcess:
+    """A node with `workers` receive workers: the flag, which CI's DICOM_FHIR_SCP_NODE_WORKERS does not override."""
+    return NodeProcess(root, "--workers", str(workers), config=config(mode) + extra, **kwargs)
 
 
 def worker_pids(node: NodeProcess) -> list[int]:
@@ -66,7 +71,7 @@ def test_a_study_sent_over_four_storescu_associations_at_once_is_delivered_once_
         for path in study.files[index::4]:
             (part / path.name).symlink_to(path)
         parts.append(part)
-    node = NodeProcess(tmp_path / "node", idle_timeout=2, config=config(mode)).start()
+    node = workers_node(tmp_path / "node", mode, idle_timeout=2).start()
     try:
         env = {**os.environ, "TCP_NODELAY": "1"}
         senders = [subprocess.Popen([require_tool("storescu"), "-aec", "FHIRSCP", "+sd", "127.0.0.1", str(node.port),
@@ -84,7 +89,7 @@ def test_a_study_sent_over_four_storescu_associations_at_once_is_delivered_once_
 
 def test_with_the_hand_over_concurrent_associations_go_to_different_workers_and_complete_as_one_study(tmp_path):
     study = generate_study(tmp_path / "study", 20, 1)
-    node = NodeProcess(tmp_path / "node", idle_timeout=2, config=config("handover")).start()
+    node = workers_node(tmp_path / "node", "handover", idle_timeout=2).start()
     try:
         associations = [associate(node.port, calling=f"SCU{index}") for index in range(2)]
         assert all(a.is_established for a in associations)
@@ -104,7 +109,7 @@ def test_with_the_hand_over_concurrent_associations_go_to_different_workers_and_
 @pytest.mark.parametrize("mode", MODES)
 def test_a_worker_killed_mid_stream_loses_nothing_it_acknowledged_and_is_started_again(tmp_path, mode):
     study = generate_study(tmp_path / "study", 40, 2)
-    node = NodeProcess(tmp_path / "node", idle_timeout=2, config=config(mode)).start()
+    node = workers_node(tmp_path / "node", mode, idle_timeout=2).start()
     try:
         sender = StreamingSender(node.port, study).start()
         sender.wait_acknowledged(10)
@@ -129,7 +134,7 @@ def test_a_worker_killed_mid_stream_loses_nothing_it_acknowledged_and_is_started
 def test_the_coordinator_killed_mid_stream_takes_its_workers_along_and_a_restart_delivers_every_acknowledged_instance(
         tmp_path, mode):
     study = generate_study(tmp_path / "study", 40, 2)
-    node = NodeProcess(tmp_path / "node", idle_timeout=600, config=config(mode)).start()
+    node = workers_node(tmp_path / "node", mode, idle_timeout=600).start()
     pids = worker_pids(node)
     sender = StreamingSender(node.port, study).start()
     sender.wait_acknowledged(10)
@@ -148,7 +153,7 @@ def test_the_coordinator_killed_mid_stream_takes_its_workers_along_and_a_restart
 
 @pytest.mark.parametrize("mode", MODES)
 def test_sigterm_stops_every_process_and_exits_0(tmp_path, mode):
-    node = NodeProcess(tmp_path / "node", config=config(mode)).start()
+    node = workers_node(tmp_path / "node", mode).start()
     pids = worker_pids(node)
     assert all(map(alive, pids))
     assert node.stop() == 0
@@ -157,7 +162,7 @@ def test_sigterm_stops_every_process_and_exits_0(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_the_per_peer_limit_counts_the_associations_of_every_worker(tmp_path, mode):
-    node = NodeProcess(tmp_path / "node", config=config(mode, max_associations_per_peer=2)).start()
+    node = NodeProcess(tmp_path / "node", "--workers", "2", config=config(mode, max_associations_per_peer=2)).start()
     associations = []
     try:
         associations = [associate(node.port, calling=f"SCU{index}", timeout=10) for index in range(4)]
@@ -173,8 +178,8 @@ def test_the_per_peer_limit_counts_the_associations_of_every_worker(tmp_path, mo
 
 def test_the_metrics_count_what_every_worker_received(tmp_path):
     study = generate_study(tmp_path / "study", 12, 1)
-    node = NodeProcess(tmp_path / "node", config=config("handover") + "[operations]\nhttp_enabled = true\n"
-                       "http_port = 0\n").start()
+    node = workers_node(tmp_path / "node", "handover",
+                        extra="[operations]\nhttp_enabled = true\nhttp_port = 0\n").start()
     try:
         port = node.ops_port()
         associations = [associate(node.port, calling="METRICS") for _ in range(2)]
@@ -190,7 +195,7 @@ def test_the_metrics_count_what_every_worker_received(tmp_path):
 
 
 def test_a_node_with_one_worker_receives_in_its_own_process(tmp_path):
-    node = NodeProcess(tmp_path / "node", config="[node]\nworkers = 1\n").start()
+    node = NodeProcess(tmp_path / "node", "--workers", "1").start()
     try:
         assert "receive workers" not in node.log()
         assert not WORKER_PIDS.search(node.log())
@@ -199,7 +204,7 @@ def test_a_node_with_one_worker_receives_in_its_own_process(tmp_path):
 
 
 def test_sigterm_to_every_process_as_systemd_sends_it_stops_the_node_in_order(tmp_path):
-    node = NodeProcess(tmp_path / "node", config=config("reuseport")).start()
+    node = workers_node(tmp_path / "node", "reuseport").start()
     pids = worker_pids(node)
     for pid in pids:  # systemd signals the whole cgroup; the workers leave the stop to their coordinator
         os.kill(pid, 15)

@@ -73,8 +73,7 @@ def test_spool_files_are_removed_once_the_study_was_delivered(tmp_path, node):
     storescu(scp, *study.files)
     scp.wait_for_deliveries(study.study_uid)
     wait_for(lambda: not (scp.spool / study.study_uid).exists(), 5, "the study's spool folder to go")
-    # The node's lock and the spool's rename lock stay.
-    assert sorted(p.name for p in scp.spool.iterdir()) == [".lock", ".rename.lock", "deliveries.jsonl"]
+    assert sorted(p.name for p in scp.spool.iterdir()) == [".lock", "deliveries.jsonl"]  # the node's lock stays
 
 
 def test_compressed_files_sent_with_dcmsend_are_stored_in_their_own_transfer_syntax(tmp_path, node):

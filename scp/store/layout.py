@@ -15,9 +15,9 @@ don't, without reading the old names too.
     <spool_dir>/.lock
         holds the PID of the node that owns the spool, flock'ed while it runs: a second node
         on the same spool refuses to start (scp.store.spool.SpoolLock)
-    <spool_dir>/.rename.lock
-        flock'ed for each rename into the spool and each removal from it: the receive workers
-        and the coordinator (node.workers > 1) never interleave a resend with its removal
+    <spool_dir>/ itself is flock'ed for each rename into the spool and each removal from it:
+        the receive workers and the coordinator (node.workers > 1) never interleave a resend
+        with its removal
     <spool_dir>/quarantine/<StudyInstanceUID>/<SOPInstanceUID>.dcm
         a spool entry that could not be read (permissions, an I/O error, a folder or a FIFO
         named like an instance), set aside so that the rest of its study is delivered
@@ -79,7 +79,6 @@ REMOVING_PREFIX = ".removing-"
 QUARANTINE = "quarantine"
 QUARANTINE_REASON_SUFFIX = ".reason.txt"
 LOCK = ".lock"
-RENAME_LOCK = ".rename.lock"
 LOCK_SUFFIX = ".lock"
 
 # fullmatch, not match with "$": "$" also matches before a final "\n", which a file name

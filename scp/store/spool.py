@@ -32,8 +32,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 from scp.errors import ConfigurationError
 from scp.store.files import fsync_folder, move_durably, write_atomically
 from scp.store.layout import (LOCK, QUARANTINE, QUARANTINE_REASON_SUFFIX, instance_file, instance_uid,
-                              is_safe_uid, is_study_folder_name, is_temp_file, quarantine_reason, spool_temp_file,
-                              RENAME_LOCK)
+                              is_safe_uid, is_study_folder_name, is_temp_file, quarantine_reason, spool_temp_file)
 
 log = logging.getLogger("scp.store.spool")
 
@@ -91,11 +90,11 @@ class Spool(Protocol):
 
 class RenameGuard:
     """A lock held by one thread of one process at a time: a thread lock, then an exclusive
-    flock on `path` (flock alone does not exclude the threads of one process, which share
-    the open file). Opened lazily, so a spool that is only read never creates the file."""
+    flock on the spool's folder itself (no lock file: the folder holds only what the layout
+    names; flock alone does not exclude the threads of one process, which share the open folder)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
         self._thread_lock = threading.Lock()
         self._fd: int | None = None
 
@@ -103,7 +102,7 @@ class RenameGuard:
         self._thread_lock.acquire()
         try:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                self._fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
             self._thread_lock.release()
@@ -127,7 +126,7 @@ class FileSpool:
         # Serialises "rename into place" against "is this still the delivered version? unlink":
         # without it a resend landing between the check and the unlink would be lost. Across
         # processes too: receive workers rename, the coordinator unlinks (node.workers > 1).
-        self._lock = RenameGuard(self.root / RENAME_LOCK)
+        self._lock = RenameGuard(self.root)
         self._unreadable_lock = threading.Lock()
         self._unreadable: set[str] = set()  # study folders reported unreadable (reported once)
 
