@@ -29,6 +29,7 @@ dcmread too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import mmap
@@ -108,16 +109,15 @@ def parse(reduced: Reduced) -> Dataset | None:
     What dcmread does, less what cannot matter here (the preamble, a command set, the
     transfer syntax's choice: all checked while cutting), with pydicom's own functions, so
     that the elements are the same RawDataElements and the character set is decoded as
-    often (each time may warn). A file meta pydicom warns about is left to dcmread: which of
-    its elements dcmread converts is its business.
+    often (each time may warn). A file meta pydicom warns about is left to dcmread
+    (_quiet_meta_element).
     """
+    mode = pydicom.config.settings.reading_validation_mode
+    if not all(_quiet_meta_element(element, mode) for element in _elements(reduced.meta)):
+        return None
     with _held_back() as (caught, records):
         try:
             meta = FileMetaDataset(read_dataset(io.BytesIO(reduced.meta), False, True))
-            for tag in list(meta.keys()):
-                meta[tag]  # converted: a value pydicom would warn about sends the file to dcmread
-            if caught or records:
-                return None
             meta.set_original_encoding(False, True, default_encoding)
             ds = read_dataset(io.BytesIO(reduced.data_set), reduced.implicit, reduced.little)
             # dcmread decodes the character set a second time (FileDataset's original encoding)
@@ -134,6 +134,31 @@ def parse(reduced: Reduced) -> Dataset | None:
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return ds
+
+
+def _elements(data: bytes) -> Iterator[bytes]:
+    """Each explicit VR little endian element of data, whole (the file meta, already walked once)."""
+    pos = 0
+    for _tag, _vr, _length, _start, end in top_level(data, encoding(False, True)):
+        yield data[pos:end]
+        pos = end
+
+
+# A memo of a pure function, not state: the File Meta elements of a folder's files are the same
+# bytes but for the SOP Instance UID, and converting them is a third of a cut file's parse.
+@functools.lru_cache(maxsize=64)
+def _quiet_meta_element(element: bytes, validation_mode: int) -> bool:
+    """pydicom converts this File Meta element (its bytes, header included) without a warning or a log
+    record, under this reading_validation_mode. dcmread converts some of them (which ones is its
+    business): a file with any other is left to dcmread, which reports what it finds."""
+    with _held_back() as (caught, records):
+        try:
+            meta = read_dataset(io.BytesIO(element), False, True)
+            for tag in list(meta.keys()):
+                meta[tag]  # converted (and validated) here
+        except Exception:
+            return False
+    return not caught and not records
 
 
 @contextlib.contextmanager
