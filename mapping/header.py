@@ -211,6 +211,22 @@ class InstanceHeader:
         )
 
 
+# Every top-level element InstanceHeader.from_dataset reads (the character set included):
+# a reader may hand it a Dataset of these alone (convert's fast path, scp.sources.header_bytes)
+# and get the same header. tests/test_mapping_header_tags.py checks from_dataset reads no other.
+HEADER_TAGS = frozenset({
+    0x00080005, 0x00080008, 0x00080016, 0x00080018, 0x00080020, 0x00080021, 0x00080030, 0x00080031,
+    0x00080050, 0x00080051, 0x00080060, 0x00080080, 0x00080090, 0x00080201, 0x00081030, 0x00081032,
+    0x0008103E, 0x00081040, 0x00081050, 0x00081060, 0x00081070, 0x00081115,
+    0x00100010, 0x00100020, 0x00100021, 0x00100024, 0x00100030, 0x00100040, 0x00101002,
+    0x00180015, 0x0020000D, 0x0020000E, 0x00200011, 0x00200013, 0x00200060, 0x00200062, 0x00280008,
+    0x00280103,  # PixelRepresentation: pydicom hands it to a sequence's items when it reads one
+    0x00400275, 0x00401002, 0x0040100A, 0x0040A043, 0x0040A375, 0x00420010,
+    0x30060010,  # ReferencedFrameOfReferenceSequence (RTSTRUCT)
+    0x52009229, 0x52009230,  # Shared / Per-frame Functional Groups (SEG source images)
+})
+
+
 # Character sets whose bytes can be decoded directly (no ISO 2022 code extensions, and a
 # backslash byte is always the value separator): the common case, decoded without pydicom's
 # per-element conversion machinery, which costs more than reading the file.

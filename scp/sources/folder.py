@@ -41,9 +41,11 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from mapping import InstanceHeader, StudyResources, convert_datasets, convert_study, render
 from mapping.errors import (ConfigurationError, DicomFhirError, MappingError, MultipleStudiesError,
                             PatientMismatchError)
+from mapping.header import HEADER_TAGS
 from mapping.options import MappingOptions
 from scp.dicom.elements import CutShort, Malformed, element_head, encoding, value_end
 from scp.sinks.disk import UnusableOutputError, write_study
+from scp.sources.header_bytes import read_reduced
 from scp.sources.parallel import emit_records, read_in_workers
 
 log = logging.getLogger("scp.sources.folder")
@@ -207,7 +209,7 @@ def _log_pydicom_warning(path: Path, warning: warnings.WarningMessage) -> None:
 
 
 def _header_of(path: Path) -> InstanceHeader:
-    ds = read_dataset(path)
+    ds = _mapped_dataset(path)
     try:
         header = InstanceHeader.from_dataset(ds)
     except MappingError as exc:
@@ -217,6 +219,21 @@ def _header_of(path: Path) -> InstanceHeader:
         log.debug("mapping %s failed", path, exc_info=True)
         raise UnusableFileError(path, UNMAPPABLE, f"{type(exc).__name__}; details with -d") from exc
     return header
+
+
+def _mapped_dataset(path: Path) -> Dataset:
+    """read_dataset holding only the elements the mapping reads, when header_bytes can cut the file
+    down (several times faster: pydicom walks 40 elements, not 250); else read_dataset itself."""
+    try:
+        with open(path, "rb") as fp:
+            ds = read_reduced(fp, HEADER_TAGS)
+    except OSError:
+        ds = None  # read_dataset reports it
+    if ds is None:
+        return read_dataset(path)
+    if ds.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
+        raise UnusableFileError(path, DICOMDIR)
+    return ds
 
 
 def _parse(fp: BinaryIO, path: Path) -> Dataset:

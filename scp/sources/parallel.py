@@ -71,16 +71,24 @@ def read_in_workers(files: Sequence[Path], jobs: int, read: Callable[[Path], Any
     file. The caller emits the records (emit_records), then handles the result.
     """
     workers = max(1, min(jobs, len(files)))
+    # Ctrl-C while the pool starts and map() queues the chunks can leave concurrent.futures'
+    # bookkeeping half done: the interpreter then waits at exit for results no worker will send
+    # (seen with a few hundred chunks). SIGINT is held until the chunks are queued, and raised
+    # in the loop below, where the shutdown in `finally` handles it.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     executor = ProcessPoolExecutor(workers, mp_context=_context(), initializer=_worker_start)
     try:
-        # Frozen objects are out of the collector's reach: a worker's collections would otherwise
-        # touch, and so copy, every page it inherited (measured: about 10% of a worker's time).
-        # map() submits every chunk at once, which forks the workers.
-        gc.freeze()
         try:
-            results = executor.map(_Reader(read), files, chunksize=chunk_size(len(files), workers))
+            # Frozen objects are out of the collector's reach: a worker's collections would otherwise
+            # touch, and so copy, every page it inherited (measured: about 10% of a worker's time).
+            # map() submits every chunk at once, which forks the workers.
+            gc.freeze()
+            try:
+                results = executor.map(_Reader(read), files, chunksize=chunk_size(len(files), workers))
+            finally:
+                gc.unfreeze()
         finally:
-            gc.unfreeze()
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         for path, outcome in zip(files, results):
             yield path, outcome
     except BrokenProcessPool:
