@@ -209,10 +209,6 @@ class StoreHandler:
                     "empty or missing", calling_aet(event), INVALID_SOP_INSTANCE,
                     extra=log_fields(event, status=dimse_status(INVALID_SOP_INSTANCE)))
 
-    def recover(self) -> int:
-        """At start: remove the data set files a killed node was receiving (none was acknowledged)."""
-        return recover_incoming(self.incoming) if self.incoming is not None else 0
-
     def _fail(self, event, sop_uid: str, exc: BadInstance) -> int:
         log.warning("C-STORE from %s: instance %s refused with 0x%04X: %s", calling_aet(event), sop_uid,
                     exc.status, exc.problem, extra=log_fields(event, instance_uid=sop_uid, status=dimse_status(exc.status)))
