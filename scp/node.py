@@ -91,7 +91,8 @@ class Node:
                                        retry=RetryPolicy(max_backoff=config.fhir.max_backoff), clock=clock,
                                        metrics=metrics,
                                        on_delivered=self._delivered if self.hooks is not None else None,
-                                       route=study_route(config), workers=node.delivery_workers)
+                                       route=study_route(config), workers=node.delivery_workers,
+                                       parse_while_receiving=node.workers > 1)
         # node.workers > 1: receive workers (scp.receive.pool) tell this process what they spooled.
         self.server: StorageServer | ReceivePool
         if node.workers > 1:

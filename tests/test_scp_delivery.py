@@ -291,6 +291,29 @@ def test_nothing_is_parsed_ahead_while_instances_arrive(tmp_path, clock):
     assert len(worker.cache) == 0
 
 
+def test_receivers_in_other_processes_let_headers_be_parsed_while_instances_arrive(tmp_path, clock):
+    # node.workers > 1: the parsing takes no GIL from the receive threads, so it need not wait
+    spool = MemorySpool()
+    sops = {spool_instance(spool, "1.2.3") for _ in range(2)}
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock, parse_while_receiving=True)
+    arrive(worker, "1.2.3", sops)
+    clock.now += 0.01
+    assert worker.work_ahead() is True
+    assert len(worker.cache) == 2
+
+
+def test_a_conversion_ahead_waits_for_quiet_even_while_parsing_with_the_arrivals(tmp_path, clock):
+    # each arrival would make it stale: converting with every batch would redo the whole study
+    spool = MemorySpool()
+    sops = {spool_instance(spool, "1.2.3")}
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock, parse_while_receiving=True)
+    arrive(worker, "1.2.3", sops)
+    clock.now += 0.01
+    worker.work_ahead()
+    assert worker.work_ahead() is False
+    assert worker.cache.is_converted("1.2.3", sops) is False
+
+
 def test_nothing_is_parsed_ahead_when_no_instance_waits(tmp_path, clock):
     worker = make_worker(tmp_path, MemorySpool(), [RecordingSink()], clock)
     assert worker.work_ahead() is None

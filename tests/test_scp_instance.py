@@ -12,6 +12,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from mapping import InstanceHeader
+from mapping.header import HEADER_TAGS
 from scp.receive.dataset import BadInstance, header_file, parse_received
 from scp.receive.status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH
 from scp.store.part10 import header_dataset
@@ -85,6 +86,16 @@ def test_header_dataset_gives_the_mapping_the_same_header_as_pydicom():
         spooled = b"".join(header_file(parse_received(data, syntax)))
         fast = InstanceHeader.from_dataset(header_dataset(spooled))
         assert fast == InstanceHeader.from_dataset(pydicom.dcmread(io.BytesIO(spooled))), path
+
+
+def test_the_header_tags_alone_give_the_mapping_the_same_header_as_pydicom():
+    # the delivery reads only mapping.header.HEADER_TAGS from each spooled header
+    for path in real_files():
+        data, syntax = dataset_bytes(path)
+        spooled = b"".join(header_file(parse_received(data, syntax)))
+        reduced = header_dataset(spooled, HEADER_TAGS)
+        assert set(reduced.keys()) <= HEADER_TAGS, path
+        assert InstanceHeader.from_dataset(reduced) == InstanceHeader.from_dataset(pydicom.dcmread(io.BytesIO(spooled))), path
 
 
 def test_a_deflated_data_set_is_spooled_inflated_as_explicit_vr_little_endian():

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from mapping import InstanceHeader, convert_study
 from mapping.errors import MappingError, PatientMismatchError
+from mapping.header import HEADER_TAGS
 from mapping.options import MappingOptions
 from scp.errors import DeliveryRejected, DeliveryRetryable
 from scp.pipeline.cache import ParseAheadCache
@@ -73,7 +74,7 @@ def table_for(options: MappingOptions | None, senders: SenderTable | None) -> Se
 def read_header(instance: SpooledInstance) -> InstanceHeader:
     """The InstanceHeader of one spooled header file."""
     try:
-        ds = header_dataset(instance.data)
+        ds = header_dataset(instance.data, HEADER_TAGS)  # only what the mapping reads: a third of the time
     except ValueError:  # not written by this node's spool (an older file, a copy): let pydicom read it
         import pydicom
         ds = pydicom.dcmread(io.BytesIO(instance.data))

@@ -58,6 +58,7 @@ from scp.store.spool import Spool
 log = logging.getLogger("scp.pipeline.worker")
 
 QUIET = 0.1  # seconds without any arrival before headers of waiting studies are parsed ahead
+# (or converted ahead: a conversion is redone whenever an instance arrives, so it always waits)
 PREPARE_BATCH = 100  # instances parsed ahead before checking again for due parts and arrivals
 
 
@@ -80,12 +81,16 @@ class DeliveryWorker:
                  retry: RetryPolicy = RetryPolicy(), clock: Callable[[], float] = time.monotonic,
                  rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
                  on_delivered: Callable[[DeliveryReport], None] | None = None,
-                 route: Route | None = None, workers: int = 1) -> None:
+                 route: Route | None = None, workers: int = 1, parse_while_receiving: bool = False) -> None:
+        """parse_while_receiving: parse the waiting instances' headers as they arrive, not only once the
+        node is quiet; for a node whose receivers run in other processes (node.workers > 1), where the
+        parsing takes no time from them. In one process it would: the receive threads wait for the GIL."""
         if isinstance(workers, bool) or not isinstance(workers, int):
             raise TypeError(f"workers: expected an int, got {type(workers).__name__}")
         if workers < 1:
             raise ValueError(f"workers: expected at least 1 delivery thread, got {workers}")
         self.workers = workers
+        self.parse_while_receiving = parse_while_receiving
         self.spool = spool
         self.route = route  # a study's senders -> its destinations (None: every sink)
         self.sinks = list(sinks)
@@ -187,9 +192,9 @@ class DeliveryWorker:
         """One step of the work done while nothing is due: parse a batch of waiting instances'
         headers, or convert a waiting study whose headers are all parsed (see ParseAheadCache).
 
-        Done only when no instance arrived for QUIET seconds. True: did some; False: studies
-        are waiting (instances arriving, or all done for now): look again soon; None: no study
-        is waiting.
+        Done only when no instance arrived for QUIET seconds (the parsing: at any time with
+        parse_while_receiving). True: did some; False: studies are waiting (instances arriving,
+        or all done for now): look again soon; None: no study is waiting.
         """
         waiting = self.cache.waiting()
         if not waiting:
@@ -200,7 +205,7 @@ class DeliveryWorker:
             todo += [(study_uid, sop) for sop in self.cache.unparsed(study_uid, sop_uids)]
             if len(todo) >= PREPARE_BATCH:
                 break
-        if todo and quiet_for < QUIET:
+        if todo and quiet_for < QUIET and not self.parse_while_receiving:
             return False
         for study_uid, sop_uid in todo[:PREPARE_BATCH]:
             for instance in self.spool.read(study_uid, [sop_uid]):

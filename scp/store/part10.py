@@ -123,8 +123,9 @@ def read_source(path: Any) -> tuple[str, str]:
     return source_of(data)
 
 
-def header_dataset(data: bytes) -> Dataset:
-    """A spool file as a pydicom Dataset of raw, unconverted elements (private elements left out).
+def header_dataset(data: bytes, wanted: frozenset[int] | None = None) -> Dataset:
+    """A spool file as a pydicom Dataset of raw, unconverted elements (private elements left out;
+    only the `wanted` tags when given: the delivery passes mapping.header.HEADER_TAGS).
 
     ValueError when the file is not one this module wrote (the caller falls back to pydicom).
     """
@@ -138,21 +139,22 @@ def header_dataset(data: bytes) -> Dataset:
         raise ValueError("no TransferSyntaxUID in the file meta")
     syntax = syntax_element.value.decode("ascii").strip("\x00 ")
     implicit, little = syntax == IMPLICIT_LE, syntax != EXPLICIT_BE
-    ds = Dataset(raw_elements(data, implicit=implicit, little=little, pos=start))
+    ds = Dataset(raw_elements(data, implicit=implicit, little=little, pos=start, wanted=wanted))
     ds.set_original_encoding(implicit, little)
     return ds
 
 
-def raw_elements(data: Any, *, implicit: bool, little: bool, pos: int = 0,
-                 size: int | None = None) -> dict[BaseTag, RawDataElement]:
-    """The top-level standard elements (even groups) before bulk data, as pydicom RawDataElements."""
+def raw_elements(data: Any, *, implicit: bool, little: bool, pos: int = 0, size: int | None = None,
+                 wanted: frozenset[int] | None = None) -> dict[BaseTag, RawDataElement]:
+    """The top-level standard elements (even groups) before bulk data, as pydicom RawDataElements
+    (of those, only the `wanted` tags when given)."""
     enc = encoding(implicit, little)
     elements: dict[BaseTag, RawDataElement] = {}
     new = tuple.__new__  # RawDataElement without its keyword-default wrapper (this loop is hot)
     for tag, vr, length, start, end in top_level(data, enc, pos, size):
         if tag >= PIXEL_DATA_GROUP:
             break
-        if tag >> 16 & 1:  # private elements: the mapping never reads them
+        if tag >> 16 & 1 or (wanted is not None and tag not in wanted):  # private: the mapping never reads them
             continue
         if length == UNDEFINED_LENGTH:
             # A sequence (or UN of undefined length, implicit VR little endian inside): pydicom
