@@ -20,7 +20,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from scp.receive.dataset import SPILL_THRESHOLD, BadInstance, inflate_header, parse_received
+from scp.receive.dataset import SPILL_THRESHOLD, BadInstance, IncomingDataSet, clear_incoming, inflate_header, parse_received
 from scp.receive.status import CANNOT_UNDERSTAND, INVALID_SOP_INSTANCE
 from tests.bigfiles import large_instance, rss_mb
 from tests.conftest import require_tool
@@ -278,3 +278,28 @@ def test_store_file_moves_a_whole_instance_file_in(tmp_path, kind):
     spool.store_file("1.2.3", "1.2.3.4", received)
     assert not received.exists()
     assert [i.data for i in spool.read("1.2.3", ["1.2.3.4"])] == [b"whole instance"]
+
+
+def test_a_spilled_data_set_file_is_named_for_the_process_receiving_it(tmp_path):
+    incoming = IncomingDataSet(tmp_path / ".incoming", lambda: b"", threshold=4)
+    incoming.write(b"x" * 10)
+    assert incoming.path is not None and incoming.path.name.startswith(f"{os.getpid()}-")
+    incoming.discard()
+
+
+def test_clearing_one_ended_workers_files_leaves_the_others_receiving(tmp_path):
+    folder = tmp_path / ".incoming"
+    folder.mkdir()
+    (folder / "111-a.tmp").write_bytes(b"x")
+    (folder / "222-b.tmp").write_bytes(b"x")
+    assert clear_incoming(folder, 111) == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["222-b.tmp"]
+
+
+def test_clearing_at_start_removes_every_file_and_the_folder(tmp_path):
+    folder = tmp_path / ".incoming"
+    folder.mkdir()
+    (folder / "111-a.tmp").write_bytes(b"x")
+    (folder / "0123abcd.tmp").write_bytes(b"x")  # named by an older version
+    assert clear_incoming(folder) == 2
+    assert not folder.exists()

@@ -101,3 +101,21 @@ def test_each_sender_gets_an_even_contiguous_share(tmp_path: Path):
     shares = [sorted(p.name for p in folder.iterdir()) for folder in folders]
     assert [len(s) for s in shares] == [2, 3, 2, 3]
     assert sum(shares, []) == [p.name for p in files]
+
+
+def test_the_single_part_runs_the_node_once_per_workers_value():
+    assert ingest.single_nodes((1, 2), knows_workers=True) == {"node w1": 1, "node w2": 2}
+
+
+def test_the_single_part_runs_a_node_without_workers_with_its_default():
+    assert ingest.single_nodes((1, 2), knows_workers=False) == {"node": None}
+
+
+@pytest.mark.parametrize("text", ["0", "1,x", "", "-2"])
+def test_single_workers_are_positive_numbers(text):
+    with pytest.raises(ingest.argparse.ArgumentTypeError):
+        ingest.workers_list(text)
+
+
+def test_single_workers_are_read_comma_separated():
+    assert ingest.workers_list("1,2,4") == (1, 2, 4)

@@ -18,6 +18,7 @@ import pytest
 
 from tests.clocks import wait_for
 from tests.conftest import require_tool
+from tests.bigfiles import large_instance
 from tests.dicomgen import generate_study
 from tests.scp_node import NodeProcess, instance_uids
 from tests.scu import associate
@@ -127,6 +128,38 @@ def test_a_worker_killed_mid_stream_loses_nothing_it_acknowledged_and_is_started
                  "every instance delivered")
         assert acknowledged <= delivered_instances(node, study.study_uid)
     finally:
+        assert node.stop() == 0
+
+
+def test_a_killed_worker_leaves_no_partly_received_data_set_while_the_node_goes_on(tmp_path):
+    # A large data set arrives into <spool>/.incoming, its file named for the worker receiving it:
+    # the coordinator removes a killed worker's files at once, not at the node's next start.
+    big = tmp_path / "big.dcm"
+    large_instance(big, 256 << 20)
+    node = workers_node(tmp_path / "node", "reuseport", idle_timeout=600).start()
+    incoming = node.spool / ".incoming"
+    storescu = subprocess.Popen([require_tool("storescu"), "-aec", "FHIRSCP", "127.0.0.1", str(node.port), str(big)],
+                                env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(p.stat().st_size > 20 << 20 for p in incoming.glob("*.tmp")), 60,
+                 "a partly received data set in the spool's .incoming folder")
+        [partial] = list(incoming.glob("*.tmp"))
+        receiving = int(partial.name.split("-")[0])
+        assert receiving in worker_pids(node)
+        os.kill(receiving, 9)
+        storescu.wait(30)
+        wait_for(lambda: "started again" in node.log(), 30, "the worker started again")
+        assert not partial.exists()
+        assert "1 data set(s) it was receiving removed" in node.log()
+        study = generate_study(tmp_path / "study", 3, 1)
+        assoc = associate(node.port)  # the node goes on receiving
+        assert assoc.is_established
+        assert [assoc.send_c_store(path).Status for path in study.files] == [0, 0, 0]
+        assoc.release()
+    finally:
+        if storescu.poll() is None:
+            storescu.kill()
         assert node.stop() == 0
 
 

@@ -232,7 +232,8 @@ class IncomingDataSet:
             self.buffer = None
 
     def _spill(self) -> None:
-        path = self.folder / f"{uuid.uuid4().hex}.tmp"
+        # The receiving process's PID first: the coordinator removes what a killed receive worker left
+        path = self.folder / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileNotFoundError:
@@ -286,21 +287,23 @@ class IncomingDataSet:
             self.path = None
 
 
-def clear_incoming(folder: Path) -> int:
-    """At start: remove the temporary data set files a killed node left (none was acknowledged)."""
+def clear_incoming(folder: Path, pid: int | None = None) -> int:
+    """Remove the temporary data set files a killed node left (none was acknowledged): all of them at
+    start, or those of one ended receive worker (`pid`) while the others go on receiving."""
     removed = 0
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
         return 0
     for name in names:
-        if name.endswith(".tmp"):
+        if name.endswith(".tmp") and (pid is None or name.startswith(f"{pid}-")):
             (folder / name).unlink(missing_ok=True)
             removed += 1
-    try:
-        folder.rmdir()  # made again by the next large data set; gone, the spool looks as the node left it
-    except OSError:
-        pass
+    if pid is None:
+        try:
+            folder.rmdir()  # made again by the next large data set; gone, the spool looks as the node left it
+        except OSError:
+            pass
     return removed
 
 

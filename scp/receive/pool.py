@@ -38,7 +38,9 @@ from scp import logs
 from scp.config import Config
 from scp.ops.metrics import Metrics
 from scp.receive import transport, worker as worker_process
+from scp.receive.dataset import clear_incoming
 from scp.receive.limits import Admissions, FloodLog, Limits
+from scp.receive.server import incoming_folder
 
 log = logging.getLogger("scp.receive.pool")
 
@@ -274,12 +276,14 @@ class ReceivePool:
         if worker.handover is not None:
             worker.handover.close()
         released = self.admissions.release_where(lambda key: key[0] == worker.index)
+        left = clear_incoming(incoming_folder(self.config.node), worker.process.pid)  # never acknowledged
         index = worker.index
         pause = self._pause[index] if lived < FAILS_FAST else RESTART_PAUSE
         self._pause[index] = min(pause * 2, MAX_RESTART_PAUSE)
         log.warning("receive worker %d (pid %d) ended unexpectedly (%s) with %d association(s) open; starting "
-                    "another in %g s (what it acknowledged is in the spool)", index, worker.process.pid,
-                    _how_ended(code), released, pause)
+                    "another in %g s (what it acknowledged is in the spool%s)", index, worker.process.pid,
+                    _how_ended(code), released, pause,
+                    f"; {left} data set(s) it was receiving removed" if left else "")
         if self._stopping.wait(pause):
             with self._lock:
                 self._workers.pop(index, None)
