@@ -15,6 +15,7 @@ from scp.config import OperationsConfig
 from scp.ops.metrics import COUNTERS, Metrics
 from scp.ops.http import start_ops_server
 from scp.ops.readiness import CheckResult, Readiness
+from tests.clocks import wait_for
 
 ENABLED = OperationsConfig(http_enabled=True, http_bind="127.0.0.1", http_port=0)
 
@@ -182,3 +183,20 @@ def test_a_check_that_raises_is_a_failed_check_not_a_500():
 
 def test_readyz_without_checks_is_ready():
     assert readyz({})[0] == 200
+
+
+def test_a_client_resetting_the_connection_costs_one_debug_line_not_a_traceback(ops, caplog, capfd):
+    # HAProxy's health checks reset the connection as soon as they have read the status line
+    import socket
+    import struct
+    import time
+
+    caplog.set_level(logging.DEBUG, logger="scp.ops.http")
+    with socket.create_connection(("127.0.0.1", ops.port)) as client:
+        client.sendall(b"GET /rea")  # the server waits in readline for the rest
+        time.sleep(0.2)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+    wait_for(lambda: "closed the connection early" in caplog.text, 5, "the log line of the reset")
+    assert "closed the connection early (ConnectionResetError)" in caplog.text
+    assert "Traceback" not in capfd.readouterr().err
+    assert get(ops, "/healthz")[0] == 200  # and it goes on serving

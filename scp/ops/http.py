@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,6 +56,17 @@ class _OpsHTTPServer(ThreadingHTTPServer):
         self.metrics = metrics
         self.readiness = readiness
         super().__init__(address, _Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        """One log line, never socketserver's traceback on stderr: load balancers' health checks
+        (HAProxy's httpchk) reset the connection as soon as they have the status line."""
+        exc = sys.exc_info()[1]
+        host = client_address[0] if client_address else "?"
+        if isinstance(exc, ConnectionError):
+            log.debug("%s closed the connection early (%s)", host, type(exc).__name__)
+            return
+        log.warning("request from %s failed: %s: %s", host, type(exc).__name__, exc,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
 
 
 class _Handler(BaseHTTPRequestHandler):
