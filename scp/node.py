@@ -92,7 +92,7 @@ class Node:
                                        metrics=metrics,
                                        on_delivered=self._delivered if self.hooks is not None else None,
                                        route=study_route(config), workers=node.delivery_workers,
-                                       parse_while_receiving=node.workers > 1)
+                                       parse_while_receiving=self._spare_core if node.workers > 1 else None)
         # node.workers > 1: receive workers (scp.receive.pool) tell this process what they spooled.
         self.server: StorageServer | ReceivePool
         if node.workers > 1:
@@ -152,6 +152,12 @@ class Node:
             check = getattr(sink, "check_server_version", None)
             if check is not None:
                 check()
+
+    def _spare_core(self) -> bool:
+        """Whether the receive workers leave a core for parsing headers ahead while instances arrive:
+        at most one association open (one association keeps about one core busy)."""
+        server = getattr(self, "server", None)
+        return isinstance(server, ReceivePool) and len(server.admissions) <= 1
 
     def start(self) -> tuple[str, int]:
         self.spool.recover()

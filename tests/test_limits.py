@@ -113,3 +113,12 @@ def test_the_flood_log_says_one_line_per_address_and_interval_whoever_reports_it
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
     assert lines[1].startswith("3 connection(s) from 10.0.0.9")
+
+
+def test_the_admissions_table_counts_the_associations_open_now():
+    admissions = Admissions(Limits(max_associations=3, max_associations_per_peer=3))
+    admissions.admit((0, 1), "10.0.0.1")
+    admissions.admit((1, 1), "10.0.0.2")
+    assert len(admissions) == 2
+    admissions.release((0, 1))
+    assert len(admissions) == 1

@@ -295,18 +295,28 @@ def test_receivers_in_other_processes_let_headers_be_parsed_while_instances_arri
     # node.workers > 1: the parsing takes no GIL from the receive threads, so it need not wait
     spool = MemorySpool()
     sops = {spool_instance(spool, "1.2.3") for _ in range(2)}
-    worker = make_worker(tmp_path, spool, [RecordingSink()], clock, parse_while_receiving=True)
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock, parse_while_receiving=lambda: True)
     arrive(worker, "1.2.3", sops)
     clock.now += 0.01
     assert worker.work_ahead() is True
     assert len(worker.cache) == 2
 
 
+def test_headers_wait_for_quiet_while_the_receivers_use_every_core(tmp_path, clock):
+    spool = MemorySpool()
+    sops = {spool_instance(spool, "1.2.3")}
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock, parse_while_receiving=lambda: False)
+    arrive(worker, "1.2.3", sops)
+    clock.now += 0.01
+    assert worker.work_ahead() is False
+    assert len(worker.cache) == 0
+
+
 def test_a_conversion_ahead_waits_for_quiet_even_while_parsing_with_the_arrivals(tmp_path, clock):
     # each arrival would make it stale: converting with every batch would redo the whole study
     spool = MemorySpool()
     sops = {spool_instance(spool, "1.2.3")}
-    worker = make_worker(tmp_path, spool, [RecordingSink()], clock, parse_while_receiving=True)
+    worker = make_worker(tmp_path, spool, [RecordingSink()], clock, parse_while_receiving=lambda: True)
     arrive(worker, "1.2.3", sops)
     clock.now += 0.01
     worker.work_ahead()

@@ -81,10 +81,13 @@ class DeliveryWorker:
                  retry: RetryPolicy = RetryPolicy(), clock: Callable[[], float] = time.monotonic,
                  rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
                  on_delivered: Callable[[DeliveryReport], None] | None = None,
-                 route: Route | None = None, workers: int = 1, parse_while_receiving: bool = False) -> None:
-        """parse_while_receiving: parse the waiting instances' headers as they arrive, not only once the
-        node is quiet; for a node whose receivers run in other processes (node.workers > 1), where the
-        parsing takes no time from them. In one process it would: the receive threads wait for the GIL."""
+                 route: Route | None = None, workers: int = 1,
+                 parse_while_receiving: Callable[[], bool] | None = None) -> None:
+        """parse_while_receiving: when given and true, parse the waiting instances' headers as they
+        arrive, not only once the node is quiet. For a node whose receivers run in other processes
+        (node.workers > 1) while a core is spare: in one process the receive threads would wait for
+        the GIL, and with every core receiving the parsing takes their CPU (a sixth of 4 concurrent
+        senders' throughput on 2 cores)."""
         if isinstance(workers, bool) or not isinstance(workers, int):
             raise TypeError(f"workers: expected an int, got {type(workers).__name__}")
         if workers < 1:
@@ -192,8 +195,8 @@ class DeliveryWorker:
         """One step of the work done while nothing is due: parse a batch of waiting instances'
         headers, or convert a waiting study whose headers are all parsed (see ParseAheadCache).
 
-        Done only when no instance arrived for QUIET seconds (the parsing: at any time with
-        parse_while_receiving). True: did some; False: studies are waiting (instances arriving,
+        Done only when no instance arrived for QUIET seconds (the parsing: also whenever
+        parse_while_receiving says so). True: did some; False: studies are waiting (instances arriving,
         or all done for now): look again soon; None: no study is waiting.
         """
         waiting = self.cache.waiting()
@@ -205,7 +208,7 @@ class DeliveryWorker:
             todo += [(study_uid, sop) for sop in self.cache.unparsed(study_uid, sop_uids)]
             if len(todo) >= PREPARE_BATCH:
                 break
-        if todo and quiet_for < QUIET and not self.parse_while_receiving:
+        if todo and quiet_for < QUIET and not (self.parse_while_receiving and self.parse_while_receiving()):
             return False
         for study_uid, sop_uid in todo[:PREPARE_BATCH]:
             for instance in self.spool.read(study_uid, [sop_uid]):

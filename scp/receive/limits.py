@@ -128,6 +128,11 @@ class Admissions:
         with self._lock:
             self._admitted.pop(key, None)
 
+    def __len__(self) -> int:
+        """Associations open now."""
+        with self._lock:
+            return len(self._admitted)
+
     def release_where(self, belongs: Callable[[Hashable], bool]) -> int:
         """Forget every key `belongs` says yes to (a receive worker's, when it ended); how many."""
         with self._lock:
