@@ -106,6 +106,18 @@ class StreamingSender:
         assert not self._thread.is_alive(), "the sender did not finish"
 
 
+def storescu_in_background(port: int, path: Path) -> subprocess.Popen:
+    """dcmtk storescu sending one file (TCP_NODELAY=1), while the test does something to the node."""
+    return subprocess.Popen([require_tool("storescu"), "-aec", "FHIRSCP", "127.0.0.1", str(port), str(path)],
+                            env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def wait_for_partial_data_set(incoming: Path, size: int) -> None:
+    wait_for(lambda: any(p.stat().st_size > size for p in incoming.glob("*.tmp")), 60,
+             "a partly received data set in the spool's .incoming folder")
+
+
 def sigkill(node: NodeProcess) -> None:
     node.process.kill()
     node.process.wait(10)
@@ -264,12 +276,9 @@ def test_sigkill_during_a_chunked_receive_loses_nothing_acknowledged_and_leaves_
     sender.join()
     assert len(sender.acknowledged) == 5, (sender.error, sender.failed)
     incoming = node.spool / ".incoming"
-    storescu = subprocess.Popen([require_tool("storescu"), "-aec", "FHIRSCP", "127.0.0.1", str(node.port), str(big)],
-                                env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    storescu = storescu_in_background(node.port, big)
     try:
-        wait_for(lambda: any(p.stat().st_size > 50 << 20 for p in incoming.glob("*.tmp")), 60,
-                 "a partly received data set in the spool's .incoming folder")
+        wait_for_partial_data_set(incoming, 50 << 20)
         sigkill(node)
     finally:
         storescu.wait(30)

@@ -23,7 +23,7 @@ from tests.dicomgen import generate_study
 from tests.scp_node import NodeProcess, instance_uids
 from tests.scu import associate
 from tests.test_operations_node import metrics
-from tests.test_crash_safety import StreamingSender, sigkill
+from tests.test_crash_safety import StreamingSender, sigkill, storescu_in_background, wait_for_partial_data_set
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("strict_pydicom")]
 
@@ -138,12 +138,9 @@ def test_a_killed_worker_leaves_no_partly_received_data_set_while_the_node_goes_
     large_instance(big, 256 << 20)
     node = workers_node(tmp_path / "node", "reuseport", idle_timeout=600).start()
     incoming = node.spool / ".incoming"
-    storescu = subprocess.Popen([require_tool("storescu"), "-aec", "FHIRSCP", "127.0.0.1", str(node.port), str(big)],
-                                env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    storescu = storescu_in_background(node.port, big)
     try:
-        wait_for(lambda: any(p.stat().st_size > 20 << 20 for p in incoming.glob("*.tmp")), 60,
-                 "a partly received data set in the spool's .incoming folder")
+        wait_for_partial_data_set(incoming, 20 << 20)
         [partial] = list(incoming.glob("*.tmp"))
         receiving = int(partial.name.split("-")[0])
         assert receiving in worker_pids(node)
